@@ -1,0 +1,1 @@
+"""Stand-alone Ray Data jobs (``python -m pipelines.NAME`` or a ``ray job submit`` entrypoint)."""

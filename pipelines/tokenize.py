@@ -1,0 +1,314 @@
+"""Tokenize raw text into token shards with Ray Data.
+
+    python -m pipelines.tokenize INPUT... --out DIR [--tokenizer bpe:8192|byte|PATH/tokenizer.json]
+                                 [--seq-len 256] [--val-fraction 0.01] [--text-field text]
+    python -m pipelines.tokenize --out DIR          # the embedded Shakespeare corpus
+    ray job submit --working-dir . -- python -m pipelines.tokenize data/*.jsonl --out /shared/shards
+
+Inputs are files, directories (searched recursively) or globs of ``.txt`` (one document per file),
+``.jsonl`` (one document per line, text in ``--text-field``) and ``.parquet`` (one document per row
+of the ``--text-field`` column). Files are taken in sorted order, documents in file order.
+
+How the work is split: Ray Data reads the files in parallel (one read task per file) and tokenizes
+batches of documents in parallel; a ``bpe:`` tokenizer is first trained on the streamed documents.
+Packing is sequential by nature (each row continues where the previous document ended), so the
+driver consumes the tokenized documents in order (``preserve_order``) and feeds them to
+:class:`rayfp4.data.ShardWriter`, which packs rows of ``seq_len + 1`` tokens, deals rows to the
+validation split and writes parquet shards plus the manifest; the last partial row is dropped (see
+``rayfp4.data.shards``). The output appears only when complete (a temporary sibling directory is
+renamed), and a non-empty output directory is refused without ``--overwrite``.
+
+Bad input (a missing path, no text, a missing text field, a tokenizer file that does not parse, a
+sequence length longer than the corpus) is checked on the driver where it is cheap and reported as
+one line with exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import logging
+import os
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from rayfp4.data.errors import DataError
+from rayfp4.data.shards import ProgressLine, ShardManifest, ShardWriter, prepare_output_dir
+from rayfp4.data.tokenizer import Tokenizer, build_tokenizer, parse_tokenizer_spec
+
+TEXT_SUFFIXES = {".txt": "txt", ".jsonl": "jsonl", ".parquet": "parquet"}
+EMBEDDED = "embedded:shakespeare"
+
+
+# ------------------------------------------------------------------------------------------
+# Finding and checking inputs (driver side, cheap)
+# ------------------------------------------------------------------------------------------
+
+def resolve_inputs(inputs: list[str]) -> list[tuple[str, str]]:
+    """``[(path, kind)]`` for every input file, sorted within each argument; errors name the path."""
+    found: list[tuple[str, str]] = []
+    for arg in inputs:
+        if any(ch in arg for ch in "*?["):
+            paths = sorted(glob.glob(arg, recursive=True))
+            if not paths:
+                raise DataError(f"{arg}: no file matches this pattern")
+        elif os.path.isdir(arg):
+            paths = sorted(str(p) for p in Path(arg).rglob("*") if p.suffix in TEXT_SUFFIXES and p.is_file())
+            if not paths:
+                raise DataError(f"{arg}: directory holds no .txt, .jsonl or .parquet files")
+        elif os.path.exists(arg):
+            paths = [arg]
+        else:
+            raise DataError(f"{arg}: input path does not exist")
+        for p in paths:
+            kind = TEXT_SUFFIXES.get(Path(p).suffix)
+            if kind is None:
+                if arg == p:
+                    raise DataError(f"{p}: unsupported input type (expected .txt, .jsonl or .parquet)")
+                continue
+            found.append((p, kind))
+    if not found:
+        raise DataError(f"{' '.join(inputs)}: no .txt, .jsonl or .parquet input files")
+    return found
+
+
+def check_text_field(files: list[tuple[str, str]], text_field: str) -> None:
+    """Fail early when a jsonl/parquet file has no ``text_field`` (first record / schema only)."""
+    for path, kind in files:
+        if kind == "parquet":
+            try:
+                names = pq.read_schema(path).names
+            except (pa.ArrowException, OSError) as exc:
+                raise DataError(f"{path}: not a readable parquet file ({exc})") from None
+            if text_field not in names:
+                raise DataError(f"{path}: no column {text_field!r} (columns: {', '.join(names)}); "
+                                f"choose one with --text-field")
+        elif kind == "jsonl":
+            with open(path, encoding="utf-8", errors="replace") as f:
+                for lineno, line in enumerate(f, 1):
+                    if line.strip():
+                        record = _parse_json_line(path, lineno, line)
+                        if text_field not in record:
+                            raise DataError(f"{path}:{lineno}: no field {text_field!r} (fields: "
+                                            f"{', '.join(record)}); choose one with --text-field")
+                        break
+
+
+def _parse_json_line(path: str, lineno: int, line: str) -> dict:
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
+    if not isinstance(record, dict):
+        raise DataError(f"{path}:{lineno}: expected a JSON object per line")
+    return record
+
+
+# ------------------------------------------------------------------------------------------
+# Ray Data stages (run in tasks)
+# ------------------------------------------------------------------------------------------
+
+def read_documents(row: dict, text_field: str) -> list[dict]:
+    """One input file -> its documents, tagged with (file_index, doc_index) for ordering."""
+    path, kind, file_index = row["path"], row["kind"], int(row["file_index"])
+    texts: list[str] = []
+    if kind == "txt":
+        try:
+            texts = [Path(path).read_text(encoding="utf-8")]
+        except UnicodeDecodeError as exc:
+            raise DataError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    elif kind == "jsonl":
+        with open(path, encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                record = _parse_json_line(path, lineno, line)
+                if text_field not in record:
+                    raise DataError(f"{path}:{lineno}: no field {text_field!r}")
+                value = record[text_field]
+                if not isinstance(value, str):
+                    raise DataError(f"{path}:{lineno}: field {text_field!r} is "
+                                    f"{type(value).__name__}, not text")
+                texts.append(value)
+    else:
+        try:
+            column = pq.read_table(path, columns=[text_field]).column(text_field)
+        except (pa.ArrowException, OSError) as exc:
+            raise DataError(f"{path}: cannot read column {text_field!r} ({exc})") from None
+        if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
+            raise DataError(f"{path}: column {text_field!r} has type {column.type}, not text")
+        texts = [t for t in column.to_pylist() if t is not None]
+    return [{"file_index": file_index, "doc_index": i, "text": t} for i, t in enumerate(texts) if t]
+
+
+def tokenize_documents(batch: pa.Table, tokenizer: Tokenizer) -> pa.Table:
+    ids = tokenizer.encode_batch(batch.column("text").to_pylist())
+    return pa.table({
+        "file_index": batch.column("file_index"),
+        "doc_index": batch.column("doc_index"),
+        "tokens": pa.array([a.tolist() for a in ids], type=pa.list_(pa.int32())),
+    })
+
+
+# ------------------------------------------------------------------------------------------
+# The job
+# ------------------------------------------------------------------------------------------
+
+def _documents_dataset(files: list[tuple[str, str]], text_field: str):
+    import ray.data
+
+    from rayfp4.data.stream import quiet_ray_data
+
+    quiet_ray_data()
+    items = [{"path": p, "kind": k, "file_index": i} for i, (p, k) in enumerate(files)]
+    ds = ray.data.from_items(items, override_num_blocks=len(items))
+    ds = ds.flat_map(read_documents, fn_kwargs={"text_field": text_field})
+    ds.context.execution_options.preserve_order = True
+    return ds
+
+
+def _embedded_dataset():
+    import ray.data
+
+    from rayfp4.data.corpus import shakespeare_documents
+    from rayfp4.data.stream import quiet_ray_data
+
+    quiet_ray_data()
+    docs = [{"file_index": i, "doc_index": 0, "text": t} for i, t in enumerate(shakespeare_documents())]
+    ds = ray.data.from_items(docs, override_num_blocks=min(len(docs), 8))
+    ds.context.execution_options.preserve_order = True
+    return ds
+
+
+def _ensure_ray(address: str | None) -> None:
+    # A local Ray started here listens on 127.0.0.1 only.
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=address, include_dashboard=False, log_to_driver=False,
+                 logging_level="ERROR")
+
+
+def _iter_texts(ds) -> Iterator[str]:
+    for batch in ds.iter_batches(batch_size=64, batch_format="pyarrow"):
+        yield from batch.column("text").to_pylist()
+
+
+def tokenize_corpus(inputs: list[str], out_dir: str | Path, *, tokenizer: str = "bpe:8192",
+                    seq_len: int = 256, val_fraction: float = 0.01, text_field: str = "text",
+                    rows_per_group: int = 256, shard_sequences: int = 8192,
+                    eot_token: str | None = None, overwrite: bool = False,
+                    progress: bool = True, ray_address: str | None = None) -> ShardManifest:
+    """Tokenize ``inputs`` (empty: the embedded corpus) into a shard directory.
+
+    Inputs are checked before Ray is touched; Ray is started (or joined at ``ray_address`` /
+    ``RAY_ADDRESS``) only if this process is not connected yet.
+    """
+    if seq_len < 1:
+        raise DataError(f"sequence length must be positive, got {seq_len}")
+    out_dir = prepare_output_dir(out_dir, overwrite)
+    kind, _ = parse_tokenizer_spec(tokenizer)
+    if kind == "file":  # a tokenizer file that does not parse fails before any reading
+        build_tokenizer(tokenizer, eot_token=eot_token)
+    files = resolve_inputs(inputs) if inputs else []
+    check_text_field(files, text_field)
+    _ensure_ray(ray_address)
+    if inputs:
+        docs = _documents_dataset(files, text_field)
+        source = ", ".join(inputs)
+    else:
+        docs = _embedded_dataset()
+        source = EMBEDDED
+    line = ProgressLine("tokenize") if progress else None
+    if kind == "bpe":
+        if line:
+            line._emit(f"[tokenize] training {tokenizer} on {source}")
+        tok = build_tokenizer(tokenizer, training_texts=_iter_texts(docs))
+    else:
+        tok = build_tokenizer(tokenizer, eot_token=eot_token)
+    tokenized = docs.map_batches(tokenize_documents, batch_size=64, batch_format="pyarrow",
+                                 fn_kwargs={"tokenizer": tok})
+    tokenized.context.execution_options.preserve_order = True
+    last = (-1, -1)
+    with ShardWriter(out_dir, seq_len=seq_len, tokenizer=tok, val_fraction=val_fraction,
+                     rows_per_group=rows_per_group, shard_sequences=shard_sequences,
+                     overwrite=overwrite, source=source, progress=line) as writer:
+        for batch in tokenized.iter_batches(batch_size=None, batch_format="pyarrow"):
+            file_index = batch.column("file_index").to_numpy()
+            doc_index = batch.column("doc_index").to_numpy()
+            tokens = batch.column("tokens")
+            for i in range(batch.num_rows):
+                here = (int(file_index[i]), int(doc_index[i]))
+                assert here > last, f"documents out of order: {here} after {last}"
+                last = here
+                writer.add_document(np.asarray(tokens[i].values.to_numpy(zero_copy_only=False)))
+        return writer.finish()
+
+
+def find_data_error(exc: BaseException) -> DataError | None:
+    """The DataError behind an exception that Ray wrapped (task errors, user-code errors)."""
+    seen = set()
+    stack = [exc]
+    while stack:
+        e = stack.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, DataError):
+            return e
+        stack.extend([getattr(e, "cause", None), e.__cause__, e.__context__])
+    return None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m pipelines.tokenize",
+                                description="Tokenize raw text into rayfp4 token shards (Ray Data).")
+    p.add_argument("inputs", nargs="*", help=".txt/.jsonl/.parquet files, directories or globs; "
+                   "none: the embedded Shakespeare corpus")
+    p.add_argument("--out", required=True, help="output shard directory")
+    p.add_argument("--tokenizer", default="bpe:8192",
+                   help="bpe:VOCAB (trained on the input), byte, or a tokenizer.json path")
+    p.add_argument("--seq-len", type=int, default=256, help="tokens per training sequence")
+    p.add_argument("--val-fraction", type=float, default=0.01, help="share of sequences held out")
+    p.add_argument("--text-field", default="text", help="jsonl field / parquet column with the text")
+    p.add_argument("--eot-token", default=None, help="end-of-text token of a tokenizer.json")
+    p.add_argument("--rows-per-group", type=int, default=256, help="parquet row group size")
+    p.add_argument("--shard-sequences", type=int, default=8192, help="sequences per shard file")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
+    p.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or local)")
+    p.add_argument("--quiet", action="store_true", help="no progress lines")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    # Ray Data's per-dataset INFO lines would drown the progress line.
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    try:
+        manifest = tokenize_corpus(
+            args.inputs, args.out, tokenizer=args.tokenizer, seq_len=args.seq_len,
+            val_fraction=args.val_fraction, text_field=args.text_field,
+            rows_per_group=args.rows_per_group, shard_sequences=args.shard_sequences,
+            eot_token=args.eot_token, overwrite=args.overwrite, progress=not args.quiet,
+            ray_address=args.address)
+    except Exception as exc:  # report user errors as one line, whatever Ray wrapped them in
+        err = find_data_error(exc)
+        if err is None:
+            raise
+        print(f"tokenize: error: {err}", file=sys.stderr)
+        return 2
+    print(f"{args.out}: {manifest.num_sequences('train')} train and {manifest.num_sequences('val')} "
+          f"val sequences of {manifest.seq_len} tokens ({manifest.total_tokens:,} tokens, "
+          f"{manifest.tokenizer.kind} tokenizer, vocab {manifest.tokenizer.vocab_size})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

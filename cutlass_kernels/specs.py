@@ -1,0 +1,159 @@
+"""What each CUTLASS kernel of rayfp4 is, in plain data (no dependency on ``cutlass_library``).
+
+The binding needs to know, at run time, which kernels exist and what they compute; the generator
+needs to know which CUTLASS operation to pick for each. Both read this table. It lives apart from
+``generate.py`` so that a machine with only the built libraries (the GPU box) can load them
+without installing ``nvidia-cutlass``.
+
+Two families:
+
+``bf16_alpha`` (sm_90a, Hopper): ``y[M, N] = bf16(alpha * (a[M, K] @ b[N, K]^T))`` with BF16
+    operands, FP32 accumulation and the FP32 ``alpha`` applied in the epilogue before the one
+    rounding to BF16. This is the exact emulation of the NVFP4 block-scaled GEMM on GPUs without
+    FP4 tensor cores (recipe section 8): the operands are E2M1 x E4M3 products, exact in BF16.
+    Each kernel is specialised for one memory order of ``a`` and ``b`` so that the three GEMMs
+    of a linear layer run without materialised transposes:
+
+    ======== =============================== ========================= ===========================
+    order    a is                            b is                      training GEMM
+    ======== =============================== ========================= ===========================
+    ``kk``   [M, K] row-major (K-major)      [N, K] row-major          Fprop ``x W^T``; any GEMM
+                                                                       of two NVFP4 operands
+    ``kn``   [M, K] row-major                ``W.t()``, W [K, N]       Dgrad ``dy W``
+                                             row-major (N-major)
+    ``mn``   ``dy.t()``, dy [K, M] row-major ``x.t()``, x [K, N]       Wgrad ``dy^T x``
+             (M-major)                       row-major (N-major)
+    ======== =============================== ========================= ===========================
+
+``nvfp4`` (sm_100a, Blackwell): ``y[M, N] = bf16(alpha * sum_k e2m1(a)*sfa * e2m1(b)*sfb)``, the
+    native ``tcgen05.mma ... kind::mxf4nvf4.block_scale.block16`` GEMM. Both operands K-major
+    (packed E2M1, [M, K/2] and [N, K/2] bytes), scales in the 128x4 blocked layout, ``alpha``
+    the product of the two tensor factors. CUTLASS only offers TN for FP4, and NVFP4 tensors
+    are always stored quantized along K, so no other order is needed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+ARCHS = ("sm90a", "sm100a")
+
+#: Compute capability (major) each arch's code runs on. sm_90a/sm_100a code ("a" = arch-specific
+#: features: wgmma, tcgen05) runs only on exactly that major version.
+ARCH_MAJOR = {"sm90a": 9, "sm100a": 10}
+
+
+@dataclass(frozen=True)
+class KernelSpec:
+    """One kernel we build.
+
+    key:       stable short id; also the prefix of its C entry points (``rayfp4_<key>_run``)
+    arch:      "sm90a" or "sm100a"
+    family:    "bf16_alpha" or "nvfp4"
+    order:     memory order of (a, b) in user terms, see the module docstring ("kk", "kn", "mn")
+    tile:      CUTLASS CTA tile (M, N, K) of the underlying operation
+    cluster:   CUTLASS cluster shape (M, N, K)
+    cutlass_layout: CUTLASS layout letters of A, B, D of the underlying operation ("t" row-major,
+               "n" column-major). For ``bf16_alpha`` the underlying problem is the transpose
+               ``y^T = b a^T`` (see ``generate.py``), so these letters are not the user's.
+    schedule:  CUTLASS's kernel schedule (``KernelScheduleType`` name)
+    epilogue:  CUTLASS's epilogue schedule (``EpilogueScheduleType`` name); TMA epilogues only:
+               they stage the output tile through shared memory for full-width stores
+    default:   built by ``--arch`` without ``--kernels``
+    """
+
+    key: str
+    arch: str
+    family: str
+    order: str
+    tile: tuple[int, int, int]
+    cluster: tuple[int, int, int]
+    cutlass_layout: str
+    schedule: str
+    epilogue: str
+    default: bool = True
+
+    @property
+    def symbol(self) -> str:
+        return f"rayfp4_{self.key}"
+
+    @property
+    def lib_name(self) -> str:
+        return f"librayfp4_{self.key}.so"
+
+
+# The user order -> the CUTLASS layouts of the transposed problem y^T[N, M] = b[N, K] a[M, K]^T
+# with a column-major D (which is y row-major): CUTLASS's A is b, its B is a^T.
+#   b K-major -> A row-major "t";  b N-major -> A column-major "n"
+#   a K-major -> B column-major "n"; a M-major -> B row-major "t"
+_SM90_LAYOUT = {"kk": "tnn", "kn": "nnn", "mn": "ntn", "mk": "ttn"}
+
+# Tile choice for Hopper: 256x128x64 cooperative (two consumer warpgroups) with a 1x2 cluster is
+# CUTLASS's own default-performance config for large BF16 GEMMs; our problems are large (>= 4096
+# on every side) so a big tile wins, and 256 along CUTLASS's M (= the weight dimension N of the
+# user's problem, a multiple of 256 for 4096 and of 128 for 11008) keeps the waves full.
+_SM90_TILE = (256, 128, 64)
+_SM90_CLUSTER = (1, 2, 1)
+
+KERNELS: tuple[KernelSpec, ...] = (
+    *(
+        KernelSpec(
+            key=f"sm90a_bf16_{order}",
+            arch="sm90a",
+            family="bf16_alpha",
+            order=order,
+            tile=_SM90_TILE,
+            cluster=_SM90_CLUSTER,
+            cutlass_layout=_SM90_LAYOUT[order],
+            schedule="TmaWarpSpecializedCooperative",
+            epilogue="TmaWarpSpecializedCooperative",
+            default=order != "mk",
+        )
+        for order in ("kk", "kn", "mn", "mk")
+    ),
+    # Blackwell: a 2-SM 256x256 tile for the big LLM GEMMs (the largest FP4 tile CUTLASS offers;
+    # 2-SM MMA halves the B traffic per SM) and a 1-SM 128x128 one for small or ragged problems
+    # (a few tiles per SM keep 148 SMs busy when M*N is small).
+    KernelSpec(
+        key="sm100a_nvfp4_256x256",
+        arch="sm100a",
+        family="nvfp4",
+        order="kk",
+        tile=(256, 256, 256),
+        cluster=(2, 1, 1),
+        cutlass_layout="tnt",
+        schedule="Nvf4TmaWarpSpecialized2SmSm100",
+        epilogue="ScheduleAuto",  # the builder picks the 2-SM TMA epilogue
+    ),
+    KernelSpec(
+        key="sm100a_nvfp4_128x128",
+        arch="sm100a",
+        family="nvfp4",
+        order="kk",
+        tile=(128, 128, 256),
+        cluster=(1, 1, 1),
+        cutlass_layout="tnt",
+        schedule="Nvf4TmaWarpSpecialized1SmSm100",
+        epilogue="TmaWarpSpecialized1Sm",
+    ),
+)
+
+BY_KEY = {k.key: k for k in KERNELS}
+
+
+def kernels_for(arch: str, names: list[str] | None = None) -> list[KernelSpec]:
+    """The kernels of ``arch`` ("sm90a", "sm100a" or "all"): the default set, or exactly ``names``.
+
+    Raises ValueError naming the unknown arch or kernel key.
+    """
+    if arch != "all" and arch not in ARCHS:
+        raise ValueError(f"unknown arch {arch!r}: expected one of {ARCHS + ('all',)}")
+    pool = [k for k in KERNELS if arch == "all" or k.arch == arch]
+    if names is None:
+        return [k for k in pool if k.default]
+    unknown = [n for n in names if n not in {k.key for k in pool}]
+    if unknown:
+        raise ValueError(
+            f"unknown kernel(s) {unknown} for arch {arch!r}; known: {[k.key for k in pool]}"
+        )
+    return [k for k in pool if k.key in names]

@@ -39,6 +39,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from rayfp4.data.errors import DataError
+from rayfp4.data.stream import find_data_error, quiet_ray_data
 from rayfp4.data.shards import ProgressLine, ShardManifest, ShardWriter, prepare_output_dir
 from rayfp4.data.tokenizer import Tokenizer, build_tokenizer, parse_tokenizer_spec
 
@@ -163,8 +164,6 @@ def tokenize_documents(batch: pa.Table, tokenizer: Tokenizer) -> pa.Table:
 def _documents_dataset(files: list[tuple[str, str]], text_field: str):
     import ray.data
 
-    from rayfp4.data.stream import quiet_ray_data
-
     quiet_ray_data()
     items = [{"path": p, "kind": k, "file_index": i} for i, (p, k) in enumerate(files)]
     ds = ray.data.from_items(items, override_num_blocks=len(items))
@@ -177,8 +176,6 @@ def _embedded_dataset():
     import ray.data
 
     from rayfp4.data.corpus import shakespeare_documents
-    from rayfp4.data.stream import quiet_ray_data
-
     quiet_ray_data()
     docs = [{"file_index": i, "doc_index": 0, "text": t} for i, t in enumerate(shakespeare_documents())]
     ds = ray.data.from_items(docs, override_num_blocks=min(len(docs), 8))
@@ -220,6 +217,20 @@ def tokenize_corpus(inputs: list[str], out_dir: str | Path, *, tokenizer: str = 
     files = resolve_inputs(inputs) if inputs else []
     check_text_field(files, text_field)
     _ensure_ray(ray_address)
+    try:
+        return _run_job(files, inputs, out_dir, tokenizer=tokenizer, kind=kind, seq_len=seq_len,
+                        val_fraction=val_fraction, text_field=text_field,
+                        rows_per_group=rows_per_group, shard_sequences=shard_sequences,
+                        eot_token=eot_token, overwrite=overwrite, progress=progress)
+    except Exception as exc:  # a DataError raised in a Ray task arrives wrapped; unwrap it
+        err = find_data_error(exc)
+        if err is None or err is exc:
+            raise
+        raise err from None
+
+
+def _run_job(files, inputs, out_dir, *, tokenizer, kind, seq_len, val_fraction, text_field,
+             rows_per_group, shard_sequences, eot_token, overwrite, progress) -> ShardManifest:
     if inputs:
         docs = _documents_dataset(files, text_field)
         source = ", ".join(inputs)
@@ -229,7 +240,7 @@ def tokenize_corpus(inputs: list[str], out_dir: str | Path, *, tokenizer: str = 
     line = ProgressLine("tokenize") if progress else None
     if kind == "bpe":
         if line:
-            line._emit(f"[tokenize] training {tokenizer} on {source}")
+            line.note(f"training {tokenizer} on {source}")
         tok = build_tokenizer(tokenizer, training_texts=_iter_texts(docs))
     else:
         tok = build_tokenizer(tokenizer, eot_token=eot_token)
@@ -250,21 +261,6 @@ def tokenize_corpus(inputs: list[str], out_dir: str | Path, *, tokenizer: str = 
                 last = here
                 writer.add_document(np.asarray(tokens[i].values.to_numpy(zero_copy_only=False)))
         return writer.finish()
-
-
-def find_data_error(exc: BaseException) -> DataError | None:
-    """The DataError behind an exception that Ray wrapped (task errors, user-code errors)."""
-    seen = set()
-    stack = [exc]
-    while stack:
-        e = stack.pop()
-        if e is None or id(e) in seen:
-            continue
-        seen.add(id(e))
-        if isinstance(e, DataError):
-            return e
-        stack.extend([getattr(e, "cause", None), e.__cause__, e.__context__])
-    return None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -298,10 +294,7 @@ def main(argv: list[str] | None = None) -> int:
             rows_per_group=args.rows_per_group, shard_sequences=args.shard_sequences,
             eot_token=args.eot_token, overwrite=args.overwrite, progress=not args.quiet,
             ray_address=args.address)
-    except Exception as exc:  # report user errors as one line, whatever Ray wrapped them in
-        err = find_data_error(exc)
-        if err is None:
-            raise
+    except DataError as err:  # user errors: one line, no traceback
         print(f"tokenize: error: {err}", file=sys.stderr)
         return 2
     print(f"{args.out}: {manifest.num_sequences('train')} train and {manifest.num_sequences('val')} "

@@ -102,6 +102,22 @@ def test_shorter_sequences_are_cropped_and_longer_ones_refused(ray_session, smal
         TokenStream(shards, StreamConfig(global_batch_size=4, seq_len=32))
 
 
+def test_shard_damaged_after_opening_gives_a_data_error_naming_it(ray_session, small_shards, tmp_path):
+    import shutil
+
+    damaged = tmp_path / "damaged"
+    shutil.copytree(small_shards, damaged)
+    shards = open_shards(damaged)  # valid when opened ...
+    victim = damaged / shards.manifest.splits["train"][0].file
+    data = bytearray(victim.read_bytes())
+    data[4:200] = bytes(196)  # ... then its first pages are overwritten
+    victim.write_bytes(bytes(data))
+    stream = TokenStream(shards, StreamConfig(global_batch_size=8, window_steps=64))
+    with pytest.raises(DataError, match=r"train-00000\.parquet: cannot read row group"):
+        for _ in stream.batches(max_steps=60):
+            pass
+
+
 def test_stream_configuration_errors(small_shards):
     shards = open_shards(small_shards)
     with pytest.raises(DataError, match="global batch size 100000 is larger than"):

@@ -296,6 +296,10 @@ class ProgressLine:
         body = ", ".join(f"{v:,} {k}" for k, v in counts.items())
         self._emit(f"[{self.label}] {body} ({now - self.start:.1f} s)")
 
+    def note(self, message: str) -> None:
+        """A line that is kept (a phase starting), whatever the rate limit."""
+        self._emit(f"[{self.label}] {message}", final=True)
+
     def done(self, message: str) -> None:
         self._emit(f"[{self.label}] {message} in {time.monotonic() - self.start:.1f} s", final=True)
 

@@ -32,6 +32,7 @@ are skipped that epoch), so DDP never waits on a short rank.
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,6 +69,29 @@ def quiet_ray_data() -> None:
     ctx.enable_progress_bars = False
     ctx.enable_operator_progress_bars = False
     ctx.print_on_execution_start = False
+
+
+_REMOTE_DATA_ERROR = re.compile(r"(?:^|\n)\S*DataError: (.+)")
+
+
+def find_data_error(exc: BaseException) -> DataError | None:
+    """The :class:`DataError` behind an exception that Ray raised for a failed task, if any.
+
+    Ray Data re-raises a UDF's exception as ``RayTaskError(UserCodeException)`` whose ``__cause__``
+    chain does not survive pickling; the remote traceback text does, so the DataError's one-line
+    message is recovered from it when it is not in the chain.
+    """
+    seen, stack = set(), [exc]
+    while stack:
+        e = stack.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, DataError):
+            return e
+        stack.extend([getattr(e, "cause", None), e.__cause__, e.__context__])
+    match = _REMOTE_DATA_ERROR.search(str(exc))
+    return DataError(match.group(1).strip()) if match else None
 
 
 def _read_window(batch: dict, *, shards: ShardSet, split: str, seq_len: int, chunk_size: int,
@@ -151,8 +175,9 @@ class TokenStream:
         try:
             while max_steps is None or produced < max_steps:
                 ds = self._epoch_dataset(state.epoch, state.step)
-                for rows in ds.iter_batches(batch_size=self.micro_batch, batch_format="numpy",
-                                            prefetch_batches=self.config.prefetch_batches):
+                for rows in self._checked(ds.iter_batches(
+                        batch_size=self.micro_batch, batch_format="numpy",
+                        prefetch_batches=self.config.prefetch_batches)):
                     if not (np.all(rows["step"] == state.step) and np.array_equal(rows["lane"], self.lanes)):
                         raise RuntimeError(  # an internal invariant, not a user error
                             f"stream out of order at epoch {state.epoch} step {state.step}: got steps "
@@ -173,3 +198,14 @@ class TokenStream:
         finally:
             if ledger is not None:
                 ledger.close()
+
+    @staticmethod
+    def _checked(batches: Iterator[dict]) -> Iterator[dict]:
+        """Re-raise a read task's DataError (e.g. a damaged shard) as itself, not as a Ray trace."""
+        try:
+            yield from batches
+        except Exception as exc:
+            err = find_data_error(exc)
+            if err is None:
+                raise
+            raise err from None

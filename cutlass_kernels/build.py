@@ -43,6 +43,8 @@ from .specs import KernelSpec, kernels_for
 _MIN_NVCC = {"sm90a": (12, 0), "sm100a": (12, 8)}
 _GENCODE = {"sm90a": "arch=compute_90a,code=sm_90a", "sm100a": "arch=compute_100a,code=sm_100a"}
 INDEX = "index.json"
+#: Where nvcc is looked for after $NVCC, $CUDA_HOME/bin and PATH.
+FALLBACK_NVCC = ("/usr/local/cuda/bin/nvcc",)
 
 
 class BuildError(RuntimeError):
@@ -73,7 +75,7 @@ def find_nvcc() -> Nvcc:
     for var in ("CUDA_HOME", "CUDA_PATH"):
         if os.environ.get(var):
             candidates.append(str(Path(os.environ[var]) / "bin" / "nvcc"))
-    candidates += [shutil.which("nvcc"), "/usr/local/cuda/bin/nvcc"]
+    candidates += [shutil.which("nvcc"), *FALLBACK_NVCC]
     for c in candidates:
         if c and Path(c).is_file() and os.access(c, os.X_OK):
             try:

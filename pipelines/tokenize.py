@@ -286,7 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     # Ray Data's per-dataset INFO lines would drown the progress line.
-    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    logging.getLogger("ray.data").setLevel(logging.ERROR)
     try:
         manifest = tokenize_corpus(
             args.inputs, args.out, tokenizer=args.tokenizer, seq_len=args.seq_len,

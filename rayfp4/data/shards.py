@@ -32,7 +32,6 @@ worker.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import shutil
 import sys
@@ -471,7 +470,3 @@ def open_shards(path: str | Path, verify_checksums: bool = True) -> ShardSet:
     shard_set.tokenizer()  # raises DataError if it does not parse
     return shard_set
 
-
-def read_manifest_json(path: str | Path) -> dict:
-    """The raw manifest as a dict (for tools that edit or display it)."""
-    return json.loads((Path(path) / MANIFEST_FILE).read_text())

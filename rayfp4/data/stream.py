@@ -31,14 +31,13 @@ are skipped that epoch), so DDP never waits on a short rank.
 
 from __future__ import annotations
 
-import logging
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from rayfp4.data.errors import DataError
 from rayfp4.data.ledger import SampleLedger
@@ -46,7 +45,8 @@ from rayfp4.data.order import (StreamConfig, StreamState, batch_ids, epoch_order
                                micro_batch_size, rank_lanes)
 from rayfp4.data.shards import ShardSet, open_shards
 
-log = logging.getLogger(__name__)
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass
@@ -165,6 +165,8 @@ class TokenStream:
 
         Stops after ``max_steps`` batches if given, else never: the training loop decides.
         """
+        import torch  # here, not at module level: Ray's read workers import this module
+
         if isinstance(state, dict):
             state = StreamState.from_dict(state)
         state = state or self.initial_state()

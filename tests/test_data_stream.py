@@ -47,6 +47,7 @@ def load_state(checkpoint: bytes) -> StreamState:
     return StreamState.from_dict(torch.load(io.BytesIO(checkpoint), weights_only=True)["stream"])
 
 
+@pytest.mark.slow
 def test_interrupted_run_with_changing_workers_sees_exactly_the_uninterrupted_data(
         ray_session, small_shards, tmp_path):
     shards = open_shards(small_shards)
@@ -102,6 +103,16 @@ def test_shorter_sequences_are_cropped_and_longer_ones_refused(ray_session, smal
         TokenStream(shards, StreamConfig(global_batch_size=4, seq_len=32))
 
 
+def test_validation_split_streams_too(ray_session, small_shards):
+    shards = open_shards(small_shards)
+    rows, _ = shards.read_split("val")
+    stream = TokenStream(shards, StreamConfig(global_batch_size=4, split="val", window_steps=8))
+    batches = list(stream.batches(max_steps=stream.steps_per_epoch))
+    ids = np.concatenate([b.ids for b in batches])
+    assert len(set(ids.tolist())) == len(ids) == stream.steps_per_epoch * 4 == len(rows) // 4 * 4
+    assert all(np.array_equal(b.tokens.numpy(), rows[b.ids]) for b in batches)
+
+
 def test_shard_damaged_after_opening_gives_a_data_error_naming_it(ray_session, small_shards, tmp_path):
     import shutil
 
@@ -130,6 +141,7 @@ def test_stream_configuration_errors(small_shards):
         next(stream.batches(saved))
 
 
+@pytest.mark.slow
 def test_stream_inside_ray_train_workers(ray_session, small_shards, tmp_path):
     """Two Train V2 workers read their shares, stay in lockstep through gloo, cross an epoch."""
     from ray.train import RunConfig, ScalingConfig

@@ -1,6 +1,6 @@
 """CUTLASS sm_90a BF16+alpha GEMM vs cuBLAS (``torch.mm``, BF16) on the linear layers' shapes.
 
-    python bench/gemm.py [--reps 30] [--json OUT.json] [--with-dequant]
+    python bench/gemm.py [--reps 30] [--rounds 3] [--json OUT.json] [--variants] [--with-dequant]
 
 For each (tokens, out, in) of bench/linear.py's shapes it times the three GEMMs of a linear
 layer, each in the memory order training has (no transposes materialised):
@@ -10,10 +10,14 @@ layer, each in the memory order training has (no transposes materialised):
     Wgrad  dW = dy.T @ x   M=out    N=in  K=tokens gemm_bf16_alpha(dy.t(), x.t(), alpha)
 
 and the same product with ``torch.mm`` in the same process, on the same tensors. ``alpha`` is a
-device tensor (the training path: no host sync). Times are medians of CUDA-event timings after
-warm-up; the inputs (>= 128 MB each) are larger than the 60 MB L2, so repeats do not run from
-cache. ``ratio`` = torch.mm time / CUTLASS time (> 1: CUTLASS faster). ``--with-dequant`` adds the
-whole Hopper NVFP4 emulation of Fprop (eager dequantize of both operands + the GEMM) for scale.
+device tensor (the training path: no host sync). Each implementation is timed in ``--rounds``
+interleaved rounds (CUTLASS, torch, CUTLASS, torch, ...) of ``--reps`` CUDA-event timings after
+warm-up; a round's figure is its median, the reported one the median of the rounds, and the
+spread (min-max of the round medians) is printed too, so clock drift shows instead of biasing one
+side. The inputs (>= 128 MB each) exceed the 60 MB L2, so repeats do not run from cache.
+``ratio`` = torch.mm time / CUTLASS time (> 1: CUTLASS faster). ``--variants`` also times every
+built tuning variant of the Fprop kernel (``sm90a_bf16_kk_*``). ``--with-dequant`` adds the whole
+Hopper NVFP4 emulation of Fprop (eager dequantize of both operands + the GEMM) for scale.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cutlass_kernels import binding  # noqa: E402
+from cutlass_kernels.specs import KERNELS  # noqa: E402
 
 SHAPES = [(16384, 4096, 4096), (16384, 11008, 4096), (16384, 4096, 11008)]  # (tokens, out, in)
 
@@ -49,9 +54,20 @@ def time_ms(fn, reps: int, warmup: int = 5) -> float:
     return statistics.median(times)
 
 
+def interleaved(fns: dict, reps: int, rounds: int) -> dict[str, tuple[float, float, float]]:
+    """name -> (median of round medians, min, max) with the implementations' rounds interleaved."""
+    per = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            per[name].append(time_ms(fn, reps))
+    return {name: (statistics.median(v), min(v), max(v)) for name, v in per.items()}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--reps", type=int, default=30)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--variants", action="store_true")
     p.add_argument("--json", type=Path, default=None)
     p.add_argument("--with-dequant", action="store_true")
     a = p.parse_args(argv)
@@ -69,7 +85,7 @@ def main(argv=None) -> int:
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
         "command": "python " + " ".join(sys.argv),
-        "kernels": {k: binding.load(k).cutlass_name for k in ("sm90a_bf16_kk", "sm90a_bf16_kn", "sm90a_bf16_mn") if binding.is_built(k)},
+        "kernels": {s.key: binding.load(s.key).cutlass_name for s in KERNELS if s.arch == "sm90a" and binding.is_built(s.key)},
     }
     print(f"# {header['device']} ({header['sms']} SMs), torch {header['torch']} (CUDA {header['cuda']}), {header['date']}")
     for k, name in header["kernels"].items():
@@ -77,8 +93,13 @@ def main(argv=None) -> int:
     rows = []
     torch.manual_seed(0)
     alpha = torch.tensor([1.0], device=dev)
-    fmt = "{:<6} {:>6} {:>6} {:>6} | {:>10} {:>8} | {:>10} {:>8} | {:>6} | {:>9} {}"
-    print(fmt.format("gemm", "M", "N", "K", "cutlass ms", "TFLOP/s", "torch ms", "TFLOP/s", "ratio", "max|diff|", "kernel"))
+    variants = [s.key for s in KERNELS if s.key.startswith("sm90a_bf16_kk_") and binding.is_built(s.key)] if a.variants else []
+    fmt = "{:<6} {:>6} {:>6} {:>6} | {:>22} {:>8} | {:>22} {:>8} | {:>6} | {:>9} {}"
+    print(fmt.format("gemm", "M", "N", "K", "cutlass ms [spread]", "TFLOP/s", "torch.mm ms [spread]", "TFLOP/s", "ratio", "max|diff|", "kernel"))
+
+    def cell(t):
+        return f"{t[0]:.3f} [{t[1]:.3f}-{t[2]:.3f}]"
+
     for tokens, d_out, d_in in SHAPES:
         x = torch.randn(tokens, d_in, device=dev, dtype=torch.bfloat16)
         w = torch.randn(d_out, d_in, device=dev, dtype=torch.bfloat16) * 0.02
@@ -91,24 +112,29 @@ def main(argv=None) -> int:
         for name, (m, n, k), (ca, cb), torch_fn in cases:
             key, copy_a, copy_b = binding.kernel_for(ca, cb)
             out = torch.empty(m, n, device=dev, dtype=torch.bfloat16)
-
-            def cutlass_fn(ca=ca, cb=cb, out=out):
-                return binding.gemm_bf16_alpha(ca, cb, alpha, out=out)
-
-            y = cutlass_fn().float()
+            fns = {key: (lambda ca=ca, cb=cb, out=out: binding.gemm_bf16_alpha(ca, cb, alpha, out=out))}
+            if name == "Fprop":
+                for v in variants:
+                    fns[v] = lambda ca=ca, cb=cb, out=out, v=v: binding.gemm_bf16_alpha(ca, cb, alpha, out=out, kernel=v)
+            fns["torch.mm"] = torch_fn
             ref = torch_fn().float()
-            diff = (y - ref).abs().max().item()
-            t_c = time_ms(cutlass_fn, a.reps)
-            t_t = time_ms(torch_fn, a.reps)
+            diffs = {kk: (fn().float() - ref).abs().max().item() for kk, fn in fns.items() if kk != "torch.mm"}
+            times = interleaved(fns, a.reps, a.rounds)
             flops = 2.0 * m * n * k
-            row = {
-                "gemm": name, "M": m, "N": n, "K": k, "cutlass_ms": t_c, "torch_ms": t_t,
-                "cutlass_tflops": flops / t_c / 1e9, "torch_tflops": flops / t_t / 1e9,
-                "ratio": t_t / t_c, "max_abs_diff": diff, "kernel": key + (" (copies)" if copy_a or copy_b else ""),
-            }
-            rows.append(row)
-            print(fmt.format(name, m, n, k, f"{t_c:.3f}", f"{row['cutlass_tflops']:.0f}", f"{t_t:.3f}",
-                             f"{row['torch_tflops']:.0f}", f"{row['ratio']:.2f}", f"{diff:.3g}", row["kernel"]))
+            t_t = times["torch.mm"]
+            for kk in fns:
+                if kk == "torch.mm":
+                    continue
+                t_c = times[kk]
+                row = {
+                    "gemm": name, "M": m, "N": n, "K": k, "kernel": kk + (" (copies)" if copy_a or copy_b else ""),
+                    "cutlass_ms": t_c[0], "cutlass_ms_spread": t_c[1:], "torch_ms": t_t[0], "torch_ms_spread": t_t[1:],
+                    "cutlass_tflops": flops / t_c[0] / 1e9, "torch_tflops": flops / t_t[0] / 1e9,
+                    "ratio": t_t[0] / t_c[0], "max_abs_diff_vs_torch": diffs[kk],
+                }
+                rows.append(row)
+                print(fmt.format(name, m, n, k, cell(t_c), f"{row['cutlass_tflops']:.0f}", cell(t_t),
+                                 f"{row['torch_tflops']:.0f}", f"{row['ratio']:.2f}", f"{diffs[kk]:.3g}", row["kernel"]))
         if a.with_dequant:
             from rayfp4.formats import nvfp4
 

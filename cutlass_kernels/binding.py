@@ -383,7 +383,9 @@ def kernel_for(a: torch.Tensor, b: torch.Tensor, root: Path | None = None) -> tu
     return key, ca, cb
 
 
-def gemm_bf16_alpha(a: torch.Tensor, b: torch.Tensor, alpha=1.0, out: torch.Tensor | None = None) -> torch.Tensor:
+def gemm_bf16_alpha(
+    a: torch.Tensor, b: torch.Tensor, alpha=1.0, out: torch.Tensor | None = None, kernel: str | None = None
+) -> torch.Tensor:
     """``bf16(alpha * (a @ b.T))`` on sm_90a: a [M, K], b [N, K] BF16, FP32 accumulate, FP32 alpha.
 
     ``alpha``: a float, or a 1-element float32 tensor on the operands' device (read there; use
@@ -392,11 +394,23 @@ def gemm_bf16_alpha(a: torch.Tensor, b: torch.Tensor, alpha=1.0, out: torch.Tens
         Fprop  y  = x  @ W.T  -> gemm_bf16_alpha(x, W, alpha)         (order kk)
         Dgrad  dx = dy @ W    -> gemm_bf16_alpha(dy, W.t(), alpha)    (order kn, no copy)
         Wgrad  dW = dy.T @ x  -> gemm_bf16_alpha(dy.t(), x.t(), alpha) (order mn, no copy)
+
+    ``kernel``: force one sm90a kernel key (e.g. a tuning variant); its order must match the
+    operands' memory order. By default ``kernel_for`` picks the one built for that order.
     """
     what = "gemm_bf16_alpha"
     m, n, k = check_bf16_operands(a, b, what)
     _require(a.device, "sm90a", what)
-    key, ca, cb = kernel_for(a, b)
+    if kernel is None:
+        key, ca, cb = kernel_for(a, b)
+    else:
+        spec = BY_KEY.get(kernel)
+        if spec is None or spec.family != "bf16_alpha":
+            raise ValueError(f"{what}: {kernel!r} is not a BF16 kernel; known: {[s.key for s in KERNELS if s.family == 'bf16_alpha']}")
+        order, ca, cb = operand_order(a, b)
+        if order != spec.order:
+            raise ValueError(f"{what}: kernel {kernel} is for memory order {spec.order!r}, the operands are {order!r}")
+        key = kernel
     if ca:
         a = a.contiguous()
     if cb:

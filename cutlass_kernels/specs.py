@@ -95,22 +95,31 @@ _SM90_LAYOUT = {"kk": "tnn", "kn": "nnn", "mn": "ntn", "mk": "ttn"}
 _SM90_TILE = (256, 128, 64)
 _SM90_CLUSTER = (1, 2, 1)
 
+
+def _sm90(order: str, tile=_SM90_TILE, cluster=_SM90_CLUSTER, schedule="TmaWarpSpecializedCooperative",
+          variant: str = "", default: bool | None = None) -> KernelSpec:
+    return KernelSpec(
+        key=f"sm90a_bf16_{order}" + (f"_{variant}" if variant else ""),
+        arch="sm90a",
+        family="bf16_alpha",
+        order=order,
+        tile=tile,
+        cluster=cluster,
+        cutlass_layout=_SM90_LAYOUT[order],
+        schedule=schedule,
+        # the TMA epilogue matching the mainloop's warp roles
+        epilogue="TmaWarpSpecializedCooperative" if schedule.endswith("Cooperative") else "TmaWarpSpecialized",
+        default=(order != "mk" and not variant) if default is None else default,
+    )
+
+
 KERNELS: tuple[KernelSpec, ...] = (
-    *(
-        KernelSpec(
-            key=f"sm90a_bf16_{order}",
-            arch="sm90a",
-            family="bf16_alpha",
-            order=order,
-            tile=_SM90_TILE,
-            cluster=_SM90_CLUSTER,
-            cutlass_layout=_SM90_LAYOUT[order],
-            schedule="TmaWarpSpecializedCooperative",
-            epilogue="TmaWarpSpecializedCooperative",
-            default=order != "mk",
-        )
-        for order in ("kk", "kn", "mn", "mk")
-    ),
+    *(_sm90(order) for order in ("kk", "kn", "mn", "mk")),
+    # Tuning candidates (never built by default): other tile shapes / clusters / schedules that
+    # CUTLASS's generator offers for the same problem; bench/gemm.py --kernels compares them.
+    _sm90("kk", (128, 256, 64), (2, 1, 1), variant="128x256_c2x1"),
+    _sm90("kk", (256, 128, 64), (2, 1, 1), variant="256x128_c2x1"),
+    _sm90("kk", (128, 256, 64), (1, 2, 1), "TmaWarpSpecializedPingpong", variant="128x256_c1x2_pingpong"),
     # Blackwell: a 2-SM 256x256 tile for the big LLM GEMMs (the largest FP4 tile CUTLASS offers;
     # 2-SM MMA halves the B traffic per SM) and a 1-SM 128x128 one for small or ragged problems
     # (a few tiles per SM keep 148 SMs busy when M*N is small).

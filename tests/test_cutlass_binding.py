@@ -189,6 +189,7 @@ def test_capability_to_arch_is_exact():
 
 def test_load_errors(tmp_path, monkeypatch):
     monkeypatch.setenv("RAYFP4_CACHE", str(tmp_path))
+    monkeypatch.setattr(binding, "_loaded", {})  # forget libraries loaded by earlier tests
     with pytest.raises(ValueError, match="unknown CUTLASS kernel"):
         binding.load("sm90a_nope")
     with pytest.raises(binding.KernelNotBuilt, match=r"python -m cutlass_kernels.build --arch sm90a --kernels sm90a_bf16_mn"):

@@ -18,6 +18,10 @@ EXPECTED = {
     "sm90a_bf16_mk": "cutlass3x_sm90_tensorop_gemm_bf16_bf16_f32_void_bf16_256x128x64_1x2x1_0_ttn_align8_warpspecialized_cooperative_epi_tma",
     "sm100a_nvfp4_256x256": "cutlass3x_sm100_bstensorop_gemm_ue4m3xe2m1_ue4m3xe2m1_f32_bf16_bf16_256x256x256_2x1x1_0_tnt_align32_o_vs16_2sm",
     "sm100a_nvfp4_128x128": "cutlass3x_sm100_bstensorop_gemm_ue4m3xe2m1_ue4m3xe2m1_f32_bf16_bf16_128x128x256_1x1x1_0_tnt_align32_o_vs16_1sm",
+    # tuning candidates (not built by default)
+    "sm90a_bf16_kk_128x256_c2x1": "cutlass3x_sm90_tensorop_gemm_bf16_bf16_f32_void_bf16_128x256x64_2x1x1_0_tnn_align8_warpspecialized_cooperative_epi_tma",
+    "sm90a_bf16_kk_256x128_c2x1": "cutlass3x_sm90_tensorop_gemm_bf16_bf16_f32_void_bf16_256x128x64_2x1x1_0_tnn_align8_warpspecialized_cooperative_epi_tma",
+    "sm90a_bf16_kk_128x256_c1x2_pingpong": "cutlass3x_sm90_tensorop_gemm_bf16_bf16_f32_void_bf16_128x256x64_1x2x1_0_tnn_align8_warpspecialized_pingpong_epi_tma",
 }
 
 

@@ -67,7 +67,7 @@ def bits_equal(x: torch.Tensor, y: torch.Tensor) -> bool:
 
 @needs_sm90
 @pytest.mark.parametrize("order", ["kk", "kn", "mn"])
-@pytest.mark.parametrize("mnk", [(1024, 768, 2048), (1000, 264, 520), (256, 4096, 4096)])
+@pytest.mark.parametrize("mnk", [(1024, 768, 2048), (1000, 264, 528), (256, 4096, 4096)])
 def test_bf16_alpha_is_bit_exact(order, mnk):
     m, n, k = mnk
     gen = torch.Generator().manual_seed(zlib.crc32(f"{order}{mnk}".encode()))

@@ -29,6 +29,11 @@ def _decode_table(device: torch.device) -> torch.Tensor:
     return torch.cat([mags, -mags])
 
 
+def _lookup(table: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+    # index_select, not table[codes]: advanced indexing is ~300x slower on CPU here.
+    return table.index_select(0, codes.reshape(-1).long()).view(codes.shape)
+
+
 def _sign_bits(y: torch.Tensor) -> torch.Tensor:
     # Strictly negative values keep their sign even when they round to zero (code 8); -0.0 is
     # not < 0 and encodes as code 0, as the reference and the hardware conversion agree.
@@ -75,9 +80,9 @@ def encode_stochastic(y: torch.Tensor, rand8: torch.Tensor) -> torch.Tensor:
     a = y.abs()
     lo_code = _floor_code(a)
     table = _decode_table(y.device)
-    lo = table[lo_code.long()]
+    lo = _lookup(table, lo_code)
     top = lo_code >= 7
-    hi = table[(lo_code + (~top).to(torch.uint8)).long()]
+    hi = _lookup(table, lo_code + (~top).to(torch.uint8))
     spacing = torch.where(top, torch.ones_like(hi), hi - lo)
     # (a - lo) is exact (Sterbenz) and spacing is a power of two, so p is the exact fraction.
     p = (a - lo) / spacing
@@ -89,7 +94,7 @@ def encode_stochastic(y: torch.Tensor, rand8: torch.Tensor) -> torch.Tensor:
 
 def decode(codes: torch.Tensor) -> torch.Tensor:
     """FP32 values of E2M1 codes (uint8, 0..15)."""
-    return _decode_table(codes.device)[codes.long()]
+    return _lookup(_decode_table(codes.device), codes)
 
 
 def pack(codes: torch.Tensor) -> torch.Tensor:

@@ -90,6 +90,25 @@ class MXFP4Tensor:
     def nbytes(self) -> int:
         return self.data.numel() + self.scale.numel()
 
+    def transpose(self) -> "MXFP4Tensor":
+        """The quantized transpose [K, M] without requantizing: only for 32x32 tiles."""
+        if self.tile != (32, 32):
+            raise ValueError(f"transpose() needs 32x32 tiles; got tile {self.tile}")
+        if self.rht:
+            raise ValueError("transpose() of a Hadamard-transformed tensor is not the transform of the transpose")
+        m, k = self.shape
+        tiles_t = self.scale[::32].t().contiguous()
+        return MXFP4Tensor(
+            data=e2m1.pack(self.codes().t().contiguous()),
+            scale=per_row(tiles_t, 32),
+            shape=(k, m),
+            tile=self.tile,
+            scale_rule=self.scale_rule,
+            rounding=self.rounding,
+            rht=False,
+            orig_dtype=self.orig_dtype,
+        )
+
     def blocked_scale(self) -> torch.Tensor:
         return to_blocked(self.scale)
 

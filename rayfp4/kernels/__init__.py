@@ -1,0 +1,37 @@
+"""Fast implementations of the ``formats`` operations, and the registry that picks one per device.
+
+A backend provides three operations with the exact semantics of :mod:`rayfp4.formats`:
+
+- ``quantize_nvfp4(x, tile, rounding, rht, generator, amax) -> NVFP4Tensor``
+- ``quantize_mxfp4(x, tile, rounding, rht, generator, scale_rule) -> MXFP4Tensor``
+- ``gemm(a, b, out_dtype) -> Tensor``: ``a @ b.T`` of two quantized operands quantized along the
+  same K, FP32 accumulation, the tensor factors applied once in FP32, one rounding to out_dtype.
+
+``reference`` (pure torch, any device) is always there; faster backends (``triton``,
+``cutlass``) register themselves when their module imports and say per device whether they can
+run. ``resolve("auto", device)`` picks the best available one; asking for a backend that cannot
+run on the device raises :class:`BackendUnavailable` with the reason.
+"""
+
+from __future__ import annotations
+
+from .registry import (
+    PREFERENCE,
+    Backend,
+    BackendUnavailable,
+    available_backends,
+    register,
+    resolve,
+)
+from .reference import ReferenceBackend, emulated_gemm
+
+__all__ = [
+    "Backend",
+    "BackendUnavailable",
+    "PREFERENCE",
+    "ReferenceBackend",
+    "available_backends",
+    "emulated_gemm",
+    "register",
+    "resolve",
+]

@@ -1,0 +1,27 @@
+"""The NVFP4 training recipe as modules: the precision policy, the quantized linear, telemetry.
+
+>>> summary = apply_precision_policy(model, PrecisionPolicy(format="nvfp4", bf16_last_blocks=2))
+>>> summary.runtime.set_step(step, total_steps)   # each step, from the training loop
+"""
+
+from .apply import LayerDecision, PrecisionSummary, apply_precision_policy
+from .linear import MXFP4Linear, NVFP4Linear, QuantizedLinear
+from .policy import LateSwitch, PolicyError, PrecisionPolicy, format_validation_error
+from .runtime import PrecisionRuntime
+from .telemetry import collect_telemetry, operand_stats
+
+__all__ = [
+    "LateSwitch",
+    "LayerDecision",
+    "MXFP4Linear",
+    "NVFP4Linear",
+    "PolicyError",
+    "PrecisionPolicy",
+    "PrecisionRuntime",
+    "PrecisionSummary",
+    "QuantizedLinear",
+    "apply_precision_policy",
+    "collect_telemetry",
+    "format_validation_error",
+    "operand_stats",
+]

@@ -1,0 +1,253 @@
+"""The quantized linear layer: the three GEMMs of the NVFP4 recipe as one autograd function.
+
+For ``y = x W^T`` with x [T, K_in] (tokens, input features) and W [N_out, K_in]:
+
+=====  ======================  ==========================================  ================
+GEMM   computes                operands, quantized along the GEMM's K       rounding / RHT
+=====  ======================  ==========================================  ================
+Fprop  y  = x W^T              x: 1x16 along K_in; W: 16x16 tiles            RTNE, RTNE
+Dgrad  dx = dy W               dy: 1x16 along N_out; W^T: the same codes     SR, -
+Wgrad  dW = dy^T x             dy^T, x^T: 1x16 along tokens                  SR / RTNE, RHT
+=====  ======================  ==========================================  ================
+
+(32 instead of 16 for MXFP4.) Each GEMM accumulates in FP32 and applies the tensor factors once in
+FP32 (the backend's ``gemm``); outputs come back in the input's dtype, weight gradients in the
+weight's dtype (FP32 master weights). Every switch of the policy changes exactly its operand:
+``weight_2d_scaling`` the weight tiles (and whether Dgrad reuses the Fprop codes),
+``stochastic_rounding_grads`` the rounding of both dY operands, ``rht_wgrad`` the transform of
+both Wgrad operands.
+
+What backward needs is saved quantized: the Wgrad operand x^T (packed, ~0.28x of BF16) and, with
+2-D weight scaling, the packed weight (its transpose is Dgrad's operand). No high-precision copy
+of x is kept unless the late switch has moved the backward pass to BF16.
+
+Non-finite inputs or gradients propagate as NaN instead of raising, so the training loop can
+detect the step and skip it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..formats.mxfp4 import MXFP4Tensor
+from ..formats.nvfp4 import NVFP4Tensor
+from ..kernels import resolve
+from .policy import PolicyError, PrecisionPolicy
+from .runtime import PrecisionRuntime
+from .telemetry import operand_stats
+
+_QUANT_FIELDS = {NVFP4Tensor: ("data", "scale", "amax"), MXFP4Tensor: ("data", "scale")}
+
+
+def _save(ctx, items: dict) -> None:
+    """save_for_backward every tensor in ``items``, including the fields of quantized tensors."""
+    tensors, layout = [], {}
+    for key, val in items.items():
+        if isinstance(val, torch.Tensor):
+            layout[key] = ("tensor", len(tensors))
+            tensors.append(val)
+        else:
+            fields = _QUANT_FIELDS[type(val)]
+            layout[key] = ("quantized", dataclasses.replace(val, **{f: None for f in fields}), len(tensors), fields)
+            tensors.extend(getattr(val, f) for f in fields)
+    ctx.layout = layout
+    ctx.save_for_backward(*tensors)
+
+
+def _load(ctx) -> dict:
+    saved = ctx.saved_tensors
+    out = {}
+    for key, entry in ctx.layout.items():
+        if entry[0] == "tensor":
+            out[key] = saved[entry[1]]
+        else:
+            _, template, start, fields = entry
+            out[key] = dataclasses.replace(template, **{f: saved[start + i] for i, f in enumerate(fields)})
+    return out
+
+
+def _pad_tokens(t: torch.Tensor, block: int) -> torch.Tensor:
+    """Zero rows up to a whole number of blocks: they add nothing to dW = dy^T x."""
+    pad = -t.shape[0] % block
+    return F.pad(t, (0, 0, 0, pad)) if pad else t
+
+
+def _finite(*tensors: torch.Tensor) -> bool:
+    return all(bool(torch.isfinite(t).all()) for t in tensors)
+
+
+class _QuantizedLinearFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, layer):
+        pol, rt, be = layer.policy, layer.runtime, layer.backend
+        b = pol.block
+        quantize_fwd, quantize_bwd = not rt.forward_bf16, not rt.backward_bf16
+        finite = _finite(x, weight)
+        wq = None
+        if not finite:
+            y = torch.full((x.shape[0], weight.shape[0]), float("nan"), device=x.device)
+            quantize_bwd = False
+        elif quantize_fwd:
+            xq = layer.quantize(x, (1, b), "nearest", False, None)
+            wq = layer.quantize(weight, pol.weight_tile, "nearest", False, None)
+            layer.record("fprop.x", x, xq)
+            layer.record("fprop.w", weight, wq)
+            y = be.gemm(xq, wq, torch.float32)
+        else:
+            y = F.linear(x, weight.to(x.dtype)).float()
+        if bias is not None:
+            y = y + bias.float()
+
+        saved = {"weight": weight}  # a parameter: saving it costs no activation memory
+        if quantize_bwd:
+            xt_src = _pad_tokens(x, b).t()
+            saved["xt"] = layer.quantize(xt_src, (1, b), "nearest", pol.rht_wgrad, None)
+            layer.record("wgrad.x", xt_src, saved["xt"])
+            if pol.weight_2d_scaling:
+                saved["wq"] = wq if wq is not None else layer.quantize(weight, pol.weight_tile, "nearest", False, None)
+        else:
+            saved["x"] = x
+        _save(ctx, saved)
+        ctx.layer, ctx.quantize_bwd, ctx.has_bias = layer, quantize_bwd, bias is not None
+        ctx.x_dtype, ctx.tokens, ctx.finite = x.dtype, x.shape[0], finite
+        return y.to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, dy):
+        layer = ctx.layer
+        pol, rt, be = layer.policy, layer.runtime, layer.backend
+        b = pol.block
+        s = _load(ctx)
+        weight = s["weight"]
+        dy = dy.contiguous()
+        dx = dw = db = None
+        if not ctx.finite or not _finite(dy):
+            nan = float("nan")
+            dx = torch.full((ctx.tokens, weight.shape[1]), nan, dtype=ctx.x_dtype, device=dy.device)
+            dw = torch.full_like(weight, nan)
+            db = torch.full((weight.shape[0],), nan, device=dy.device) if ctx.has_bias else None
+            return dx, dw, db, None
+        if ctx.quantize_bwd:
+            sr = pol.stochastic_rounding_grads
+            rounding = "stochastic" if sr else "nearest"
+            if ctx.needs_input_grad[0]:
+                gen = rt.generator(layer.layer_index, "dgrad", dy.device) if sr else None
+                dyq = layer.quantize(dy, (1, b), rounding, False, gen)
+                if pol.weight_2d_scaling:
+                    wt, wt_src = s["wq"].transpose(), None
+                else:
+                    wt_src = weight.t()
+                    wt = layer.quantize(wt_src, (1, b), "nearest", False, None)
+                layer.record("dgrad.dy", dy, dyq)
+                layer.record("dgrad.w", weight.t() if wt_src is None else wt_src, wt)
+                dx = be.gemm(dyq, wt, ctx.x_dtype)
+            if ctx.needs_input_grad[1]:
+                gen = rt.generator(layer.layer_index, "wgrad", dy.device) if sr else None
+                dyt_src = _pad_tokens(dy, b).t()
+                dyt = layer.quantize(dyt_src, (1, b), rounding, pol.rht_wgrad, gen)
+                layer.record("wgrad.dy", dyt_src, dyt)
+                dw = be.gemm(dyt, s["xt"], torch.float32).to(weight.dtype)
+        else:
+            x = s["x"]
+            if ctx.needs_input_grad[0]:
+                dx = (dy.float() @ weight.float()).to(ctx.x_dtype)
+            if ctx.needs_input_grad[1]:
+                dw = (dy.float().t() @ x.float()).to(weight.dtype)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            db = dy.float().sum(0)
+        return dx, dw, db, None
+
+
+class QuantizedLinear(nn.Linear):
+    """``nn.Linear`` whose GEMMs run in the policy's 4-bit format (NVFP4 or MXFP4).
+
+    Same parameters and state dict as ``nn.Linear``; the weight stays in its own (FP32 master)
+    dtype and is quantized on every forward. ``capture`` (a dict, or None) receives the quantized
+    operands of the last forward/backward under the keys ``fprop.x``, ``fprop.w``, ``dgrad.dy``,
+    ``dgrad.w``, ``wgrad.dy``, ``wgrad.x``, for inspection and tests.
+    """
+
+    format = "nvfp4"
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, *, policy: PrecisionPolicy,
+                 runtime: PrecisionRuntime | None = None, layer_index: int = 0, name: str = "",
+                 device=None, dtype=None):
+        super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
+        if policy.format != self.format:
+            raise PolicyError(f"precision.format: {type(self).__name__} needs format={self.format}, got {policy.format}")
+        b = policy.block
+        for dim, size in (("in_features", in_features), ("out_features", out_features)):
+            if size % b:
+                raise PolicyError(
+                    f"precision.format: layer {name or '(unnamed)'} has {dim}={size}, not a multiple of the "
+                    f"{self.format} block size {b} (its GEMMs quantize along both dimensions); keep it in BF16 "
+                    f"with precision.bf16_modules"
+                )
+        self.policy = policy
+        self.runtime = runtime if runtime is not None else PrecisionRuntime(policy)
+        self.layer_index = layer_index
+        self.layer_name = name
+        self.capture: dict | None = None
+        self.telemetry: dict[str, dict[str, float]] = {}
+        self.backend = resolve(policy.backend, self.weight.device) if self.weight.device.type != "meta" else None
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, **kwargs) -> "QuantizedLinear":
+        """A quantized layer sharing ``linear``'s parameters (optimizers keep working)."""
+        new = cls(linear.in_features, linear.out_features, linear.bias is not None, device="meta", **kwargs)
+        new.weight = linear.weight
+        new.bias = linear.bias
+        new.backend = resolve(new.policy.backend, linear.weight.device)
+        return new
+
+    def quantize(self, t, tile, rounding, rht, generator):
+        if self.format == "nvfp4":
+            return self.backend.quantize_nvfp4(t, tile, rounding, rht, generator, None)
+        return self.backend.quantize_mxfp4(t, tile, rounding, rht, generator, self.policy.mxfp4_scale_rule)
+
+    def record(self, operand: str, src: torch.Tensor, q) -> None:
+        if self.capture is not None:
+            self.capture[operand] = q
+        if self.runtime.telemetry_due:
+            self.telemetry[operand] = operand_stats(src, q)
+
+    def _apply(self, fn, *args, **kwargs):
+        out = super()._apply(fn, *args, **kwargs)
+        if self.weight.device.type != "meta":
+            self.backend = resolve(self.policy.backend, self.weight.device)
+        return out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_autocast_enabled(x.device.type):
+            x = x.to(torch.get_autocast_dtype(x.device.type))
+        rt = self.runtime
+        if rt.forward_bf16 and rt.backward_bf16:
+            bias = None if self.bias is None else self.bias.to(x.dtype)
+            return F.linear(x, self.weight.to(x.dtype), bias)
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"{self.layer_name or type(self).__name__}: input of shape {tuple(x.shape)} does not "
+                             f"end in in_features={self.in_features}")
+        lead = x.shape[:-1]
+        y = _QuantizedLinearFn.apply(x.reshape(-1, self.in_features), self.weight, self.bias, self)
+        return y.reshape(*lead, self.out_features)
+
+    def extra_repr(self) -> str:
+        p = self.policy
+        return (f"{super().extra_repr()}, format={self.format}, weight_tile={p.weight_tile}, "
+                f"sr_grads={p.stochastic_rounding_grads}, rht_wgrad={p.rht_wgrad}")
+
+
+class NVFP4Linear(QuantizedLinear):
+    """The NVFP4 recipe's linear layer (E2M1 + E4M3 scales per 16 + FP32 tensor scale)."""
+
+    format = "nvfp4"
+
+
+class MXFP4Linear(QuantizedLinear):
+    """The same recipe with MXFP4 operands (E2M1 + power-of-two scales per 32), for comparison."""
+
+    format = "mxfp4"

@@ -1,0 +1,154 @@
+"""The precision policy: which linear layers run which GEMMs in which 4-bit format.
+
+The recipe is data. A :class:`PrecisionPolicy` (pydantic, loadable from YAML) says
+
+- ``format``: ``bf16`` (the baseline), ``nvfp4`` or ``mxfp4``;
+- the recipe's switches, each on by default for the 4-bit formats, so each ablation of the paper
+  is one flag: ``rht_wgrad`` (Hadamard transform of the Wgrad operands),
+  ``stochastic_rounding_grads`` (SR of the gradient dY), ``weight_2d_scaling`` (16x16 weight
+  tiles, or 32x32 for MXFP4, so Fprop and Dgrad see the same weight codes);
+- which linear layers stay BF16: the first N and last M transformer blocks and/or module-name
+  globs (the LM head, embeddings and norms are always high precision);
+- an optional late switch to BF16 at a step or fraction of training, for the forward pass, the
+  backward pass or both;
+- the GEMM backend (``auto`` picks the best for the device).
+
+With every switch off and 1x16 weights the policy is the paper's "base" NVFP4 recipe.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class PolicyError(ValueError):
+    """An impossible or malformed precision policy; the message names the field."""
+
+
+def format_validation_error(err: ValidationError, prefix: str = "") -> str:
+    """One line per problem, each starting with the dotted path of the field."""
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"] if p != "__root__")
+        path = ".".join(p for p in (prefix, loc) if p) or "(top level)"
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key"
+        lines.append(f"{path}: {msg}")
+    return "\n".join(lines)
+
+
+class LateSwitch(BaseModel):
+    """Switch to BF16 late in training (the paper's 12B run: both passes at 82% of tokens)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    at_step: int | None = Field(None, ge=0, description="first optimizer step that runs in BF16")
+    at_fraction: float | None = Field(None, description="fraction of the run's steps, in (0, 1]")
+    scope: Literal["forward", "backward", "both"] = "both"
+
+    @model_validator(mode="after")
+    def _one_trigger(self):
+        if (self.at_step is None) == (self.at_fraction is None):
+            raise ValueError("give exactly one of at_step or at_fraction")
+        if self.at_fraction is not None and not (0.0 < self.at_fraction <= 1.0):
+            raise ValueError(f"at_fraction must be in (0, 1], got {self.at_fraction}")
+        return self
+
+    def first_bf16_step(self, total_steps: int | None) -> int:
+        if self.at_step is not None:
+            return self.at_step
+        if total_steps is None:
+            raise PolicyError("precision.late_switch.at_fraction needs the run's total number of steps, "
+                              "which was not set on the precision runtime")
+        return int(round(self.at_fraction * total_steps))
+
+
+class PrecisionPolicy(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    format: Literal["bf16", "nvfp4", "mxfp4"] = "nvfp4"
+    rht_wgrad: bool | None = Field(None, description="RHT of the Wgrad operands (default: on for 4-bit formats)")
+    stochastic_rounding_grads: bool | None = Field(None, description="SR of dY (default: on for 4-bit formats)")
+    weight_2d_scaling: bool | None = Field(None, description="2-D weight tiles (default: on for 4-bit formats)")
+    bf16_first_blocks: int = Field(0, ge=0, description="keep the first N transformer blocks' linears in BF16")
+    bf16_last_blocks: int = Field(0, ge=0, description="keep the last M transformer blocks' linears in BF16")
+    bf16_modules: list[str] = Field(default_factory=list, description="module-name globs kept in BF16")
+    late_switch: LateSwitch | None = None
+    backend: Literal["auto", "reference", "triton", "cutlass"] = "auto"
+    mxfp4_scale_rule: Literal["ceil", "floor"] = "ceil"
+    telemetry_every: int = Field(0, ge=0, description="quantization telemetry every N steps (0: off)")
+    block_pattern: str = Field(r"(?:^|\.)layers\.(\d+)\.", description="regex whose group 1 is the block index")
+
+    @field_validator("block_pattern")
+    @classmethod
+    def _one_group(cls, v: str) -> str:
+        try:
+            rx = re.compile(v)
+        except re.error as e:
+            raise ValueError(f"not a regular expression: {e}") from None
+        if rx.groups < 1:
+            raise ValueError("needs a capturing group for the block index")
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        switches = ("rht_wgrad", "stochastic_rounding_grads", "weight_2d_scaling")
+        if self.format == "bf16":
+            on = [s for s in switches if getattr(self, s)]
+            if on:
+                raise ValueError(f"{', '.join(on)} only apply to 4-bit formats, not format=bf16")
+            if self.late_switch is not None:
+                raise ValueError("late_switch to BF16 makes no sense with format=bf16")
+        for s in switches:
+            if getattr(self, s) is None:
+                setattr(self, s, self.format != "bf16")
+        return self
+
+    # -- derived facts -------------------------------------------------------------------------
+
+    @property
+    def quantized(self) -> bool:
+        return self.format != "bf16"
+
+    @property
+    def block(self) -> int:
+        return {"nvfp4": 16, "mxfp4": 32}.get(self.format, 0)
+
+    @property
+    def weight_tile(self) -> tuple[int, int]:
+        b = self.block
+        return (b, b) if self.weight_2d_scaling else (1, b)
+
+    # -- loading -------------------------------------------------------------------------------
+
+    @classmethod
+    def from_dict(cls, data: dict | None, prefix: str = "precision") -> "PrecisionPolicy":
+        try:
+            return cls.model_validate(data or {})
+        except ValidationError as e:
+            raise PolicyError(format_validation_error(e, prefix)) from None
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> "PrecisionPolicy":
+        """A policy from a YAML file holding the policy itself or a run config with ``precision:``."""
+        p = Path(path)
+        try:
+            data = yaml.safe_load(p.read_text())
+        except FileNotFoundError:
+            raise PolicyError(f"{p}: no such policy file") from None
+        except yaml.YAMLError as e:
+            raise PolicyError(f"{p}: not valid YAML: {e}") from None
+        if data is not None and not isinstance(data, dict):
+            raise PolicyError(f"{p}: expected a mapping of policy fields, got {type(data).__name__}")
+        if isinstance(data, dict) and isinstance(data.get("precision"), dict):
+            data = data["precision"]
+        try:
+            return cls.model_validate(data or {})
+        except ValidationError as e:
+            raise PolicyError(f"{p}:\n" + format_validation_error(e, "precision")) from None

@@ -1,0 +1,65 @@
+"""Per-model mutable state of the recipe: the step, the run length, the seed and the rank.
+
+The training loop owns one :class:`PrecisionRuntime` per model (``apply_precision_policy``
+returns it) and calls :meth:`PrecisionRuntime.set_step` before each optimizer step. The quantized
+linears read it to decide the late switch to BF16, to derive their stochastic-rounding streams
+and to know when to record telemetry.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import torch
+
+from .policy import PrecisionPolicy
+
+
+@dataclass
+class PrecisionRuntime:
+    policy: PrecisionPolicy
+    seed: int = 0
+    rank: int = 0
+    step: int = 0
+    total_steps: int | None = None
+
+    def set_step(self, step: int, total_steps: int | None = None) -> None:
+        self.step = int(step)
+        if total_steps is not None:
+            self.total_steps = int(total_steps)
+
+    def _switched(self, scope: str) -> bool:
+        ls = self.policy.late_switch
+        if ls is None or ls.scope not in (scope, "both"):
+            return False
+        return self.step >= ls.first_bf16_step(self.total_steps)
+
+    @property
+    def forward_bf16(self) -> bool:
+        """The late switch has moved the forward GEMM (Fprop) to BF16."""
+        return self._switched("forward")
+
+    @property
+    def backward_bf16(self) -> bool:
+        """The late switch has moved the backward GEMMs (Dgrad, Wgrad) to BF16."""
+        return self._switched("backward")
+
+    @property
+    def telemetry_due(self) -> bool:
+        n = self.policy.telemetry_every
+        return n > 0 and self.step % n == 0
+
+    def sr_seed(self, layer_index: int, stream: str) -> int:
+        """A 63-bit seed unique to (run seed, step, layer, data-parallel rank, stream).
+
+        A hash, not a sum, so that neighbouring steps, layers and ranks never share or shift
+        random streams; reproducible across processes and restarts.
+        """
+        key = f"{self.seed}/{self.step}/{layer_index}/{self.rank}/{stream}".encode()
+        return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") >> 1
+
+    def generator(self, layer_index: int, stream: str, device: torch.device) -> torch.Generator:
+        g = torch.Generator(device=device)
+        g.manual_seed(self.sr_seed(layer_index, stream))
+        return g

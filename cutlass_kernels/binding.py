@@ -93,7 +93,7 @@ def available(device: torch.device | str | int | None = None, root: Path | None 
             f"{name} has compute capability {cap[0]}.{cap[1]}; rayfp4's CUTLASS kernels exist for "
             "9.0 (sm_90a, BF16 emulation) and 10.0 (sm_100a, native NVFP4) only",
         )
-    built = read_index(root or cache_root())
+    built = _index(root)
     if arch == "sm90a":
         if "sm90a_bf16_kk" not in built:
             return Availability(False, f"{name} (9.0) needs the sm90a kernels: {_build_hint('sm90a')}")
@@ -157,6 +157,22 @@ class _Kernel:
 
 _loaded: dict[str, _Kernel] = {}
 _lock = threading.Lock()
+_index_cache: dict[Path, tuple[float, dict]] = {}
+
+
+def _index(root: Path | None = None) -> dict:
+    """The build index, re-read only when the file changes (the GEMM path asks on every call)."""
+    root = root or cache_root()
+    path = root / "index.json"
+    try:
+        mtime = path.stat().st_mtime_ns
+    except FileNotFoundError:
+        return {}
+    hit = _index_cache.get(path)
+    if hit is None or hit[0] != mtime:
+        hit = (mtime, read_index(root))
+        _index_cache[path] = hit
+    return hit[1]
 
 
 def load(key: str, root: Path | None = None) -> _Kernel:
@@ -168,7 +184,7 @@ def load(key: str, root: Path | None = None) -> _Kernel:
             return _loaded[key]
         spec = BY_KEY[key]
         root = root or cache_root()
-        record = read_index(root).get(key)
+        record = _index(root).get(key)
         if record is None:
             raise KernelNotBuilt(f"CUTLASS kernel {key} is not built: {_build_hint(spec.arch, key)}")
         path = root / record["library"]
@@ -179,7 +195,7 @@ def load(key: str, root: Path | None = None) -> _Kernel:
 
 
 def is_built(key: str, root: Path | None = None) -> bool:
-    return key in read_index(root or cache_root())
+    return key in _index(root)
 
 
 # --------------------------------------------------------------------------------------------

@@ -88,10 +88,10 @@ class KernelSpec:
 #   a K-major -> B column-major "n"; a M-major -> B row-major "t"
 _SM90_LAYOUT = {"kk": "tnn", "kn": "nnn", "mn": "ntn", "mk": "ttn"}
 
-# Tile choice for Hopper: 256x128x64 cooperative (two consumer warpgroups) with a 1x2 cluster is
-# CUTLASS's own default-performance config for large BF16 GEMMs; our problems are large (>= 4096
-# on every side) so a big tile wins, and 256 along CUTLASS's M (= the weight dimension N of the
-# user's problem, a multiple of 256 for 4096 and of 128 for 11008) keeps the waves full.
+# Tile choice for Hopper: 256x128x64, cooperative schedule (two consumer warpgroups share a tile,
+# 168 registers, no spills) with a 1x2 cluster (TMA multicast of the shared operand). Of the
+# cooperative configurations CUTLASS's generator offers for BF16, it was the fastest of the three
+# measured on the H200 on our shapes (see the tuning candidates below and BENCHMARKS).
 _SM90_TILE = (256, 128, 64)
 _SM90_CLUSTER = (1, 2, 1)
 
@@ -115,11 +115,13 @@ def _sm90(order: str, tile=_SM90_TILE, cluster=_SM90_CLUSTER, schedule="TmaWarpS
 
 KERNELS: tuple[KernelSpec, ...] = (
     *(_sm90(order) for order in ("kk", "kn", "mn", "mk")),
-    # Tuning candidates (never built by default): other tile shapes / clusters / schedules that
-    # CUTLASS's generator offers for the same problem; bench/gemm.py --kernels compares them.
+    # Tuning candidates (never built by default): other tiles/clusters CUTLASS's generator offers
+    # for the same problem; `bench/gemm.py --variants` compares them. On the H200 (2026-11-28,
+    # BENCHMARKS-cutlass.md) neither beat the default beyond the run-to-run spread on the three
+    # Fprop shapes, and both lost by 1-11% on two of them. (A pingpong 128x256x64 variant was
+    # dropped: it spills 1928 bytes of stack per thread and ran at 43 TFLOP/s.)
     _sm90("kk", (128, 256, 64), (2, 1, 1), variant="128x256_c2x1"),
     _sm90("kk", (256, 128, 64), (2, 1, 1), variant="256x128_c2x1"),
-    _sm90("kk", (128, 256, 64), (1, 2, 1), "TmaWarpSpecializedPingpong", variant="128x256_c1x2_pingpong"),
     # Blackwell: a 2-SM 256x256 tile for the big LLM GEMMs (the largest FP4 tile CUTLASS offers;
     # 2-SM MMA halves the B traffic per SM) and a 1-SM 128x128 one for small or ragged problems
     # (a few tiles per SM keep 148 SMs busy when M*N is small).

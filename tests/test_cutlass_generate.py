@@ -21,7 +21,6 @@ EXPECTED = {
     # tuning candidates (not built by default)
     "sm90a_bf16_kk_128x256_c2x1": "cutlass3x_sm90_tensorop_gemm_bf16_bf16_f32_void_bf16_128x256x64_2x1x1_0_tnn_align8_warpspecialized_cooperative_epi_tma",
     "sm90a_bf16_kk_256x128_c2x1": "cutlass3x_sm90_tensorop_gemm_bf16_bf16_f32_void_bf16_256x128x64_2x1x1_0_tnn_align8_warpspecialized_cooperative_epi_tma",
-    "sm90a_bf16_kk_128x256_c1x2_pingpong": "cutlass3x_sm90_tensorop_gemm_bf16_bf16_f32_void_bf16_128x256x64_1x2x1_0_tnn_align8_warpspecialized_pingpong_epi_tma",
 }
 
 

@@ -34,7 +34,7 @@ CUDA_VERSION = "13.0.0"  # the generator's gate for which kernels a toolkit can 
 
 
 class CutlassLibraryMissing(RuntimeError):
-    """``nvidia-cutlass`` (its ``cutlass_library`` module) is not installed."""
+    """``nvidia-cutlass`` (its ``cutlass_library`` module, or the headers in it) is not installed."""
 
 
 def _import_cutlass_library():
@@ -53,6 +53,7 @@ def _import_cutlass_library():
 
 def cutlass_include_dirs() -> list[Path]:
     """The CUTLASS/CuTe headers and the util headers (packed strides) shipped in the wheel."""
+    _import_cutlass_library()
     import cutlass_library
 
     root = Path(cutlass_library.__file__).parent / "source"

@@ -119,6 +119,17 @@ def test_cli_reports_missing_nvcc(monkeypatch, capsys, tmp_path):
     assert "error: nvcc (the CUDA compiler, 13.x) was not found" in capsys.readouterr().err
 
 
+def test_cli_reports_missing_cutlass_library(monkeypatch, capsys, tmp_path):
+    fake = build.Nvcc("nvcc", (13, 0), "release 13.0, V13.0.88")
+    monkeypatch.setattr(build, "find_nvcc", lambda: fake)
+    for mod in [m for m in sys.modules if m == "cutlass_library" or m.startswith("cutlass_library.")]:
+        monkeypatch.delitem(sys.modules, mod)
+    monkeypatch.setitem(sys.modules, "cutlass_library", None)  # makes `import cutlass_library` fail
+    assert build.main(["--arch", "sm90a", "--cache", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert "pip install 'nvidia-cutlass==4.2.0.0'" in err
+
+
 def _toolchain_reason() -> str | None:
     try:
         import cutlass_library  # noqa: F401

@@ -24,12 +24,18 @@ from .registry import (
     resolve,
 )
 from .reference import ReferenceBackend, emulated_gemm
+from .triton_nvfp4 import TritonBackend
+
+# Importing triton_nvfp4 does not import triton (that happens at the first kernel launch), so the
+# registration costs nothing where the backend cannot run and leaves TRITON_INTERPRET unfixed.
+register(TritonBackend())
 
 __all__ = [
     "Backend",
     "BackendUnavailable",
     "PREFERENCE",
     "ReferenceBackend",
+    "TritonBackend",
     "available_backends",
     "emulated_gemm",
     "register",

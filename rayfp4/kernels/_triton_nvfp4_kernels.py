@@ -1,0 +1,509 @@
+"""Triton kernels of the NVFP4 quantizer: the device code only (host wrappers: ``triton_nvfp4``).
+
+Every kernel reproduces :mod:`rayfp4.formats.nvfp4` bit for bit. The FP32 operation order is the
+reference's (see that module's docstring); where the GPU's defaults differ from IEEE FP32 we do
+the arithmetic ourselves:
+
+- divisions use ``tl.div_rn`` (IEEE round-to-nearest; Triton's ``/`` is an approximation);
+- the FP32 -> E4M3 conversion is done with integer operations (round-to-nearest-even on the
+  significand, subnormals down to 2^-9 kept), so it is the same under the interpreter and on any
+  GPU, and needs no FP8 hardware conversion;
+- E2M1 codes come from threshold comparisons identical to ``e2m1.encode_rne`` (ties to even,
+  -0.0 -> code 0, a negative value that rounds to zero -> code 8);
+- plain ``*`` / ``+`` of FP32 in Triton are IEEE (no flush to zero outside libdevice), and no
+  product here is followed by an addition that contraction into an FMA could change.
+
+Packed codes are written as one int64 word per block of 16: code j of the block in nibble j.
+Little-endian, that is byte j//2 with element 2i in the low nibble -- the reference's packing --
+so the host views the int64 [M, K/16] buffer as uint8 [M, K/2].
+
+Whether these are compiled or interpreted is fixed when triton is imported (TRITON_INTERPRET).
+"""
+
+import triton
+import triton.language as tl
+
+FLT_MAX = 3.4028234663852886e38
+
+
+# ---------------------------------------------------------------------------- scalar helpers
+
+
+@triton.jit
+def _pow2(e):
+    """2^e as FP32 for integer e in the normal range (built from its bits: exact)."""
+    return ((e + 127) << 23).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _e4m3_rne(v):
+    """FP32 v in [0, 448] -> (its E4M3 value as FP32, the E4M3 byte as int32); RNE, subnormals kept.
+
+    The E4M3 grid near v has spacing 2^(max(e, -6) - 3) with e = floor(log2 v): round v's 24-bit
+    significand to that quantum with ties to even. FP32 subnormals (and 0) round to 0.
+    """
+    bits = v.to(tl.int32, bitcast=True)
+    e_biased = (bits >> 23) & 0xFF
+    e = e_biased - 127
+    sig = (bits & 0x7FFFFF) | 0x800000
+    shift = tl.minimum(20 + tl.maximum(-6 - e, 0), 25)
+    n = (sig + ((1 << (shift - 1)) - 1) + ((sig >> shift) & 1)) >> shift
+    n = tl.where(e_biased == 0, 0, n)
+    value = n.to(tl.float32) * _pow2(tl.maximum(e, -6) - 3)
+    # Normal range: n in [8, 16] (16 means the next binade, mantissa 0); subnormal: n in [0, 8].
+    byte = tl.where(e >= -6, ((e + 7 + (n >> 4)) << 3) | (n & 7), n)
+    return value, byte
+
+
+@triton.jit
+def _e4m3_decode(byte):
+    """E4M3 byte (int32) -> FP32 value; 0x7F/0xFF are NaN."""
+    ex = (byte >> 3) & 0xF
+    man = byte & 7
+    sub = man.to(tl.float32) * 0.001953125  # man * 2^-9
+    norm = (8 + man).to(tl.float32) * _pow2(tl.maximum(ex, 1) - 10)
+    v = tl.where(ex == 0, sub, norm)
+    return tl.where((byte & 0x7F) == 0x7F, float("nan"), v)
+
+
+@triton.jit
+def _e2m1_mag(c):
+    """Magnitude of E2M1 code c (int32 0..7): 0, .5, 1, 1.5, 2, 3, 4, 6."""
+    e = c >> 1
+    m = c & 1
+    normal = (((e + 126) << 23) | (m << 22)).to(tl.float32, bitcast=True)  # 2^(e-1) * (1 + m/2)
+    return tl.where(e == 0, m.to(tl.float32) * 0.5, normal)
+
+
+@triton.jit
+def _e2m1_value(c):
+    """Signed FP32 value of E2M1 code c (int32 0..15); code 8 is -0.0 as in the reference."""
+    mag = _e2m1_mag(c & 7)
+    return tl.where((c & 8) != 0, -mag, mag)
+
+
+@triton.jit
+def _e2m1_rne(y):
+    """E2M1 code (int32) of FP32 y: the threshold count of ``e2m1.encode_rne``, plus the sign."""
+    a = tl.abs(y)
+    c = ((a > 0.25).to(tl.int32) + (a >= 0.75).to(tl.int32) + (a > 1.25).to(tl.int32)
+         + (a >= 1.75).to(tl.int32) + (a > 2.5).to(tl.int32) + (a >= 3.5).to(tl.int32)
+         + (a > 5.0).to(tl.int32))
+    return c | tl.where(y < 0, 8, 0)
+
+
+@triton.jit
+def _e2m1_sr(y, r8):
+    """E2M1 code of y, rounding up with probability (|y| - lo) / (hi - lo) decided by u = r8 / 256.
+
+    The rule of ``e2m1.encode_stochastic``: representable values never move, |y| >= 6 gives 6.
+    """
+    a = tl.abs(y)
+    lo = ((a >= 0.5).to(tl.int32) + (a >= 1.0).to(tl.int32) + (a >= 1.5).to(tl.int32)
+          + (a >= 2.0).to(tl.int32) + (a >= 3.0).to(tl.int32) + (a >= 4.0).to(tl.int32)
+          + (a >= 6.0).to(tl.int32))
+    inv_spacing = tl.where(a < 2.0, 2.0, tl.where(a < 4.0, 1.0, 0.5))
+    p = (a - _e2m1_mag(lo)) * inv_spacing  # exact: Sterbenz, then a power of two
+    u = r8.to(tl.float32) * 0.00390625
+    c = lo + ((u < p) & (lo < 7)).to(tl.int32)
+    return c | tl.where(y < 0, 8, 0)
+
+
+@triton.jit
+def _to_f32(x):
+    """Widen to FP32. BF16 goes through its bits: exact for subnormals too (the interpreter's cast
+    flushes BF16 subnormals; the GPU's does not, and this is the same instruction count there)."""
+    if x.dtype == tl.bfloat16:
+        return (x.to(tl.int16, bitcast=True).to(tl.int32) << 16).to(tl.float32, bitcast=True)
+    else:
+        return x.to(tl.float32)
+
+
+@triton.jit
+def _global_scales(amax_ptr, one_sixth):
+    """From the tensor amax: (S_dec, S_enc * (1/6), amax is non-finite), in the reference's order."""
+    amax = tl.load(amax_ptr)
+    s_enc = tl.minimum(tl.div_rn(2688.0, amax), FLT_MAX)
+    s_enc = tl.where((amax == 0) | (s_enc == 0), 1.0, s_enc)
+    s_dec = tl.div_rn(1.0, s_enc)
+    bad = (amax != amax) | (amax > FLT_MAX)
+    return s_dec, s_enc * one_sixth, bad
+
+
+@triton.jit
+def _block_scales(bamax, block_enc, s_dec, bad):
+    """Per block: (s_b as FP32, s_b as E4M3 byte, enc_b). A non-finite tensor amax gives NaN scales."""
+    sb, byte = _e4m3_rne(tl.minimum(bamax * block_enc, 448.0))
+    enc = tl.minimum(tl.div_rn(1.0, sb * s_dec), FLT_MAX)
+    sb = tl.where(bad, float("nan"), sb)
+    byte = tl.where(bad, 0x7F, byte)
+    return sb, byte, enc
+
+
+@triton.jit
+def _rand8(r0, r1, r2, r3, j: tl.constexpr):
+    """8 random bits for element j of a block from the block's four 32-bit Philox outputs."""
+    if j // 4 == 0:
+        r = r0
+    elif j // 4 == 1:
+        r = r1
+    elif j // 4 == 2:
+        r = r2
+    else:
+        r = r3
+    return ((r >> (8 * (j % 4))) & 0xFF).to(tl.int32)
+
+
+# ---------------------------------------------------------------------------- amax
+
+
+@triton.jit
+def amax_kernel(x_ptr, out_ptr, M, K, stride_m, stride_k, BM: tl.constexpr, BK: tl.constexpr):
+    """max |x| over a strided [M, K] view, folded into out_ptr (int32 bits of a non-negative FP32).
+
+    For non-negative floats the bit patterns order like the values, so an integer atomic max is an
+    exact, order-independent reduction; NaN's bits exceed every finite value's, so NaN propagates.
+    """
+    rows = tl.program_id(0) * BM + tl.arange(0, BM)
+    cols = tl.program_id(1) * BK + tl.arange(0, BK)
+    mask = (rows[:, None] < M) & (cols[None, :] < K)
+    x = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_m + cols[None, :].to(tl.int64) * stride_k,
+                mask=mask, other=0.0)
+    m = tl.max(tl.max(tl.abs(_to_f32(x)), axis=1), axis=0)
+    tl.atomic_max(out_ptr, m.to(tl.int32, bitcast=True))
+
+
+# ---------------------------------------------------------------------------- 16-wide groups
+#
+# The RHT and the column-wise quantization work on 16 separate [BM, G] tensors: x_j holds element
+# j of every block of the tile. Each x_j is one strided load; when the logical K is the physical
+# row index (a transposed view), each load is coalesced along M, and the butterfly is elementwise.
+
+
+@triton.jit
+def _load16(base, offs, sk, mask):
+    x0 = _to_f32(tl.load(base + offs + 0 * sk, mask=mask, other=0.0))
+    x1 = _to_f32(tl.load(base + offs + 1 * sk, mask=mask, other=0.0))
+    x2 = _to_f32(tl.load(base + offs + 2 * sk, mask=mask, other=0.0))
+    x3 = _to_f32(tl.load(base + offs + 3 * sk, mask=mask, other=0.0))
+    x4 = _to_f32(tl.load(base + offs + 4 * sk, mask=mask, other=0.0))
+    x5 = _to_f32(tl.load(base + offs + 5 * sk, mask=mask, other=0.0))
+    x6 = _to_f32(tl.load(base + offs + 6 * sk, mask=mask, other=0.0))
+    x7 = _to_f32(tl.load(base + offs + 7 * sk, mask=mask, other=0.0))
+    x8 = _to_f32(tl.load(base + offs + 8 * sk, mask=mask, other=0.0))
+    x9 = _to_f32(tl.load(base + offs + 9 * sk, mask=mask, other=0.0))
+    x10 = _to_f32(tl.load(base + offs + 10 * sk, mask=mask, other=0.0))
+    x11 = _to_f32(tl.load(base + offs + 11 * sk, mask=mask, other=0.0))
+    x12 = _to_f32(tl.load(base + offs + 12 * sk, mask=mask, other=0.0))
+    x13 = _to_f32(tl.load(base + offs + 13 * sk, mask=mask, other=0.0))
+    x14 = _to_f32(tl.load(base + offs + 14 * sk, mask=mask, other=0.0))
+    x15 = _to_f32(tl.load(base + offs + 15 * sk, mask=mask, other=0.0))
+    return x0, x1, x2, x3, x4, x5, x6, x7, x8, x9, x10, x11, x12, x13, x14, x15
+
+
+@triton.jit
+def _sgn(x, SIGNS: tl.constexpr, j: tl.constexpr):
+    """x times the j-th RHT sign (bit j of SIGNS set means -1): an exact negation."""
+    if (SIGNS >> j) & 1:
+        return -x
+    else:
+        return x
+
+
+@triton.jit
+def _bfly(a, b):
+    return a + b, a - b
+
+
+@triton.jit
+def _finish(v, ROUND: tl.constexpr):
+    """The exact *0.25, then the rounding to the input dtype that TE applies (1: BF16, 2: FP16)."""
+    v = v * 0.25
+    if ROUND == 1:
+        # RNE to BF16 on the bits: the interpreter's FP32 -> BF16 cast truncates, the GPU's rounds.
+        b = v.to(tl.int32, bitcast=True)
+        b = (b + 0x7FFF + ((b >> 16) & 1)) & -65536
+        v = b.to(tl.float32, bitcast=True)
+    elif ROUND == 2:
+        v = v.to(tl.float16).to(tl.float32)
+    return v
+
+
+@triton.jit
+def _rht16(x0, x1, x2, x3, x4, x5, x6, x7, x8, x9, x10, x11, x12, x13, x14, x15,
+           SIGNS: tl.constexpr, ROUND: tl.constexpr):
+    """v -> v @ H for one block: sign flip, four radix-2 stages (h = 1, 2, 4, 8), *0.25, round.
+
+    Stage h pairs elements i and i + h (i with bit h clear) into (a + b, a - b): the order of
+    ``hadamard._butterfly``.
+    """
+    x0 = _sgn(x0, SIGNS, 0)
+    x1 = _sgn(x1, SIGNS, 1)
+    x2 = _sgn(x2, SIGNS, 2)
+    x3 = _sgn(x3, SIGNS, 3)
+    x4 = _sgn(x4, SIGNS, 4)
+    x5 = _sgn(x5, SIGNS, 5)
+    x6 = _sgn(x6, SIGNS, 6)
+    x7 = _sgn(x7, SIGNS, 7)
+    x8 = _sgn(x8, SIGNS, 8)
+    x9 = _sgn(x9, SIGNS, 9)
+    x10 = _sgn(x10, SIGNS, 10)
+    x11 = _sgn(x11, SIGNS, 11)
+    x12 = _sgn(x12, SIGNS, 12)
+    x13 = _sgn(x13, SIGNS, 13)
+    x14 = _sgn(x14, SIGNS, 14)
+    x15 = _sgn(x15, SIGNS, 15)
+    # h = 1
+    x0, x1 = _bfly(x0, x1)
+    x2, x3 = _bfly(x2, x3)
+    x4, x5 = _bfly(x4, x5)
+    x6, x7 = _bfly(x6, x7)
+    x8, x9 = _bfly(x8, x9)
+    x10, x11 = _bfly(x10, x11)
+    x12, x13 = _bfly(x12, x13)
+    x14, x15 = _bfly(x14, x15)
+    # h = 2
+    x0, x2 = _bfly(x0, x2)
+    x1, x3 = _bfly(x1, x3)
+    x4, x6 = _bfly(x4, x6)
+    x5, x7 = _bfly(x5, x7)
+    x8, x10 = _bfly(x8, x10)
+    x9, x11 = _bfly(x9, x11)
+    x12, x14 = _bfly(x12, x14)
+    x13, x15 = _bfly(x13, x15)
+    # h = 4
+    x0, x4 = _bfly(x0, x4)
+    x1, x5 = _bfly(x1, x5)
+    x2, x6 = _bfly(x2, x6)
+    x3, x7 = _bfly(x3, x7)
+    x8, x12 = _bfly(x8, x12)
+    x9, x13 = _bfly(x9, x13)
+    x10, x14 = _bfly(x10, x14)
+    x11, x15 = _bfly(x11, x15)
+    # h = 8
+    x0, x8 = _bfly(x0, x8)
+    x1, x9 = _bfly(x1, x9)
+    x2, x10 = _bfly(x2, x10)
+    x3, x11 = _bfly(x3, x11)
+    x4, x12 = _bfly(x4, x12)
+    x5, x13 = _bfly(x5, x13)
+    x6, x14 = _bfly(x6, x14)
+    x7, x15 = _bfly(x7, x15)
+    return (_finish(x0, ROUND), _finish(x1, ROUND), _finish(x2, ROUND), _finish(x3, ROUND),
+            _finish(x4, ROUND), _finish(x5, ROUND), _finish(x6, ROUND), _finish(x7, ROUND),
+            _finish(x8, ROUND), _finish(x9, ROUND), _finish(x10, ROUND), _finish(x11, ROUND),
+            _finish(x12, ROUND), _finish(x13, ROUND), _finish(x14, ROUND), _finish(x15, ROUND))
+
+
+@triton.jit
+def _absmax16(x0, x1, x2, x3, x4, x5, x6, x7, x8, x9, x10, x11, x12, x13, x14, x15):
+    a = tl.maximum(tl.maximum(tl.abs(x0), tl.abs(x1)), tl.maximum(tl.abs(x2), tl.abs(x3)))
+    b = tl.maximum(tl.maximum(tl.abs(x4), tl.abs(x5)), tl.maximum(tl.abs(x6), tl.abs(x7)))
+    c = tl.maximum(tl.maximum(tl.abs(x8), tl.abs(x9)), tl.maximum(tl.abs(x10), tl.abs(x11)))
+    d = tl.maximum(tl.maximum(tl.abs(x12), tl.abs(x13)), tl.maximum(tl.abs(x14), tl.abs(x15)))
+    return tl.maximum(tl.maximum(a, b), tl.maximum(c, d))
+
+
+@triton.jit
+def amax_groups_kernel(x_ptr, out_ptr, M, K, stride_m, stride_k,
+                       RHT: tl.constexpr, SIGNS: tl.constexpr, ROUND: tl.constexpr,
+                       BM: tl.constexpr, G: tl.constexpr):
+    """Tensor amax of a strided [M, K] view, after the 16x16 RHT along K when RHT is set.
+
+    out_ptr[0] receives max |x| and out_ptr[1] max |RHT(x)| (int32 bits, atomic max): one read of
+    x serves the row-wise and the Wgrad quantizations of the same tensor.
+    """
+    rows = tl.program_id(0) * BM + tl.arange(0, BM)
+    grp = tl.program_id(1) * G + tl.arange(0, G)
+    mask = (rows[:, None] < M) & (grp[None, :] < K // 16)
+    offs = rows[:, None].to(tl.int64) * stride_m + grp[None, :].to(tl.int64) * 16 * stride_k
+    x0, x1, x2, x3, x4, x5, x6, x7, x8, x9, x10, x11, x12, x13, x14, x15 = _load16(
+        x_ptr, offs, stride_k, mask)
+    m = _absmax16(x0, x1, x2, x3, x4, x5, x6, x7, x8, x9, x10, x11, x12, x13, x14, x15)
+    tl.atomic_max(out_ptr, tl.max(tl.max(m, axis=1), axis=0).to(tl.int32, bitcast=True))
+    if RHT:
+        x0, x1, x2, x3, x4, x5, x6, x7, x8, x9, x10, x11, x12, x13, x14, x15 = _rht16(
+            x0, x1, x2, x3, x4, x5, x6, x7, x8, x9, x10, x11, x12, x13, x14, x15, SIGNS, ROUND)
+        m = _absmax16(x0, x1, x2, x3, x4, x5, x6, x7, x8, x9, x10, x11, x12, x13, x14, x15)
+        tl.atomic_max(out_ptr + 1, tl.max(tl.max(m, axis=1), axis=0).to(tl.int32, bitcast=True))
+
+
+@triton.jit
+def _code16(x, enc, r0, r1, r2, r3, j: tl.constexpr, SR: tl.constexpr):
+    """Code of element j of each block, shifted into nibble j of the block's int64 word."""
+    y = x * enc
+    if SR:
+        c = _e2m1_sr(y, _rand8(r0, r1, r2, r3, j))
+    else:
+        c = _e2m1_rne(y)
+    return c.to(tl.int64) << (4 * j)
+
+
+@triton.jit
+def quant_groups_kernel(x_ptr, data_ptr, scale_ptr, amax_ptr, M, K, stride_m, stride_k, seed, one_sixth,
+                        RHT: tl.constexpr, SIGNS: tl.constexpr, ROUND: tl.constexpr, SR: tl.constexpr,
+                        BM: tl.constexpr, G: tl.constexpr):
+    """1x16 quantization of a strided [M, K] view along K (optionally RHT first): packed int64 words
+    [M, K/16] and E4M3 scale bytes [M, K/16], both row-major. For K = the physical row index (the
+    transposed, column-wise quantization) the transpose is never written to memory.
+    """
+    rows = tl.program_id(0) * BM + tl.arange(0, BM)
+    grp = tl.program_id(1) * G + tl.arange(0, G)
+    nb = K // 16
+    mask = (rows[:, None] < M) & (grp[None, :] < nb)
+    offs = rows[:, None].to(tl.int64) * stride_m + grp[None, :].to(tl.int64) * 16 * stride_k
+    x0, x1, x2, x3, x4, x5, x6, x7, x8, x9, x10, x11, x12, x13, x14, x15 = _load16(
+        x_ptr, offs, stride_k, mask)
+    if RHT:
+        x0, x1, x2, x3, x4, x5, x6, x7, x8, x9, x10, x11, x12, x13, x14, x15 = _rht16(
+            x0, x1, x2, x3, x4, x5, x6, x7, x8, x9, x10, x11, x12, x13, x14, x15, SIGNS, ROUND)
+    s_dec, block_enc, bad = _global_scales(amax_ptr, one_sixth)
+    bamax = _absmax16(x0, x1, x2, x3, x4, x5, x6, x7, x8, x9, x10, x11, x12, x13, x14, x15)
+    sb, byte, enc = _block_scales(bamax, block_enc, s_dec, bad)
+    out = rows[:, None].to(tl.int64) * nb + grp[None, :]
+    if SR:
+        r0, r1, r2, r3 = tl.randint4x(seed, out.to(tl.uint32, bitcast=False))
+    else:
+        r0 = 0
+        r1 = 0
+        r2 = 0
+        r3 = 0
+    w = _code16(x0, enc, r0, r1, r2, r3, 0, SR) | _code16(x1, enc, r0, r1, r2, r3, 1, SR)
+    w |= _code16(x2, enc, r0, r1, r2, r3, 2, SR) | _code16(x3, enc, r0, r1, r2, r3, 3, SR)
+    w |= _code16(x4, enc, r0, r1, r2, r3, 4, SR) | _code16(x5, enc, r0, r1, r2, r3, 5, SR)
+    w |= _code16(x6, enc, r0, r1, r2, r3, 6, SR) | _code16(x7, enc, r0, r1, r2, r3, 7, SR)
+    w |= _code16(x8, enc, r0, r1, r2, r3, 8, SR) | _code16(x9, enc, r0, r1, r2, r3, 9, SR)
+    w |= _code16(x10, enc, r0, r1, r2, r3, 10, SR) | _code16(x11, enc, r0, r1, r2, r3, 11, SR)
+    w |= _code16(x12, enc, r0, r1, r2, r3, 12, SR) | _code16(x13, enc, r0, r1, r2, r3, 13, SR)
+    w |= _code16(x14, enc, r0, r1, r2, r3, 14, SR) | _code16(x15, enc, r0, r1, r2, r3, 15, SR)
+    tl.store(data_ptr + out, w, mask=mask)
+    tl.store(scale_ptr + out, byte.to(tl.uint8), mask=mask)
+
+
+# ---------------------------------------------------------------------------- row-wise
+
+
+@triton.jit
+def quant_rows_kernel(x_ptr, data_ptr, scale_ptr, deq_ptr, amax_ptr, datat_ptr, scalet_ptr,
+                      M, K, stride_m, seed, one_sixth,
+                      TILE_ROWS: tl.constexpr, SR: tl.constexpr, WRITE_DEQ: tl.constexpr,
+                      WRITE_T: tl.constexpr, BM: tl.constexpr, G: tl.constexpr):
+    """Quantization along a contiguous K with 1x16 blocks (TILE_ROWS=1) or 16x16 tiles (16).
+
+    Writes packed int64 words and E4M3 bytes [M, K/16]; with WRITE_DEQ also the unscaled
+    dequantized values e2m1 * s_b in the dtype of deq_ptr ([M, K], exact in BF16), the GEMM
+    operand of the emulation; with WRITE_T (16x16 tiles only) also the codes and scales of the
+    transpose [K, M] -- the same codes, as the recipe's Dgrad reuses them -- so W^T is never
+    requantized or repacked on the host.
+    """
+    rows = tl.program_id(0) * BM + tl.arange(0, BM)
+    grp = tl.program_id(1) * G + tl.arange(0, G)
+    j = tl.arange(0, 16)
+    nb = K // 16
+    mask2 = (rows[:, None] < M) & (grp[None, :] < nb)
+    mask3 = mask2[:, :, None]
+    offs = (rows[:, None, None].to(tl.int64) * stride_m
+            + (grp[None, :, None] * 16 + j[None, None, :]).to(tl.int64))
+    x = _to_f32(tl.load(x_ptr + offs, mask=mask3, other=0.0))  # [BM, G, 16]
+
+    bamax = tl.max(tl.abs(x), axis=2)  # [BM, G]
+    if TILE_ROWS == 16:
+        t = tl.max(tl.reshape(bamax, [BM // 16, 16, G]), axis=1)
+        bamax = tl.reshape(tl.broadcast_to(t[:, None, :], [BM // 16, 16, G]), [BM, G])
+    s_dec, block_enc, bad = _global_scales(amax_ptr, one_sixth)
+    sb, byte, enc = _block_scales(bamax, block_enc, s_dec, bad)
+
+    y = x * enc[:, :, None]
+    if SR:
+        out0 = (rows[:, None].to(tl.int64) * nb + grp[None, :]).to(tl.uint32, bitcast=False)
+        r0, r1, r2, r3 = tl.randint4x(seed, out0)
+        q = j[None, None, :] // 4
+        r = tl.where(q == 0, r0[:, :, None], tl.where(q == 1, r1[:, :, None],
+                     tl.where(q == 2, r2[:, :, None], r3[:, :, None])))
+        r8 = ((r >> (8 * (j[None, None, :] % 4)).to(tl.uint32)) & 0xFF).to(tl.int32)
+        code = _e2m1_sr(y, r8)
+    else:
+        code = _e2m1_rne(y)
+
+    word = tl.sum(code.to(tl.int64) << (4 * j[None, None, :]).to(tl.int64), axis=2)
+    out = rows[:, None].to(tl.int64) * nb + grp[None, :]
+    tl.store(data_ptr + out, word, mask=mask2)
+    tl.store(scale_ptr + out, byte.to(tl.uint8), mask=mask2)
+    if WRITE_DEQ:
+        deq = _e2m1_value(code) * sb[:, :, None]
+        doffs = (rows[:, None, None].to(tl.int64) * K
+                 + (grp[None, :, None] * 16 + j[None, None, :]).to(tl.int64))
+        tl.store(deq_ptr + doffs, deq.to(deq_ptr.dtype.element_ty), mask=mask3)
+    if WRITE_T:
+        # Transpose [K, M]: row k = 16 * g + jj, block mb = m // 16, nibble m % 16.
+        i = tl.arange(0, 16)
+        c4 = tl.reshape(code, [BM // 16, 16, G, 16])  # [mb, i, g, jj]
+        wt = tl.sum(c4.to(tl.int64) << (4 * i[None, :, None, None]).to(tl.int64), axis=1)  # [mb, g, jj]
+        mbs = tl.program_id(0) * (BM // 16) + tl.arange(0, BM // 16)
+        kk = grp[None, :, None] * 16 + j[None, None, :]  # [1, G, 16]
+        toffs = kk.to(tl.int64) * (M // 16) + mbs[:, None, None]
+        tmask = (mbs[:, None, None] < M // 16) & (grp[None, :, None] < nb)
+        tl.store(datat_ptr + toffs, wt, mask=tmask)
+        bt = tl.max(tl.reshape(byte, [BM // 16, 16, G]), axis=1)  # one byte per tile
+        tl.store(scalet_ptr + toffs, tl.broadcast_to(bt[:, :, None], [BM // 16, G, 16]).to(tl.uint8),
+                 mask=tmask)
+
+
+@triton.jit
+def dequant_rows_kernel(data_ptr, scale_ptr, deq_ptr, M, K, BM: tl.constexpr, G: tl.constexpr):
+    """Packed NVFP4 (int64 words + E4M3 bytes, [M, K/16]) -> e2m1 * s_b in deq's dtype, [M, K]."""
+    rows = tl.program_id(0) * BM + tl.arange(0, BM)
+    grp = tl.program_id(1) * G + tl.arange(0, G)
+    j = tl.arange(0, 16)
+    nb = K // 16
+    mask2 = (rows[:, None] < M) & (grp[None, :] < nb)
+    out = rows[:, None].to(tl.int64) * nb + grp[None, :]
+    word = tl.load(data_ptr + out, mask=mask2, other=0)
+    sb = _e4m3_decode(tl.load(scale_ptr + out, mask=mask2, other=0).to(tl.int32))
+    code = ((word[:, :, None] >> (4 * j[None, None, :]).to(tl.int64)) & 15).to(tl.int32)
+    deq = _e2m1_value(code) * sb[:, :, None]
+    doffs = rows[:, None, None].to(tl.int64) * K + (grp[None, :, None] * 16 + j[None, None, :]).to(tl.int64)
+    tl.store(deq_ptr + doffs, deq.to(deq_ptr.dtype.element_ty), mask=mask2[:, :, None])
+
+
+@triton.jit
+def scale_cast_kernel(acc_ptr, out_ptr, alpha_ptr, N, BLOCK: tl.constexpr):
+    """out = (acc * alpha) in out's dtype: the GEMM epilogue, alpha read from device memory."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    m = offs < N
+    alpha = tl.load(alpha_ptr)
+    v = tl.load(acc_ptr + offs, mask=m) * alpha
+    tl.store(out_ptr + offs, v.to(out_ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def gemm_alpha_kernel(a_ptr, b_ptr, c_ptr, alpha_ptr, M, N, K,
+                      stride_am, stride_ak, stride_bn, stride_bk, stride_cm, stride_cn,
+                      BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
+    """C = alpha * (A @ B^T), A [M, K] and B [N, K] in BF16, FP32 accumulation, alpha (FP32) read
+    from device memory and applied once before the single rounding to C's dtype (no host sync)."""
+    pid = tl.program_id(0)
+    grid_m = tl.cdiv(M, BM)
+    grid_n = tl.cdiv(N, BN)
+    width = GROUP_M * grid_n
+    group = pid // width
+    first_m = group * GROUP_M
+    size_m = tl.minimum(grid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % width) % size_m
+    pid_n = (pid % width) // size_m
+    rm = pid_m * BM + tl.arange(0, BM)
+    rn = pid_n * BN + tl.arange(0, BN)
+    rk = tl.arange(0, BK)
+    a_p = a_ptr + rm[:, None].to(tl.int64) * stride_am + rk[None, :] * stride_ak
+    b_p = b_ptr + rn[None, :].to(tl.int64) * stride_bn + rk[:, None] * stride_bk
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for k in range(0, tl.cdiv(K, BK)):
+        kmask = rk < K - k * BK
+        a = tl.load(a_p, mask=(rm[:, None] < M) & kmask[None, :], other=0.0)
+        b = tl.load(b_p, mask=(rn[None, :] < N) & kmask[:, None], other=0.0)
+        acc = tl.dot(a, b, acc)
+        a_p += BK * stride_ak
+        b_p += BK * stride_bk
+    acc = acc * tl.load(alpha_ptr)
+    c_p = c_ptr + rm[:, None].to(tl.int64) * stride_cm + rn[None, :] * stride_cn
+    tl.store(c_p, acc.to(c_ptr.dtype.element_ty), mask=(rm[:, None] < M) & (rn[None, :] < N))

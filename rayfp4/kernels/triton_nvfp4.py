@@ -1,0 +1,358 @@
+"""The ``triton`` backend: Triton NVFP4 quantization kernels and the exact emulated NVFP4 GEMM.
+
+On a GPU without FP4 tensor cores (Hopper) NVFP4 training is emulated exactly: quantize, take the
+unscaled dequantized operands ``e2m1 * s_b`` in BF16 (exact), multiply them in BF16 with FP32
+accumulation and apply ``alpha = amax_a * amax_b / 2688^2`` once in FP32 before the one rounding.
+
+The quantizers here produce the reference's :class:`NVFP4Tensor` bit for bit (codes, scales, amax),
+two passes over memory each: a tensor-amax pass (an integer atomic max, exact) and a quantize pass.
+The row-wise quantizer can write the BF16 GEMM operand in the same pass; it is cached on the
+returned tensor (attribute ``_bf16``) so the GEMM needs no separate dequantization. The column-wise
+quantization of a transposed view (the Wgrad operands, with the RHT fused) reads the original
+tensor with coalesced loads and never materialises the transpose.
+
+Kernels run compiled on CUDA tensors, or on CPU tensors through the Triton interpreter when
+TRITON_INTERPRET=1 is set before triton is first imported (the CPU test suite does this), so CI
+checks the very same device code. The backend registers for CUDA only; on the CPU the module-level
+functions (:func:`quantize_nvfp4`, :func:`dequantize_unscaled`, :func:`gemm`) are what tests call.
+
+Non-finite input is outside the contract. The reference raises; raising here would cost a host
+sync per quantization, so instead a NaN/Inf anywhere makes the tensor amax non-finite, every
+block scale NaN (E4M3 0x7F) and every dequantized value NaN: the error propagates visibly to the
+GEMM output. Pass ``check_finite=True`` to :func:`quantize_nvfp4` to raise like the reference.
+
+MXFP4 is not accelerated: ``quantize_mxfp4`` delegates to the reference.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import torch
+
+from ..formats import mxfp4, nvfp4
+from ..formats._blocks import FLOAT_DTYPES, check_amax, check_rounding, check_tile
+from ..formats.hadamard import DEFAULT_SIGNS
+from ..formats.nvfp4 import NVFP4Tensor
+
+#: The FP32 value of the constant 1/6 the reference multiplies S_enc by (rounded once, RNE).
+ONE_SIXTH_F32 = float(torch.tensor(1.0 / 6.0, dtype=torch.float32))
+#: The recipe's RHT sign vector as a bit mask (bit j set: sign j is -1), a compile-time constant.
+DEFAULT_SIGN_MASK = sum(1 << j for j, s in enumerate(DEFAULT_SIGNS) if s < 0)
+_ROUND_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+_CACHE_ATTR = "_bf16"
+
+_kernels = None
+
+
+def _kernel_module():
+    """The kernel module, imported (and triton with it) on first use.
+
+    Triton decides when it is imported whether ``@triton.jit`` compiles or interprets (the
+    variable TRITON_INTERPRET; its own library functions are decorated then too), so one process
+    runs either compiled kernels on CUDA tensors or interpreted kernels on CPU tensors, never both.
+    Importing lazily keeps ``import rayfp4.kernels`` from fixing that choice for a test session.
+    """
+    global _kernels
+    if _kernels is None:
+        if not triton_installed():
+            raise RuntimeError("triton is not installed")
+        from . import _triton_nvfp4_kernels
+
+        _kernels = _triton_nvfp4_kernels
+    return _kernels
+
+
+def interpreting() -> bool:
+    """Whether kernels run in Triton's interpreter (TRITON_INTERPRET=1 when triton was imported)."""
+    _kernel_module()
+    import triton
+
+    return bool(triton.knobs.runtime.interpret) if hasattr(triton, "knobs") else os.environ.get(
+        "TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def triton_installed() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def _k(device: torch.device):
+    return _kernel_module()
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+# ---------------------------------------------------------------------------------- amax
+
+
+def _layout(x: torch.Tensor) -> tuple[torch.Tensor, str]:
+    """x itself if its K (last) or M (first) dim is contiguous, else a contiguous copy; and which."""
+    if x.stride(1) == 1:
+        return x, "rows"
+    if x.stride(0) == 1:
+        return x, "cols"
+    return x.contiguous(), "rows"
+
+
+def tensor_amax(x: torch.Tensor, rht: bool = False, signs: int = DEFAULT_SIGN_MASK) -> torch.Tensor:
+    """FP32 tensor [2]: max |x| and (when ``rht``) max |RHT_K(x)| after rounding to x's dtype.
+
+    One read of x for both; the second entry is 0 when ``rht`` is False. No host sync.
+    """
+    x, _ = _layout(x)
+    m, k = x.shape
+    out = torch.zeros(2, dtype=torch.int32, device=x.device)
+    kern = _k(x.device)
+    if rht:
+        bm, g = (64, 4)
+        grid = (_cdiv(m, bm), _cdiv(k // 16, g))
+        kern.amax_groups_kernel[grid](x, out, m, k, x.stride(0), x.stride(1), RHT=True, SIGNS=signs,
+                                      ROUND=_ROUND_CODE[x.dtype], BM=bm, G=g, num_warps=4)
+    else:
+        # Plain amax ignores the orientation: reduce over the physical layout, K-contiguous.
+        phys = x if x.stride(1) == 1 else x.t()
+        pm, pk = phys.shape
+        bm, bk = (32, 256)
+        grid = (_cdiv(pm, bm), _cdiv(pk, bk))
+        kern.amax_kernel[grid](phys, out, pm, pk, phys.stride(0), phys.stride(1), BM=bm, BK=bk, num_warps=4)
+    return out.view(torch.float32)
+
+
+# ---------------------------------------------------------------------------------- quantize
+
+
+def _sr_seed(generator: torch.Generator | None, device: torch.device) -> int:
+    """A 63-bit Philox key drawn from ``generator`` without a device sync.
+
+    CPU generators give a random integer directly. A CUDA generator's state is (seed, offset): we
+    mix both and advance the offset, so successive calls on one generator get distinct streams and
+    a freshly seeded generator (one per step, layer, rank and stream in the recipe) reproduces.
+    """
+    if generator is None:
+        generator = torch.default_generator if device.type == "cpu" else torch.cuda.default_generators[
+            device.index if device.index is not None else torch.cuda.current_device()]
+    if generator.device.type == "cpu":
+        return int(torch.randint(0, 2**62, (1,), generator=generator).item())
+    seed, off = generator.initial_seed(), generator.get_offset()
+    generator.set_offset(off + 4)
+    z = (seed * 0x9E3779B97F4A7C15 + off + 0x632BE59BD9B4E019) & (2**64 - 1)  # splitmix64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & (2**64 - 1)
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & (2**64 - 1)
+    return (z ^ (z >> 31)) >> 1
+
+
+def _check(x: torch.Tensor, tile: tuple[int, int], what: str) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise ValueError(f"{what}: expected a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != 2:
+        raise ValueError(f"{what}: expected a 2-D tensor [M, K], got shape {tuple(x.shape)}")
+    if x.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"{what}: expected float32, bfloat16 or float16 input, got {x.dtype}")
+    m, k = x.shape
+    if k % 16:
+        raise ValueError(f"{what}: K={k} of shape {tuple(x.shape)} is not a multiple of the block size 16 "
+                         f"(pad K to a multiple of 16)")
+    if m % tile[0]:
+        raise ValueError(f"{what}: M={m} of shape {tuple(x.shape)} is not a multiple of {tile[0]}, needed "
+                         f"for {tile[0]}x16 tiles (pad M to a multiple of {tile[0]})")
+
+
+def quantize_nvfp4(x: torch.Tensor, tile=(1, 16), rounding: str = "nearest", rht: bool = False,
+                   generator: torch.Generator | None = None, amax=None, *, rht_signs: torch.Tensor | None = None,
+                   write_bf16: bool | None = None, check_finite: bool = False) -> NVFP4Tensor:
+    """:func:`rayfp4.formats.nvfp4.quantize` with Triton kernels (same arguments, same result).
+
+    x may be any 2-D view whose K or M dimension is contiguous; a transposed view (M contiguous)
+    is quantized along its K without copying. ``write_bf16`` (default: for K-contiguous input
+    without RHT) also writes the BF16 GEMM operand in the same pass and caches it on the result;
+    16x16 tiles additionally cache the quantized transpose for :func:`transpose`.
+    SR streams come from ``generator`` (a seed drawn from it) and differ from the reference's.
+    """
+    what = "triton.quantize_nvfp4"
+    tile = check_tile(tile, nvfp4.TILES, what)
+    rounding = check_rounding(rounding, what)
+    _check(x, tile, what)
+    if check_finite and not bool(torch.isfinite(x).all()):
+        raise ValueError(f"{what}: input of shape {tuple(x.shape)} contains NaN/Inf values")
+    signs = DEFAULT_SIGN_MASK
+    if rht_signs is not None:
+        s = torch.as_tensor(rht_signs).flatten().tolist()
+        if len(s) != 16 or any(v not in (1, -1) for v in s):
+            raise ValueError(f"{what}: RHT signs must be 16 entries of +-1")
+        signs = sum(1 << j for j, v in enumerate(s) if v < 0)
+    if rht and tile != (1, 16):
+        raise ValueError(f"{what}: the RHT is only defined here for 1x16 blocks (the Wgrad operands)")
+
+    m, k = x.shape
+    dev = x.device
+    kern = _k(dev)
+    cuda = dev.type == "cuda"
+    x, orient = _layout(x)
+    if amax is None:
+        am = tensor_amax(x, rht=rht, signs=signs)[1 if rht else 0]
+    else:
+        am = check_amax(amax, dev, what).reshape(())
+    seed = _sr_seed(generator, dev) if rounding == "stochastic" else 0
+    sr = rounding == "stochastic"
+
+    words = torch.empty(m, k // 16, dtype=torch.int64, device=dev)
+    scale = torch.empty(m, k // 16, dtype=torch.uint8, device=dev)
+    if write_bf16 is None:
+        write_bf16 = orient == "rows" and not rht
+    deq = None
+    transposed = None
+    if orient == "rows" and not rht:
+        write_t = tile == (16, 16)
+        if write_bf16:
+            deq = torch.empty(m, k, dtype=torch.bfloat16, device=dev)
+        if write_t:
+            words_t = torch.empty(k, m // 16, dtype=torch.int64, device=dev)
+            scale_t = torch.empty(k, m // 16, dtype=torch.uint8, device=dev)
+        bm, g = (32, 8) if tile == (1, 16) else (16, 16)
+        grid = (_cdiv(m, bm), _cdiv(k // 16, g))
+        kern.quant_rows_kernel[grid](
+            x, words, scale, deq if deq is not None else words, am,
+            words_t if write_t else words, scale_t if write_t else scale,
+            m, k, x.stride(0), seed, ONE_SIXTH_F32,
+            TILE_ROWS=tile[0], SR=sr, WRITE_DEQ=deq is not None, WRITE_T=write_t, BM=bm, G=g, num_warps=4)
+        if write_t:
+            transposed = NVFP4Tensor(
+                data=words_t.view(torch.uint8), scale=scale_t.view(torch.float8_e4m3fn), amax=am,
+                shape=(k, m), tile=tile, rht=False, rounding=rounding, orig_dtype=x.dtype)
+            if deq is not None:
+                setattr(transposed, _CACHE_ATTR, deq.t())
+    else:
+        bm, g = (64, 4)
+        grid = (_cdiv(m, bm), _cdiv(k // 16, g))
+        kern.quant_groups_kernel[grid](
+            x, words, scale, am, m, k, x.stride(0), x.stride(1), seed, ONE_SIXTH_F32,
+            RHT=bool(rht), SIGNS=signs, ROUND=_ROUND_CODE[x.dtype], SR=sr, BM=bm, G=g, num_warps=4)
+        if write_bf16:
+            deq = dequantize_words(words, scale, (m, k))
+    t = NVFP4Tensor(data=words.view(torch.uint8), scale=scale.view(torch.float8_e4m3fn), amax=am,
+                    shape=(m, k), tile=tile, rht=bool(rht), rounding=rounding, orig_dtype=x.dtype)
+    if deq is not None:
+        setattr(t, _CACHE_ATTR, deq)
+    if transposed is not None:
+        t._transposed = transposed
+    return t
+
+
+def transpose(t: NVFP4Tensor) -> NVFP4Tensor:
+    """``t.transpose()``, taken from what the 16x16 quantizer already wrote when it is there."""
+    cached = getattr(t, "_transposed", None)
+    return cached if cached is not None else t.transpose()
+
+
+# ---------------------------------------------------------------------------------- dequantize
+
+
+def dequantize_words(data: torch.Tensor, scale: torch.Tensor, shape, dtype=torch.bfloat16) -> torch.Tensor:
+    """Packed codes (any view of the [M, K/2] bytes) and scales [M, K/16] -> e2m1 * s_b, [M, K]."""
+    m, k = shape
+    data = data.contiguous().view(torch.uint8).view(torch.int64).view(m, k // 16)
+    scale = scale.contiguous().view(torch.uint8)
+    out = torch.empty(m, k, dtype=dtype, device=data.device)
+    cuda = data.device.type == "cuda"
+    bm, g = (32, 8)
+    _k(data.device).dequant_rows_kernel[(_cdiv(m, bm), _cdiv(k // 16, g))](
+        data, scale, out, m, k, BM=bm, G=g, num_warps=4)
+    return out
+
+
+def dequantize_unscaled(t: NVFP4Tensor, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """``t.dequantize_unscaled(dtype)``: the cached GEMM operand if the quantizer wrote one."""
+    cached = getattr(t, _CACHE_ATTR, None)
+    if cached is not None and cached.dtype == dtype:
+        return cached
+    return dequantize_words(t.data, t.scale, t.shape, dtype)
+
+
+# ---------------------------------------------------------------------------------- GEMM
+
+#: How :func:`gemm` applies alpha on CUDA: "device" (cuBLAS FP32-output GEMM, alpha from device
+#: memory in a fused scale-and-cast; no sync), "host" (cuBLAS with alpha as a host float in its
+#: epilogue; one sync per GEMM) or "triton" (a Triton GEMM with the alpha epilogue; no sync).
+GEMM_MODES = ("device", "host", "triton")
+gemm_mode = os.environ.get("RAYFP4_TRITON_GEMM", "device")
+
+
+def _alpha(a, b) -> torch.Tensor:
+    from .reference import gemm_alpha
+
+    return gemm_alpha(a, b).reshape(1).to(torch.float32)
+
+
+def _operand(t) -> torch.Tensor:
+    if isinstance(t, NVFP4Tensor):
+        return dequantize_unscaled(t, torch.bfloat16)
+    return t.dequantize_unscaled(torch.bfloat16)  # MXFP4: power-of-two scales, exact in BF16
+
+
+def gemm(a, b, out_dtype: torch.dtype, mode: str | None = None) -> torch.Tensor:
+    """``a @ b.T`` of two operands quantized along the same K: BF16 products (exact), FP32
+    accumulation, alpha applied once in FP32, one rounding to ``out_dtype``.
+
+    Agrees with :func:`rayfp4.kernels.reference.emulated_gemm` up to the FP32 summation order.
+    """
+    if a.shape[1] != b.shape[1]:
+        raise ValueError(f"GEMM operands disagree on K: a is {tuple(a.shape)}, b is {tuple(b.shape)}")
+    alpha = _alpha(a, b)
+    A, B = _operand(a), _operand(b)
+    mode = mode or gemm_mode
+    if A.device.type != "cuda":
+        # Interpreter/CPU path: FP32 products of exact BF16 values, FP32 accumulation.
+        return (A.float() @ B.float().t() * alpha).to(out_dtype)
+    if mode == "host":
+        out = torch.empty(A.shape[0], B.shape[0], dtype=out_dtype, device=A.device)
+        al = float(alpha)  # host sync
+        if out_dtype == torch.float32:
+            acc = torch.mm(A, B.t(), out_dtype=torch.float32)
+            return acc.mul_(al)
+        return torch.addmm(out, A, B.t(), beta=0.0, alpha=al)
+    if mode == "device":
+        acc = torch.mm(A, B.t(), out_dtype=torch.float32)
+        if out_dtype == torch.float32:
+            return acc.mul_(alpha)
+        out = torch.empty_like(acc, dtype=out_dtype)
+        n = acc.numel()
+        _k(A.device).scale_cast_kernel[(_cdiv(n, 4096),)](acc, out, alpha, n, BLOCK=4096, num_warps=8)
+        return out
+    if mode == "triton":
+        m, n = A.shape[0], B.shape[0]
+        out = torch.empty(m, n, dtype=out_dtype, device=A.device)
+        bm, bn, bk = 128, 256, 64
+        grid = (_cdiv(m, bm) * _cdiv(n, bn),)
+        _k(A.device).gemm_alpha_kernel[grid](
+            A, B, out, alpha, m, n, A.shape[1], A.stride(0), A.stride(1), B.stride(0), B.stride(1),
+            out.stride(0), out.stride(1), BM=bm, BN=bn, BK=bk, GROUP_M=8, num_warps=8, num_stages=3)
+        return out
+    raise ValueError(f"unknown GEMM mode {mode!r}; expected one of {GEMM_MODES}")
+
+
+# ---------------------------------------------------------------------------------- backend
+
+
+class TritonBackend:
+    """Registry entry: Triton quantizers and the emulated GEMM, on CUDA devices."""
+
+    name = "triton"
+
+    def unavailable_reason(self, device: torch.device) -> str | None:
+        if not triton_installed():
+            return "triton not installed"
+        if torch.device(device).type != "cuda":
+            return "no CUDA device"
+        return None
+
+    def quantize_nvfp4(self, x, tile, rounding, rht, generator, amax=None):
+        return quantize_nvfp4(x, tile=tile, rounding=rounding, rht=rht, generator=generator, amax=amax)
+
+    def quantize_mxfp4(self, x, tile, rounding, rht, generator, scale_rule="ceil"):
+        return mxfp4.quantize(x, tile=tile, rounding=rounding, rht=rht, generator=generator, scale_rule=scale_rule)
+
+    def gemm(self, a, b, out_dtype: torch.dtype) -> torch.Tensor:
+        return gemm(a, b, out_dtype)

@@ -1,0 +1,244 @@
+"""The Triton NVFP4 kernels under the Triton interpreter (CPU): bit for bit against the reference.
+
+TRITON_INTERPRET must be set before triton is first imported in the process (triton decorates its
+own library functions then), so this module sets it at import. The GPU checks at scale are in
+test_kernels_triton_gpu.py, which needs its own pytest process on a CUDA machine.
+"""
+
+import os
+import sys
+
+import pytest
+
+if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("triton was imported without TRITON_INTERPRET=1 in this process; run this module on its own",
+                allow_module_level=True)
+os.environ["TRITON_INTERPRET"] = "1"
+
+import torch  # noqa: E402
+
+pytest.importorskip("triton")
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+from rayfp4 import kernels  # noqa: E402
+from rayfp4.formats import nvfp4  # noqa: E402
+from rayfp4.kernels import _triton_nvfp4_kernels as K  # noqa: E402
+from rayfp4.kernels import triton_nvfp4 as T  # noqa: E402
+from rayfp4.kernels.reference import emulated_gemm  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(__file__))
+from test_formats_nvfp4 import SCALE_ORDER_CASES, random_matrix  # noqa: E402
+
+FLT_MAX = torch.finfo(torch.float32).max
+
+
+@pytest.fixture
+def gen():
+    seed = int(torch.randint(0, 2**31 - 1, ()).item())
+    print(f"seed={seed}")
+    return torch.Generator().manual_seed(seed)
+
+
+def assert_same(x, tile=(1, 16), rht=False, amax=None):
+    """Codes, scales, amax (and the cached BF16 operand, the transpose) equal the reference's."""
+    ref = nvfp4.quantize(x, tile=tile, rht=rht, amax=amax)
+    got = T.quantize_nvfp4(x, tile=tile, rht=rht, amax=amax)
+    assert got.shape == ref.shape and got.tile == ref.tile and got.rht == ref.rht
+    assert got.amax.dtype == torch.float32 and got.amax.shape == ()
+    assert torch.equal(got.amax, ref.amax), (got.amax.item(), ref.amax.item())
+    bad = (got.scale.view(torch.uint8) != ref.scale.view(torch.uint8)).nonzero()
+    assert bad.shape[0] == 0, f"{bad.shape[0]} scales differ, first at {bad[0].tolist()}"
+    bad = (got.data != ref.data).nonzero()
+    assert bad.shape[0] == 0, f"{bad.shape[0]} code bytes differ, first at {bad[0].tolist()}"
+    want = ref.dequantize_unscaled(torch.bfloat16)
+    deq = T.dequantize_unscaled(got)
+    assert torch.equal(deq.view(torch.int16), want.view(torch.int16))  # -0.0 included
+    if tile == (16, 16):
+        rt, gt = ref.transpose(), T.transpose(got)
+        assert torch.equal(gt.data, rt.data) and torch.equal(gt.scale.view(torch.uint8), rt.scale.view(torch.uint8))
+        assert torch.equal(T.dequantize_unscaled(gt), rt.dequantize_unscaled(torch.bfloat16))
+    return got
+
+
+# ------------------------------------------------------------------------- scalar helpers
+
+
+@triton.jit
+def _e4m3_probe(x_ptr, val_ptr, byte_ptr, N, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m = offs < N
+    v, b = K._e4m3_rne(tl.load(x_ptr + offs, mask=m, other=0.0))
+    tl.store(val_ptr + offs, v, mask=m)
+    tl.store(byte_ptr + offs, b, mask=m)
+    tl.store(val_ptr + N + offs, K._e4m3_decode(b), mask=m)
+
+
+def test_e4m3_conversion_matches_torch_at_every_midpoint():
+    # Every E4M3 value, the midpoints between neighbours (ties), and one FP32 ulp either side.
+    grid = torch.arange(0, 127, dtype=torch.uint8).view(torch.float8_e4m3fn).float()  # 0 .. 448
+    mids = (grid[1:] + grid[:-1]) / 2
+    pts = torch.cat([grid, mids, torch.nextafter(mids, torch.zeros(())), torch.nextafter(mids, grid[-1:] * 2),
+                     torch.tensor([1e-38, 2.0**-10, 3 * 2.0**-11, 2.0**-127, 448.0])])
+    n = pts.numel()
+    val = torch.empty(2 * n)
+    byte = torch.empty(n, dtype=torch.int32)
+    _e4m3_probe[(triton.cdiv(n, 256),)](pts, val, byte, n, BLOCK=256)
+    want = pts.to(torch.float8_e4m3fn)
+    assert torch.equal(byte, want.view(torch.uint8).to(torch.int32))
+    assert torch.equal(val[:n], want.float())
+    assert torch.equal(val[n:], want.float())  # the decoder inverts the encoder
+
+
+# ------------------------------------------------------------------------- bit exactness
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", ["rows", "tile16", "cols", "cols_rht", "rows_rht"])
+def test_bit_exact_on_random_inputs(dtype, case, gen):
+    x = random_matrix(32, 64, torch.float32, gen)
+    scales = (1e-30, 1.0, 1e30) if case in ("rows", "tile16") else (1e-6, 1e6)
+    for s in scales:
+        xs = (x / x.abs().max() * s).to(dtype)
+        if case == "rows":
+            assert_same(xs)
+        elif case == "tile16":
+            assert_same(xs, tile=(16, 16))
+        elif case == "cols":
+            assert_same(xs.t())  # a transposed view: quantized along its K without a copy
+        elif case == "cols_rht":
+            assert_same(xs.t(), rht=True)
+        else:
+            assert_same(xs, rht=True)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_bit_exact_magnitude_sweep(dtype, gen):
+    for s in (1e-30, 1e-6, 1.0, 1e4 if dtype == torch.float16 else 1e30):
+        x = random_matrix(48, 256, torch.float32, gen)
+        x = (x / x.abs().max() * s).to(dtype)
+        for tile, rht, view in (((1, 16), False, x), ((16, 16), False, x), ((1, 16), False, x.t()),
+                                ((1, 16), True, x.t()), ((1, 16), True, x)):
+            assert_same(view, tile=tile, rht=rht)
+    for x in (torch.rand(32, 128, generator=gen) * 2 - 1, torch.randn(32, 128, generator=gen) ** 5):
+        assert_same(x.to(dtype))
+        assert_same(x.to(dtype).t(), rht=True)
+
+
+def test_edge_cases():
+    z = torch.zeros(16, 32)
+    t = assert_same(z)
+    assert t.amax.item() == 0 and not t.data.any() and not t.scale.view(torch.uint8).any()
+    # -0.0 gives code 0; a tiny negative that rounds to zero keeps its sign (code 8).
+    x = torch.full((16, 32), 1.0)
+    x[0, 0], x[0, 1], x[0, 2] = -0.0, -1e-3, 1e-3
+    codes = assert_same(x).codes()
+    assert codes[0, 0] == 0 and codes[0, 1] == 8 and codes[0, 2] == 0
+    # RTNE ties of the E2M1 grid, scaled so the block scale is exactly 1 (amax_b = 6).
+    ties = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, 6.0, -0.25, -0.75, -1.25, -1.75, -2.5, -3.5, -5.0, -6.0])
+    t = assert_same(ties.repeat(16, 2), amax=2688.0)
+    assert t.codes()[0, :8].tolist() == [0, 2, 2, 4, 4, 6, 6, 7]
+    # A tiny tensor amax clamps S_enc to FLT_MAX: S_dec and the scales are subnormal.
+    assert_same(torch.randn(16, 64) * 1e-38)
+    assert_same(torch.randn(16, 64, dtype=torch.float64).mul(1e-44).float())
+    # Blocks whose scale underflows to 0 (enc_b = FLT_MAX) next to a huge block.
+    x = torch.randn(16, 64) * 1e-30
+    x[3, 5] = 1e30
+    t = assert_same(x)
+    assert (t.scale.view(torch.uint8) == 0).any()
+    assert_same(x, tile=(16, 16))
+    assert_same(x.t(), rht=True)
+    # Subnormal FP32 inputs and BF16 subnormals.
+    assert_same((torch.randn(16, 32) * 1e-39).to(torch.bfloat16))
+    # Saturation with a caller-supplied amax below the data.
+    x = torch.randn(16, 64)
+    t = assert_same(x, amax=x.abs().max().item() / 5)
+    assert ((t.codes() & 7) == 7).any()
+
+
+def test_scale_order_cases():
+    """The (tensor amax, block amax) pairs where the wrong scale order rounds differently."""
+    for amax_hex, block_hex, good, _wrong in SCALE_ORDER_CASES:
+        amax, bamax = float.fromhex(amax_hex), float.fromhex(block_hex)
+        x = torch.zeros(16, 32)
+        x[0, 0], x[1, 16] = amax, bamax
+        t = assert_same(x)
+        assert t.scale[1, 1].float().item() == good
+
+
+def test_input_errors():
+    with pytest.raises(ValueError, match="multiple of the block size 16"):
+        T.quantize_nvfp4(torch.zeros(4, 20))
+    with pytest.raises(ValueError, match="multiple of 16"):
+        T.quantize_nvfp4(torch.zeros(8, 32), tile=(16, 16))
+    with pytest.raises(ValueError, match="2-D"):
+        T.quantize_nvfp4(torch.zeros(4))
+    with pytest.raises(ValueError, match="NaN/Inf"):
+        T.quantize_nvfp4(torch.full((4, 16), float("nan")), check_finite=True)
+
+
+def test_non_finite_input_propagates_as_nan():
+    x = torch.randn(16, 32)
+    x[2, 3] = float("inf")
+    t = T.quantize_nvfp4(x)
+    assert not torch.isfinite(t.amax)
+    assert torch.isnan(t.scale.float()).all()
+    assert torch.isnan(T.dequantize_unscaled(t).float()).all()
+
+
+# ------------------------------------------------------------------------- stochastic rounding
+
+
+def test_stochastic_rounding_is_unbiased_and_reproducible(gen):
+    x = torch.randn(16, 32, generator=gen)
+    ref = nvfp4.quantize(x)
+    draws = 40
+    acc = torch.zeros(16, 32, dtype=torch.float64)
+    for i in range(draws):
+        t = T.quantize_nvfp4(x, rounding="stochastic", generator=torch.Generator().manual_seed(i))
+        assert torch.equal(t.scale, ref.scale) and t.amax == ref.amax  # SR touches codes only
+        acc += t.dequantize(torch.float32).double()
+    mean = (acc / draws).float()
+    rtne_err = (ref.dequantize() - x).abs().mean()
+    sr_err = (mean - x).abs().mean()
+    assert sr_err < rtne_err * 0.6, (sr_err, rtne_err)
+    # The bias of the mean is small relative to the quantization step.
+    assert (mean - x).mean().abs() < 0.02 * x.abs().mean()
+    a = T.quantize_nvfp4(x, rounding="stochastic", generator=torch.Generator().manual_seed(7))
+    b = T.quantize_nvfp4(x, rounding="stochastic", generator=torch.Generator().manual_seed(7))
+    c = T.quantize_nvfp4(x, rounding="stochastic", generator=torch.Generator().manual_seed(8))
+    assert torch.equal(a.data, b.data) and not torch.equal(a.data, c.data)
+
+
+def test_stochastic_rounding_only_moves_to_neighbours(gen):
+    x = torch.randn(16, 64, generator=gen).t()  # column-wise with RHT, as for the Wgrad dY
+    ref = nvfp4.quantize(x, rht=True)
+    t = T.quantize_nvfp4(x, rht=True, rounding="stochastic", generator=gen)
+    assert torch.equal(t.scale, ref.scale) and torch.equal(t.amax, ref.amax)
+    v, r = t.dequantize(torch.float32), ref.dequantize(torch.float32)
+    step = (ref.scale.float().repeat_interleave(16, 1) * ref.amax / 2688.0) * 2  # largest E2M1 spacing
+    assert ((v - r).abs() <= step * 1.001).all()
+    assert not torch.equal(t.data, ref.data)
+
+
+# ------------------------------------------------------------------------- GEMM and backend
+
+
+def test_gemm_matches_reference_emulation(gen):
+    a = T.quantize_nvfp4(torch.randn(32, 64, generator=gen).to(torch.bfloat16))
+    b = T.quantize_nvfp4(torch.randn(48, 64, generator=gen), tile=(16, 16))
+    # On the CPU both multiply the same exact FP32 operands with the same matmul: equal.
+    assert torch.equal(T.gemm(a, b, torch.float32), emulated_gemm(a, b, torch.float32))
+    assert torch.equal(T.gemm(a, b, torch.bfloat16), emulated_gemm(a, b, torch.bfloat16))
+    # The transposed weight (Dgrad operand) from the quantizer's cache.
+    dy = T.quantize_nvfp4(torch.randn(32, 48, generator=gen))
+    assert torch.allclose(T.gemm(dy, T.transpose(b), torch.float32), emulated_gemm(dy, b.transpose(), torch.float32),
+                          rtol=1e-6, atol=0)
+
+
+def test_registry_keeps_reference_on_cpu():
+    assert kernels.available_backends("cpu") == ["reference"]
+    assert kernels.resolve("auto", "cpu").name == "reference"
+    with pytest.raises(kernels.BackendUnavailable, match="no CUDA device"):
+        kernels.resolve("triton", "cpu")

@@ -35,11 +35,12 @@ def format_validation_error(err: ValidationError, prefix: str = "") -> str:
     lines = []
     for e in err.errors():
         loc = ".".join(str(p) for p in e["loc"] if p != "__root__")
-        path = ".".join(p for p in (prefix, loc) if p) or "(top level)"
+        path = ".".join(p for p in (prefix, loc) if p)
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
             msg = "unknown key"
-        lines.append(f"{path}: {msg}")
+        # Whole-model checks have no location; their messages name the fields themselves.
+        lines.append(f"{path}: {msg}" if path else msg)
     return "\n".join(lines)
 
 
@@ -105,9 +106,12 @@ class PrecisionPolicy(BaseModel):
                 raise ValueError(f"{', '.join(on)} only apply to 4-bit formats, not format=bf16")
             if self.late_switch is not None:
                 raise ValueError("late_switch to BF16 makes no sense with format=bf16")
-        for s in switches:
-            if getattr(self, s) is None:
-                setattr(self, s, self.format != "bf16")
+        defaulted = [s for s in switches if getattr(self, s) is None]
+        for s in defaulted:
+            setattr(self, s, self.format != "bf16")
+        # Resolved defaults are not the user's choice: a dump with exclude_unset (used to apply a
+        # variant's overrides, e.g. format: bf16) must not carry them over.
+        self.__pydantic_fields_set__.difference_update(defaulted)
         return self
 
     # -- derived facts -------------------------------------------------------------------------

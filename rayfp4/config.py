@@ -1,0 +1,227 @@
+"""The whole run as one pydantic model, loaded from YAML with ``--set key.path=value`` overrides.
+
+``load_config(path, overrides)`` returns a validated :class:`RunConfig` or raises
+:class:`ConfigError` whose message names every bad key path (``optim.lr: Input should be greater
+than 0``). ``RunConfig.model_json_schema()`` is what ``python -m rayfp4.run --schema`` prints for
+editors. A config may list ``variants``: named sets of overrides that run as sibling runs (e.g.
+NVFP4 vs BF16) and are compared at the end against ``baseline``.
+"""
+
+from __future__ import annotations
+
+import copy
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from .model import ModelConfig
+from .precision import PrecisionPolicy
+from .precision.policy import format_validation_error
+
+
+class ConfigError(ValueError):
+    """A config a user wrote that cannot run; the message names the key path."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class DataSection(_Strict):
+    shards: str | None = Field(None, description="token shard directory (pipelines.tokenize); "
+                               "None: the embedded Shakespeare corpus, tokenized on first use")
+    corpus_tokenizer: str = Field("bpe:8192", description="tokenizer of the embedded corpus: bpe:VOCAB or byte")
+    corpus_seq_len: int = Field(256, gt=0, description="sequence length the embedded corpus is packed to")
+    seq_len: int | None = Field(None, gt=0, description="tokens per training sequence (default: the shards')")
+    global_batch_size: int = Field(32, gt=0, description="sequences per optimizer step, all workers together")
+    micro_batch_size: int | None = Field(None, gt=0, description="sequences per forward/backward on one worker; "
+                                         "smaller than its share of the batch means gradient accumulation")
+    seed: int = Field(0, ge=0, description="seed of the data order")
+    val_sequences: int = Field(64, ge=0, description="held-out sequences evaluated at each validation")
+    ledger: bool = Field(True, description="record the global ids of the sequences each step consumed")
+    window_steps: int | None = Field(None, gt=0)
+    read_num_cpus: float = Field(0.25, gt=0, description="CPUs reserved by each Ray Data read task")
+
+
+class OptimSection(_Strict):
+    lr: float = Field(3e-3, gt=0)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="final LR as a fraction of lr")
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = Field(1e-8, gt=0)
+    weight_decay: float = Field(0.1, ge=0)
+    grad_clip: float | None = Field(1.0, gt=0, description="max global gradient norm (None: no clipping)")
+    schedule: Literal["cosine", "wsd"] = "cosine"
+    warmup_steps: int = Field(20, ge=0)
+    decay_fraction: float = Field(0.2, gt=0, le=1, description="wsd: fraction of steps spent decaying")
+
+
+class TrainSection(_Strict):
+    steps: int = Field(200, gt=0, description="optimizer steps")
+    seed: int = Field(0, ge=0, description="seed of the model init and the stochastic-rounding streams")
+    dtype: Literal["bf16", "fp32"] = Field("bf16", description="activation dtype (autocast); master weights stay FP32")
+    val_every: int = Field(50, ge=0, description="validation every N steps and at the end (0: only at the end)")
+    log_every: int = Field(5, gt=0)
+    max_nonfinite_in_a_row: int = Field(5, gt=0, description="stop after this many consecutive skipped steps")
+
+
+class CheckpointSection(_Strict):
+    every: int = Field(50, ge=0, description="checkpoint every N steps and at the end (0: only at the end)")
+    keep: int = Field(2, gt=0, description="checkpoints kept on storage")
+    max_failures: int = Field(2, ge=0, description="worker-group restarts from the latest checkpoint")
+
+
+class ScalingSection(_Strict):
+    num_workers: int = Field(2, gt=0)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(0.5, gt=0, description="fractional on small machines, so Ray Data can read")
+    strategy: Literal["ddp", "fsdp2"] = "ddp"
+
+
+class TrackingSection(_Strict):
+    enabled: bool = True
+    uri: str = Field("sqlite:///mlruns.db", description="MLflow tracking URI (a local SQLite file by default)")
+    experiment: str = "rayfp4"
+
+
+class DebugSection(_Strict):
+    fail_at_step: int | None = Field(None, ge=0, description="raise in rank 0 at this step, once per run (tests)")
+    nan_at_steps: list[int] = Field(default_factory=list, description="poison the loss at these steps (tests)")
+
+
+class Variant(_Strict):
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    set: dict[str, Any] = Field(default_factory=dict, description="key.path: value overrides for this variant")
+
+
+class RunConfig(_Strict):
+    name: str | None = Field(None, pattern=r"^[A-Za-z0-9_.-]+$",
+                             description="run name; default: the config file's stem and the start time")
+    output_dir: str = Field("runs", description="where runs keep checkpoints, ledgers and artifacts")
+    resume: Literal["auto", "never", "must"] = Field(
+        "auto", description="auto: continue a run of the same name if it has a checkpoint; never: refuse "
+                            "an existing run; must: refuse to start fresh")
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataSection = Field(default_factory=DataSection)
+    precision: PrecisionPolicy = Field(default_factory=PrecisionPolicy)
+    optim: OptimSection = Field(default_factory=OptimSection)
+    train: TrainSection = Field(default_factory=TrainSection)
+    checkpoint: CheckpointSection = Field(default_factory=CheckpointSection)
+    scaling: ScalingSection = Field(default_factory=ScalingSection)
+    tracking: TrackingSection = Field(default_factory=TrackingSection)
+    debug: DebugSection = Field(default_factory=DebugSection)
+    variants: list[Variant] = Field(default_factory=list)
+    baseline: str | None = Field(None, description="the variant the others are compared with (default: the first)")
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        names = [v.name for v in self.variants]
+        if len(set(names)) != len(names):
+            raise ValueError(f"variants: names must be unique, got {names}")
+        if self.baseline is not None and names and self.baseline not in names:
+            raise ValueError(f"baseline: {self.baseline!r} is not one of the variants {names}")
+        w = self.scaling.num_workers
+        if self.data.global_batch_size % w:
+            raise ValueError(f"data.global_batch_size={self.data.global_batch_size} is not divisible by "
+                             f"scaling.num_workers={w}")
+        share = self.data.global_batch_size // w
+        mb = self.data.micro_batch_size or share
+        if share % mb:
+            raise ValueError(f"data.micro_batch_size={mb} does not divide each worker's share of the batch ({share})")
+        seq = self.data.seq_len or self.data.corpus_seq_len
+        if self.data.shards is None and seq > self.data.corpus_seq_len:
+            raise ValueError(f"data.seq_len={seq} exceeds data.corpus_seq_len={self.data.corpus_seq_len}")
+        if seq > self.model.seq_len:
+            raise ValueError(f"data.seq_len={seq} exceeds model.seq_len={self.model.seq_len}")
+        return self
+
+    @property
+    def grad_accum(self) -> int:
+        share = self.data.global_batch_size // self.scaling.num_workers
+        return share // (self.data.micro_batch_size or share)
+
+    def variant_configs(self) -> list[tuple[str, "RunConfig"]]:
+        """(name, config) for each variant with its overrides applied; one unnamed run if none."""
+        if not self.variants:
+            return [("", self)]
+        base = self.model_dump(mode="json", exclude_unset=True, exclude={"variants", "baseline"})
+        base["name"] = self.name
+        out = []
+        for v in self.variants:
+            data = copy.deepcopy(base)
+            for key, value in v.set.items():
+                _set_path(data, key, value, f"variants[{v.name}].set")
+            out.append((v.name, _validate(data, f"variant {v.name}: ")))
+        return out
+
+
+def _set_path(data: dict, key: str, value: Any, where: str) -> None:
+    parts = key.split(".")
+    node = data
+    for i, p in enumerate(parts[:-1]):
+        if node.get(p) is None:
+            node[p] = {}
+        if not isinstance(node[p], dict):
+            raise ConfigError(f"{where}: {'.'.join(parts[:i + 1])} is not a section, cannot set {key}")
+        node = node[p]
+    node[parts[-1]] = value
+
+
+def _validate(data: dict, prefix: str = "") -> RunConfig:
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(prefix + format_validation_error(e).replace("\n", "\n" + " " * len(prefix))) from None
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``key.path=value`` with the value read as YAML (numbers, booleans, lists, null)."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set {text!r}: expected key.path=value")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--set {key}: value is not valid YAML: {e}") from None
+    return key.strip(), value
+
+
+def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """The validated run config of a YAML file (or the defaults) with ``--set`` overrides applied."""
+    data: dict = {}
+    if path is not None:
+        p = Path(path)
+        try:
+            loaded = yaml.safe_load(p.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"{p}: no such config file") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p}: not valid YAML: {e}") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{p}: expected a mapping of config sections, got {type(loaded).__name__}")
+        data = loaded or {}
+    for text in overrides:
+        key, value = parse_override(text)
+        _set_path(data, key, value, "--set")
+    cfg = _validate(data, f"{path}: " if path is not None else "")
+    if cfg.name is None:
+        stem = Path(path).stem if path is not None else "run"
+        cfg = cfg.model_copy(update={"name": f"{stem}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"})
+    # Variants must validate too, before anything starts.
+    cfg.variant_configs()
+    return cfg
+
+
+def flatten(data: Any, prefix: str = "") -> dict[str, str]:
+    """Nested config -> {"a.b.c": "value"} for tracking params."""
+    out: dict[str, str] = {}
+    if isinstance(data, BaseModel):
+        data = data.model_dump(mode="json")
+    if isinstance(data, dict):
+        for k, v in data.items():
+            out.update(flatten(v, f"{prefix}{k}."))
+    else:
+        out[prefix[:-1]] = str(data)
+    return out

@@ -1,0 +1,131 @@
+"""A fail-safe MLflow client: tracking problems are reported once and never stop a run."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import sys
+from pathlib import Path
+from urllib.parse import urlparse
+
+log = logging.getLogger("rayfp4.tracking")
+
+# A tracking server that is down must not stall training in HTTP retries (mlflow's default is
+# several retries with exponential backoff, minutes in total).
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+
+
+def resolve_tracking_uri(uri: str, base: Path | None = None) -> str:
+    """Make a relative SQLite/file URI absolute, so Ray workers (other cwd) write the same store."""
+    base = base or Path.cwd()
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        return "sqlite:///" + str((base / uri[len("sqlite:///"):]).resolve())
+    if "://" not in uri:
+        return str((base / uri).resolve())
+    return uri
+
+
+def _reachable(uri: str, timeout: float = 3.0) -> str | None:
+    """None when an http(s) server answers a TCP connect (other schemes: None), else why not."""
+    u = urlparse(uri)
+    if u.scheme not in ("http", "https"):
+        return None
+    port = u.port or (443 if u.scheme == "https" else 80)
+    try:
+        with socket.create_connection((u.hostname, port), timeout=timeout):
+            return None
+    except OSError as e:
+        return f"cannot connect to {u.hostname}:{port} ({e.strerror or e})"
+
+
+class Tracker:
+    def __init__(self, uri: str, experiment: str = "rayfp4", enabled: bool = True, quiet: bool = False):
+        self.uri = uri
+        self.experiment = experiment
+        self.enabled = enabled
+        self.quiet = quiet
+        self._client = None
+        self._experiment_id = None
+        if enabled:
+            why = _reachable(uri)
+            if why:
+                self._disable(why)
+
+    def _disable(self, why: str) -> None:
+        if self.enabled and not self.quiet:
+            print(f"[rayfp4] MLflow tracking at {self.uri} is unavailable: {why}. "
+                  f"Training continues without tracking.", file=sys.stderr, flush=True)
+        self.enabled = False
+
+    def _call(self, what: str, fn, *args, **kwargs):
+        if not self.enabled:
+            return None
+        try:
+            if self._client is None:
+                from mlflow.tracking import MlflowClient
+
+                self._client = MlflowClient(tracking_uri=self.uri)
+            return fn(self._client, *args, **kwargs)
+        except Exception as e:  # tracking must never take training down
+            self._disable(f"{what} failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+            return None
+
+    def experiment_id(self) -> str | None:
+        if self._experiment_id is None:
+            def get(c):
+                exp = c.get_experiment_by_name(self.experiment)
+                return exp.experiment_id if exp is not None else c.create_experiment(self.experiment)
+            self._experiment_id = self._call("creating the experiment", get)
+        return self._experiment_id
+
+    def start_run(self, name: str, parent_run_id: str | None = None, tags: dict | None = None) -> str | None:
+        exp = self.experiment_id()
+        if exp is None:
+            return None
+        t = dict(tags or {})
+        if parent_run_id:
+            t["mlflow.parentRunId"] = parent_run_id
+        run = self._call("starting a run", lambda c: c.create_run(exp, run_name=name, tags=t))
+        return run.info.run_id if run is not None else None
+
+    def log_params(self, run_id: str | None, params: dict) -> None:
+        if run_id is None:
+            return
+        from mlflow.entities import Param
+
+        items = [Param(k, str(v)[:6000]) for k, v in params.items()]
+        for i in range(0, len(items), 100):
+            self._call("logging params", lambda c, b=items[i:i + 100]: c.log_batch(run_id, params=b))
+
+    def log_metrics(self, run_id: str | None, metrics: dict, step: int) -> None:
+        if run_id is None or not metrics:
+            return
+        import time
+
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        items = [Metric(k.replace("/", "."), float(v), now, step) for k, v in metrics.items()
+                 if v is not None and v == v]  # drop None and NaN
+        self._call("logging metrics", lambda c: c.log_batch(run_id, metrics=items))
+
+    def log_artifact(self, run_id: str | None, path: str | Path, artifact_path: str | None = None) -> None:
+        if run_id is not None:
+            self._call("logging an artifact", lambda c: c.log_artifact(run_id, str(path), artifact_path))
+
+    def set_tag(self, run_id: str | None, key: str, value: str) -> None:
+        if run_id is not None:
+            self._call("setting a tag", lambda c: c.set_tag(run_id, key, value))
+
+    def end_run(self, run_id: str | None, status: str) -> None:
+        """status: FINISHED, FAILED or KILLED."""
+        if run_id is not None:
+            self._call("ending the run", lambda c: c.set_terminated(run_id, status))
+
+    def run_status(self, run_id: str | None) -> str | None:
+        if run_id is None:
+            return None
+        run = self._call("reading a run", lambda c: c.get_run(run_id))
+        return run.info.status if run is not None else None

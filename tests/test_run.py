@@ -1,0 +1,161 @@
+"""The product end to end: the CLI, Ray Train workers, checkpoints and resume, MLflow tracking.
+
+All training tests share the session's Ray instance and shorten ``configs/tiny.yaml`` with
+``--set``; each costs tens of seconds on 2 cores (worker-group start dominates).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from rayfp4.run import main
+from rayfp4.tracking import read_metrics
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = str(ROOT / "configs" / "tiny.yaml")
+FAST = ["train.steps=8", "train.val_every=4", "train.log_every=2", "checkpoint.every=4",
+        "data.val_sequences=16", "model.n_layers=2", "optim.warmup_steps=2"]
+
+
+def sets(*items):
+    out = []
+    for i in items:
+        out += ["--set", i]
+    return out
+
+
+def run_cli(tmp_path, *extra, name="t"):
+    args = [TINY, *sets(*FAST, f"output_dir={tmp_path / 'runs'}", f"tracking.uri=sqlite:///{tmp_path}/mlruns.db",
+                        f"name={name}", *extra)]
+    return main(args)
+
+
+@pytest.mark.slow
+def test_default_config_end_to_end_with_mlflow(ray_session, tmp_path, capsys):
+    assert run_cli(tmp_path) == 0
+    out = capsys.readouterr().out
+    # The driver ends with the variants' table: baseline first, the gap of NVFP4 against it.
+    assert "final val loss" in out and "(baseline)" in out
+    table = out[out.index("variant  status"):]
+    assert "bf16     FINISHED" in table and "nvfp4    FINISHED" in table and "%" in table
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlruns.db")
+    exp = client.get_experiment_by_name("rayfp4")
+    runs = client.search_runs([exp.experiment_id])
+    parent = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert len(parent) == 1 and len(children) == 2
+    assert parent[0].info.status == "FINISHED" and all(c.info.status == "FINISHED" for c in children)
+    assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parent[0].info.run_id}
+    by_name = {c.info.run_name: c for c in children}
+    nv = by_name["nvfp4"]
+    assert nv.data.params["precision.format"] == "nvfp4" and by_name["bf16"].data.params["precision.format"] == "bf16"
+    assert nv.data.params["model.n_layers"] == "2" and nv.data.params["train.steps"] == "8"
+    for metric in ("train_loss", "val_loss", "lr", "grad_norm", "tokens_per_s", "skipped_steps"):
+        assert metric in nv.data.metrics, metric
+    hist = client.get_metric_history(nv.info.run_id, "train_loss")
+    assert sorted(m.step for m in hist) == [2, 4, 6, 8]
+    val = client.get_metric_history(nv.info.run_id, "val_loss")
+    assert [m.step for m in sorted(val, key=lambda m: m.step)] == [4, 8]
+    arts = {a.path for a in client.list_artifacts(nv.info.run_id)}
+    assert {"config.yaml", "loss_curve.png"} <= arts
+    parent_arts = {a.path for a in client.list_artifacts(parent[0].info.run_id)}
+    assert {"comparison.md", "loss_curves.png"} <= parent_arts
+    assert "nvfp4.gap_vs_bf16_pct" in parent[0].data.metrics
+    # Checkpoints load with weights_only=True and hold the whole training state.
+    import torch
+
+    ckpts = sorted((tmp_path / "runs" / "t" / "nvfp4").glob("checkpoint_*/state.pt"))
+    assert [p.parent.name for p in ckpts] == ["checkpoint_00000004", "checkpoint_00000008"]
+    state = torch.load(ckpts[-1], weights_only=True)
+    assert state["step"] == 8 and {"model", "optimizer", "stream", "rng"} <= set(state)
+
+
+def _single(tmp_path, name, *extra):
+    return run_cli(tmp_path, "variants=[]", "precision.bf16_last_blocks=0", *extra, name=name)
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_where_it_stopped(ray_session, tmp_path):
+    from rayfp4.data import read_ledger
+
+    steps = ["train.steps=10", "checkpoint.every=4", "train.log_every=1", "train.val_every=5"]
+    assert _single(tmp_path, "clean", *steps) == 0
+    assert _single(tmp_path, "crash", *steps, "debug.fail_at_step=6") == 0
+    clean = read_metrics(tmp_path / "runs" / "clean" / "train" / "metrics.jsonl")
+    crash = read_metrics(tmp_path / "runs" / "crash" / "train" / "metrics.jsonl")
+    # The failure really happened (marker) and the curve continues: same steps, same losses
+    # (training is deterministic on CPU: data order, SR streams and optimizer state resume).
+    assert (tmp_path / "runs" / "crash" / "train" / ".injected-failure-6").exists()
+    assert list(crash) == list(range(1, 11))
+    assert [crash[s]["train_loss"] for s in crash] == [clean[s]["train_loss"] for s in clean]
+    assert crash[10]["val_loss"] == clean[10]["val_loss"]
+    # The raw metrics file shows the replay: steps 5 and 6 were logged twice (before the crash
+    # and after resuming from the step-4 checkpoint).
+    raw = [json.loads(l)["step"] for l in (tmp_path / "runs" / "crash" / "train" / "metrics.jsonl").read_text().splitlines()]
+    assert raw.count(5) == 2 and raw.count(7) == 1
+    # The sample ledger: exactly the sequences of the uninterrupted run, step by step.
+    a = read_ledger(tmp_path / "runs" / "clean" / "train" / "ledger")
+    b = read_ledger(tmp_path / "runs" / "crash" / "train" / "ledger")
+    assert b.ordered() == a.ordered() and len(a.ordered()) == 10
+    # resume: auto on a finished run continues from its last checkpoint (nothing left to do);
+    # resume: never refuses to touch it.
+    assert _single(tmp_path, "clean", *steps, "train.steps=12") == 0
+    assert list(read_metrics(tmp_path / "runs" / "clean" / "train" / "metrics.jsonl"))[-1] == 12
+    assert _single(tmp_path, "clean", *steps, "resume=never") == 2
+
+
+@pytest.mark.slow
+def test_unreachable_tracking_server_does_not_stop_training(ray_session, tmp_path, capsys):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # nothing listens here once the socket closes
+    rc = main([TINY, *sets(*FAST, "variants=[]", f"output_dir={tmp_path / 'runs'}", "name=offline",
+                             f"tracking.uri=http://127.0.0.1:{port}", "train.steps=4")])
+    assert rc == 0
+    err = capsys.readouterr().err
+    assert err.count("is unavailable") == 1 and "Training continues without tracking" in err
+    assert list(read_metrics(tmp_path / "runs" / "offline" / "train" / "metrics.jsonl"))[-1] == 4
+
+
+def _cli(*args, cwd=ROOT):
+    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+    return subprocess.run([sys.executable, "-m", "rayfp4.run", *args], capture_output=True, text=True,
+                          cwd=cwd, env=env, timeout=120)
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--set", "optim.lr=fast"], "optim.lr: Input should be a valid number"),
+        (["--set", "optim.learning_rate=0.1"], "optim.learning_rate: unknown key"),
+        (["--set", "precision.late_switch.at_fraction=1.5"], "precision.late_switch: at_fraction must be in (0, 1]"),
+        (["--set", "scaling.num_workers=3"], "global_batch_size=16 is not divisible by scaling.num_workers=3"),
+        (["--set", "variants=[{name: bf16, set: {precision.format: fp8}}]"], "variant bf16: precision.format: Input should be"),
+        (["--set", "baseline=fp8"], "baseline: 'fp8' is not one of the variants ['bf16', 'nvfp4']"),
+        (["--set", "data.shards=/nonexistent/shards", "--check"], "/nonexistent/shards"),
+        (["--set", "optim"], "expected key.path=value"),
+    ],
+)
+def test_bad_config_prints_the_key_path_and_exits_2(args, message):
+    r = _cli(TINY, *args)
+    assert r.returncode == 2, r.stderr
+    assert message in r.stderr and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) <= 3
+
+
+def test_cli_missing_file_schema_and_check(tmp_path):
+    r = _cli(str(tmp_path / "nope.yaml"))
+    assert r.returncode == 2 and "nope.yaml: no such config file" in r.stderr
+    r = _cli("--schema")
+    schema = json.loads(r.stdout)
+    assert r.returncode == 0 and {"model", "precision", "optim", "variants"} <= set(schema["properties"])

@@ -23,7 +23,7 @@ Whether these are compiled or interpreted is fixed when triton is imported (TRIT
 import triton
 import triton.language as tl
 
-FLT_MAX = 3.4028234663852886e38
+FLT_MAX = tl.constexpr(3.4028234663852886e38)
 
 
 # ---------------------------------------------------------------------------- scalar helpers
@@ -76,10 +76,11 @@ def _e2m1_mag(c):
 
 
 @triton.jit
-def _e2m1_value(c):
-    """Signed FP32 value of E2M1 code c (int32 0..15); code 8 is -0.0 as in the reference."""
-    mag = _e2m1_mag(c & 7)
-    return tl.where((c & 8) != 0, -mag, mag)
+def _dequant(c, sb):
+    """e2m1(c) * s_b in FP32 for codes c (int32 0..15), the sign set on the bits: code 8 gives -0.0
+    as in the reference (a select between -v and v lost the sign of zero when compiled)."""
+    v = _e2m1_mag(c & 7) * sb
+    return (v.to(tl.int32, bitcast=True) | ((c & 8) << 28)).to(tl.float32, bitcast=True)
 
 
 @triton.jit
@@ -430,7 +431,7 @@ def quant_rows_kernel(x_ptr, data_ptr, scale_ptr, deq_ptr, amax_ptr, datat_ptr, 
     tl.store(data_ptr + out, word, mask=mask2)
     tl.store(scale_ptr + out, byte.to(tl.uint8), mask=mask2)
     if WRITE_DEQ:
-        deq = _e2m1_value(code) * sb[:, :, None]
+        deq = _dequant(code, sb[:, :, None])
         doffs = (rows[:, None, None].to(tl.int64) * K
                  + (grp[None, :, None] * 16 + j[None, None, :]).to(tl.int64))
         tl.store(deq_ptr + doffs, deq.to(deq_ptr.dtype.element_ty), mask=mask3)
@@ -461,7 +462,7 @@ def dequant_rows_kernel(data_ptr, scale_ptr, deq_ptr, M, K, BM: tl.constexpr, G:
     word = tl.load(data_ptr + out, mask=mask2, other=0)
     sb = _e4m3_decode(tl.load(scale_ptr + out, mask=mask2, other=0).to(tl.int32))
     code = ((word[:, :, None] >> (4 * j[None, None, :]).to(tl.int64)) & 15).to(tl.int32)
-    deq = _e2m1_value(code) * sb[:, :, None]
+    deq = _dequant(code, sb[:, :, None])
     doffs = rows[:, None, None].to(tl.int64) * K + (grp[None, :, None] * 16 + j[None, None, :]).to(tl.int64)
     tl.store(deq_ptr + doffs, deq.to(deq_ptr.dtype.element_ty), mask=mask2[:, :, None])
 

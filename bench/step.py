@@ -1,0 +1,91 @@
+"""A training step of a ~350M-parameter rayfp4.model transformer: NVFP4 (Triton backend) vs BF16.
+
+    python bench/step.py [--batch 8] [--seq 2048] [--steps 10] [--layers 24] [--d-model 1024]
+
+Both runs use FP32 master weights, AdamW and ``torch.autocast(bfloat16)``; ``bf16`` keeps every
+linear as nn.Linear, ``nvfp4`` applies the default recipe policy (every block linear in NVFP4, the
+LM head in BF16) with the ``triton`` backend. Prints tokens/s (median step time over ``--steps``
+timed steps after 3 warm-up steps, CUDA events), the ratio NVFP4/BF16 (target >= 0.8) and the peak
+memory of each.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import triton  # noqa: E402
+
+from rayfp4.kernels import triton_nvfp4 as T  # noqa: E402
+from rayfp4.model import ModelConfig, build_model  # noqa: E402
+from rayfp4.precision import apply_precision_policy  # noqa: E402
+
+
+def run(fmt: str, cfg: ModelConfig, batch: int, steps: int, policy_extra: dict) -> tuple[float, float]:
+    torch.manual_seed(0)
+    model = build_model(cfg, device="cuda")
+    if fmt != "bf16":
+        apply_precision_policy(model, {"format": fmt, "backend": "triton", **policy_extra})
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    tokens = torch.randint(0, cfg.vocab_size, (batch, cfg.seq_len + 1), device="cuda")
+    inp, tgt = tokens[:, :-1], tokens[:, 1:]
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(inp, tgt)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(steps):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        step()
+        e.record()
+        e.synchronize()
+        times.append(s.elapsed_time(e))
+    peak = torch.cuda.max_memory_allocated()
+    del model, opt
+    torch.cuda.empty_cache()
+    return statistics.median(times), peak
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--seq", type=int, default=2048)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--layers", type=int, default=24)
+    p.add_argument("--d-model", type=int, default=1024)
+    p.add_argument("--modes", default="device")
+    a = p.parse_args()
+    cfg = ModelConfig(vocab_size=32768, seq_len=a.seq, n_layers=a.layers, d_model=a.d_model,
+                      n_heads=a.d_model // 64, tie_embeddings=True)
+    ntok = a.batch * a.seq
+    print(f"# {dt.date.today()} {torch.cuda.get_device_name()} torch {torch.__version__} triton {triton.__version__}")
+    print(f"# model: {cfg.num_params() / 1e6:.0f}M parameters, {a.layers} layers, d_model {a.d_model}, "
+          f"d_ff {cfg.ffn_dim}; {ntok} tokens/step")
+    t_bf16, m_bf16 = run("bf16", cfg, a.batch, a.steps, {})
+    print(f"{'variant':22s} {'ms/step':>8s} {'tok/s':>10s} {'x bf16':>7s} {'peak GB':>8s} {'x bf16':>7s}")
+    print(f"{'bf16':22s} {t_bf16:8.1f} {ntok / t_bf16 * 1e3:10.0f} {1.0:7.2f} {m_bf16 / 2**30:8.2f} {1.0:7.2f}")
+    for mode in a.modes.split(","):
+        T.gemm_mode = mode
+        t, m = run("nvfp4", cfg, a.batch, a.steps, {})
+        print(f"{'nvfp4[' + mode + ']':22s} {t:8.1f} {ntok / t * 1e3:10.0f} {t_bf16 / t:7.2f} {m / 2**30:8.2f} "
+              f"{m / m_bf16:7.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,124 @@
+"""The Triton NVFP4 kernels compiled on a CUDA GPU: bit for bit against the reference at scale.
+
+Run in its own pytest process (``pytest -m gpu tests/test_kernels_triton_gpu.py``): the CPU module
+test_kernels_triton.py switches triton to its interpreter for the whole process.
+"""
+
+import os
+import sys
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.gpu
+if not torch.cuda.is_available():
+    pytest.skip("needs a CUDA GPU", allow_module_level=True)
+if os.environ.get("TRITON_INTERPRET") == "1":
+    pytest.skip("triton runs interpreted in this process; run this module on its own", allow_module_level=True)
+pytest.importorskip("triton")
+
+from rayfp4 import kernels  # noqa: E402
+from rayfp4.formats import nvfp4  # noqa: E402
+from rayfp4.kernels import triton_nvfp4 as T  # noqa: E402
+from rayfp4.kernels.reference import emulated_gemm  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(__file__))
+from test_formats_nvfp4 import random_matrix  # noqa: E402
+
+DEV = torch.device("cuda")
+
+
+def check(x, tile=(1, 16), rht=False, amax=None):
+    ref = nvfp4.quantize(x, tile=tile, rht=rht, amax=amax)
+    got = T.quantize_nvfp4(x, tile=tile, rht=rht, amax=amax)
+    assert torch.equal(got.amax, ref.amax), (got.amax.item(), ref.amax.item())
+    nb = (got.scale.view(torch.uint8) != ref.scale.view(torch.uint8)).sum().item()
+    nc = (got.data != ref.data).sum().item()
+    assert nb == 0 and nc == 0, f"{nb} scales and {nc} code bytes differ"
+    assert torch.equal(T.dequantize_unscaled(got).view(torch.int16), ref.dequantize_unscaled(torch.bfloat16).view(torch.int16))
+    if tile == (16, 16):
+        rt, gt = ref.transpose(), T.transpose(got)
+        assert torch.equal(gt.data, rt.data) and torch.equal(gt.scale.view(torch.uint8), rt.scale.view(torch.uint8))
+    return got
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_bit_exact_at_scale(dtype):
+    gen = torch.Generator().manual_seed(1234)
+    for s in (1e-30, 1e-6, 1.0, 1e30):
+        x = random_matrix(2048, 4096, torch.float32, gen)
+        x = (x / x.abs().max() * s).to(dtype).to(DEV)
+        check(x)
+        check(x, tile=(16, 16))
+        check(x.t())
+        check(x.t(), rht=True)
+        check(x, rht=True)
+    x = torch.randn(4096, 1024, device=DEV).to(dtype)
+    check(x, amax=x.abs().max().item() / 5)
+
+
+def test_edge_cases_on_gpu():
+    x = torch.full((16, 64), 1.0)
+    x[0, 0], x[0, 1], x[0, 2] = -0.0, -1e-3, 1e-3
+    check(x.to(DEV))
+    check((torch.randn(256, 64) * 1e-38).to(DEV))               # subnormal S_dec
+    check((torch.randn(256, 64) * 1e-39).to(torch.bfloat16).to(DEV))  # subnormal inputs
+    y = torch.randn(256, 64) * 1e-30
+    y[3, 5] = 1e30                                               # scales underflowing to 0
+    for t in (y, y.to(torch.bfloat16)):
+        check(t.to(DEV))
+        check(t.to(DEV), tile=(16, 16))
+        check(t.to(DEV).t(), rht=True)
+    assert torch.isnan(T.quantize_nvfp4(torch.full((16, 32), float("nan"), device=DEV)).scale.float()).all()
+
+
+def test_stochastic_rounding_statistics_on_gpu():
+    x = torch.randn(1024, 1024, device=DEV)
+    ref = nvfp4.quantize(x)
+    acc = torch.zeros_like(x, dtype=torch.float64)
+    for i in range(64):
+        g = torch.Generator(device=DEV)
+        g.manual_seed(i)
+        t = T.quantize_nvfp4(x, rounding="stochastic", generator=g)
+        assert torch.equal(t.scale, ref.scale)
+        acc += t.dequantize().double()
+    mean = (acc / 64).float()
+    assert (mean - x).abs().mean() < 0.5 * (ref.dequantize() - x).abs().mean()
+    g1, g2 = torch.Generator(device=DEV), torch.Generator(device=DEV)
+    g1.manual_seed(5)
+    g2.manual_seed(5)
+    a = T.quantize_nvfp4(x.t(), rht=True, rounding="stochastic", generator=g1)
+    b = T.quantize_nvfp4(x.t(), rht=True, rounding="stochastic", generator=g2)
+    assert torch.equal(a.data, b.data)
+
+
+@pytest.mark.parametrize("mode", T.GEMM_MODES)
+def test_gemm_modes_match_reference(mode):
+    a = T.quantize_nvfp4(torch.randn(512, 1024, device=DEV, dtype=torch.bfloat16))
+    b = T.quantize_nvfp4(torch.randn(768, 1024, device=DEV), tile=(16, 16))
+    want = emulated_gemm(a, b, torch.float32).double()
+    for out_dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 1e-2)):
+        got = T.gemm(a, b, out_dtype, mode=mode).double()
+        assert got.dtype == torch.float64 and got.shape == want.shape
+        assert ((got - want).norm() / want.norm()).item() < tol
+
+
+def test_registry_picks_triton_on_cuda_and_linear_agrees():
+    assert kernels.resolve("auto", DEV).name in ("triton", "cutlass")
+    from rayfp4.precision import NVFP4Linear, PrecisionPolicy
+
+    outs = {}
+    for be in ("reference", "triton"):
+        torch.manual_seed(0)
+        layer = NVFP4Linear(256, 128, bias=False, policy=PrecisionPolicy(backend=be, stochastic_rounding_grads=False),
+                            device=DEV)
+        x = torch.randn(512, 256, device=DEV, dtype=torch.bfloat16, requires_grad=True)
+        layer.capture = {}
+        y = layer(x)
+        y.backward(torch.randn_like(y))
+        outs[be] = (y.float(), x.grad.float(), layer.weight.grad, layer.capture)
+    (y0, dx0, dw0, c0), (y1, dx1, dw1, c1) = outs["reference"], outs["triton"]
+    for k, q in c0.items():  # every quantized operand is identical
+        assert torch.equal(q.data, c1[k].data) and torch.equal(q.scale.view(torch.uint8), c1[k].scale.view(torch.uint8)), k
+    for a, b in ((y0, y1), (dx0, dx1), (dw0, dw1)):  # GEMMs equal up to FP32 summation order
+        assert ((a - b).norm() / a.norm()).item() < 1e-2

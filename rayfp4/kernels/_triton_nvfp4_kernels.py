@@ -159,6 +159,16 @@ def _rand8(r0, r1, r2, r3, j: tl.constexpr):
 
 
 @triton.jit
+def _nan_bits(m, any_nan):
+    """Bits of the partial amax m for the integer atomic max, or of a NaN when any input was NaN.
+
+    The GPU's max ignores NaN (the interpreter's propagates it), so NaN is tracked separately to
+    make a NaN input give a NaN tensor amax -- and with it NaN scales -- on both.
+    """
+    return tl.where(any_nan > 0, 0x7FC00000, m.to(tl.int32, bitcast=True))
+
+
+@triton.jit
 def amax_kernel(x_ptr, out_ptr, M, K, stride_m, stride_k, BM: tl.constexpr, BK: tl.constexpr):
     """max |x| over a strided [M, K] view, folded into out_ptr (int32 bits of a non-negative FP32).
 
@@ -170,8 +180,9 @@ def amax_kernel(x_ptr, out_ptr, M, K, stride_m, stride_k, BM: tl.constexpr, BK: 
     mask = (rows[:, None] < M) & (cols[None, :] < K)
     x = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_m + cols[None, :].to(tl.int64) * stride_k,
                 mask=mask, other=0.0)
-    m = tl.max(tl.max(tl.abs(_to_f32(x)), axis=1), axis=0)
-    tl.atomic_max(out_ptr, m.to(tl.int32, bitcast=True))
+    xf = _to_f32(x)
+    m = tl.max(tl.max(tl.abs(xf), axis=1), axis=0)
+    tl.atomic_max(out_ptr, _nan_bits(m, tl.max(tl.max((xf != xf).to(tl.int32), axis=1), axis=0)))
 
 
 # ---------------------------------------------------------------------------- 16-wide groups
@@ -298,11 +309,17 @@ def _rht16(x0, x1, x2, x3, x4, x5, x6, x7, x8, x9, x10, x11, x12, x13, x14, x15,
 
 @triton.jit
 def _absmax16(x0, x1, x2, x3, x4, x5, x6, x7, x8, x9, x10, x11, x12, x13, x14, x15):
-    a = tl.maximum(tl.maximum(tl.abs(x0), tl.abs(x1)), tl.maximum(tl.abs(x2), tl.abs(x3)))
-    b = tl.maximum(tl.maximum(tl.abs(x4), tl.abs(x5)), tl.maximum(tl.abs(x6), tl.abs(x7)))
-    c = tl.maximum(tl.maximum(tl.abs(x8), tl.abs(x9)), tl.maximum(tl.abs(x10), tl.abs(x11)))
-    d = tl.maximum(tl.maximum(tl.abs(x12), tl.abs(x13)), tl.maximum(tl.abs(x14), tl.abs(x15)))
-    return tl.maximum(tl.maximum(a, b), tl.maximum(c, d))
+    """max |x_j| over the 16 elements of each block; NaN propagates (the GPU's default max drops it)."""
+    a = _mx(_mx(tl.abs(x0), tl.abs(x1)), _mx(tl.abs(x2), tl.abs(x3)))
+    b = _mx(_mx(tl.abs(x4), tl.abs(x5)), _mx(tl.abs(x6), tl.abs(x7)))
+    c = _mx(_mx(tl.abs(x8), tl.abs(x9)), _mx(tl.abs(x10), tl.abs(x11)))
+    d = _mx(_mx(tl.abs(x12), tl.abs(x13)), _mx(tl.abs(x14), tl.abs(x15)))
+    return _mx(_mx(a, b), _mx(c, d))
+
+
+@triton.jit
+def _mx(a, b):
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
 
 
 @triton.jit
@@ -321,12 +338,13 @@ def amax_groups_kernel(x_ptr, out_ptr, M, K, stride_m, stride_k,
     x0, x1, x2, x3, x4, x5, x6, x7, x8, x9, x10, x11, x12, x13, x14, x15 = _load16(
         x_ptr, offs, stride_k, mask)
     m = _absmax16(x0, x1, x2, x3, x4, x5, x6, x7, x8, x9, x10, x11, x12, x13, x14, x15)
-    tl.atomic_max(out_ptr, tl.max(tl.max(m, axis=1), axis=0).to(tl.int32, bitcast=True))
+    nan = tl.max(tl.max((m != m).to(tl.int32), axis=1), axis=0)
+    tl.atomic_max(out_ptr, _nan_bits(tl.max(tl.max(m, axis=1), axis=0), nan))
     if RHT:
         x0, x1, x2, x3, x4, x5, x6, x7, x8, x9, x10, x11, x12, x13, x14, x15 = _rht16(
             x0, x1, x2, x3, x4, x5, x6, x7, x8, x9, x10, x11, x12, x13, x14, x15, SIGNS, ROUND)
         m = _absmax16(x0, x1, x2, x3, x4, x5, x6, x7, x8, x9, x10, x11, x12, x13, x14, x15)
-        tl.atomic_max(out_ptr + 1, tl.max(tl.max(m, axis=1), axis=0).to(tl.int32, bitcast=True))
+        tl.atomic_max(out_ptr + 1, _nan_bits(tl.max(tl.max(m, axis=1), axis=0), nan))
 
 
 @triton.jit

@@ -50,10 +50,15 @@ def _fmt(v: float | None) -> str:
     return f"{v:.4f}" if v is not None else "-"
 
 
-def comparison_table(results: list[VariantResult], baseline: str) -> str:
-    """Final and best validation loss per variant, with the relative gap to the baseline."""
+def comparison_table(results: list[VariantResult], baseline: str | None) -> str:
+    """Final and best validation loss per variant, with the relative gap to the baseline (if any)."""
     base = next((r for r in results if r.name == baseline), None)
     rows = [("variant", "status", "steps", "final val loss", "best val loss", f"gap vs {baseline}")]
+    if baseline is None:
+        rows = [("run", *rows[0][1:-1])]
+        for r in results:
+            rows.append((r.name, r.status, str(r.steps), _fmt(r.final_val_loss), _fmt(r.best_val_loss)))
+        return _render(rows)
     for r in results:
         gap = "-"
         if r.name == baseline:
@@ -61,6 +66,10 @@ def comparison_table(results: list[VariantResult], baseline: str) -> str:
         elif base and base.final_val_loss and r.final_val_loss is not None:
             gap = f"{100 * (r.final_val_loss - base.final_val_loss) / base.final_val_loss:+.2f}%"
         rows.append((r.name, r.status, str(r.steps), _fmt(r.final_val_loss), _fmt(r.best_val_loss), gap))
+    return _render(rows)
+
+
+def _render(rows: list[tuple[str, ...]]) -> str:
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))

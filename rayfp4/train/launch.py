@@ -197,7 +197,7 @@ def run_experiment(cfg: RunConfig) -> ExperimentResult:
         tracker.end_run(parent_id, "KILLED" if sys.exc_info()[0] is KeyboardInterrupt else "FAILED")
         raise
     baseline = cfg.baseline or variants[0][0]
-    table = comparison_table(results, baseline) if multi else comparison_table(results, results[0].name)
+    table = comparison_table(results, baseline if multi else None)
     if multi:
         root.mkdir(parents=True, exist_ok=True)
         (root / "comparison.md").write_text(table + "\n")

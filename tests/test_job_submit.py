@@ -1,0 +1,86 @@
+"""``ray job submit`` against a head on 127.0.0.1, exactly as the README shows.
+
+Starts its own head (``ray start --head --block`` in a new process group with its own temp dir,
+the venv's python first on PATH so the job's entrypoint finds the installed packages), submits
+``python -m rayfp4.run configs/tiny.yaml`` from the repository as the working dir, and stops
+only that head afterwards (never ``ray stop``, which would also kill the test session's Ray).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def ray_head():
+    tmp = Path(tempfile.mkdtemp(prefix="rayfp4-head-"))
+    gcs, dash = _free_port(), _free_port()
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+    head = subprocess.Popen(
+        [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs}",
+         f"--dashboard-port={dash}", "--dashboard-host=127.0.0.1", "--num-cpus=2", "--disable-usage-stats",
+         f"--temp-dir={tmp}"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    address = f"http://127.0.0.1:{dash}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                urllib.request.urlopen(f"{address}/api/version", timeout=2)
+                break
+            except urllib.error.HTTPError:
+                break  # the dashboard answers (it may ask for the auth token): it is up
+            except Exception:
+                if head.poll() is not None or time.monotonic() > deadline:
+                    pytest.fail("the Ray head did not come up")
+                time.sleep(1)
+        # The HTTP server answers before the job manager is ready: wait until listing jobs works.
+        env = {**env, "RAY_AUTH_MODE": "token"}  # `ray start` wrote ~/.ray/auth_token (Ray 2.60)
+        while subprocess.run([str(BIN / "ray"), "job", "list", "--address", address], env=env,
+                             capture_output=True, timeout=60).returncode != 0:
+            if time.monotonic() > deadline:
+                pytest.fail("the Ray head's job manager did not come up")
+            time.sleep(2)
+        yield address, env
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)
+        try:
+            head.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+        subprocess.run(["pkill", "-KILL", "-f", str(tmp)], check=False)
+
+
+@pytest.mark.slow
+def test_ray_job_submit_runs_the_default_config(ray_head, tmp_path):
+    address, env = ray_head
+    cmd = [str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", ".", "--",
+           "python", "-m", "rayfp4.run", "configs/tiny.yaml",
+           "--set", "train.steps=4", "--set", "variants=[]", "--set", "model.n_layers=2",
+           "--set", "train.val_every=2", "--set", f"output_dir={tmp_path / 'runs'}",
+           "--set", f"tracking.uri=sqlite:///{tmp_path}/mlruns.db", "--set", "name=submitted"]
+    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
+    out = r.stdout + r.stderr
+    assert r.returncode == 0, out[-3000:]
+    assert "succeeded" in out and "submitted: done" in out and "step 4/4" in out
+    assert (tmp_path / "runs" / "submitted" / "train" / "checkpoint_00000004" / "state.pt").is_file()

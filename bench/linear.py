@@ -59,6 +59,7 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--modes", default="device,host,triton")
     p.add_argument("--reps", type=int, default=20)
+    p.add_argument("--cutlass", action="store_true", help="also time the cutlass backend (sm_90a GEMMs)")
     a = p.parse_args()
     print(f"# {dt.date.today()} {torch.cuda.get_device_name()} torch {torch.__version__} triton {triton.__version__}")
     print(f"{'shape (T,out,in)':22s} {'variant':16s} {'ms':>8s} {'x bf16':>7s} {'peak MB':>8s} {'x bf16':>7s}")
@@ -77,6 +78,12 @@ def main() -> None:
             tm, mm = measure(fwd_bwd(layer, x, dy), a.reps)
             rows.append((f"nvfp4[{mode}]", tm, mm))
         T.gemm_mode = "device"
+        if a.cutlass:
+            lc = NVFP4Linear(k, n, bias=False, policy=PrecisionPolicy(backend="cutlass"), device="cuda")
+            lc.weight.data.copy_(layer.weight.data)
+            tm, mm = measure(fwd_bwd(lc, x, dy), a.reps)
+            rows.append(("nvfp4[cutlass]", tm, mm))
+            del lc
         A = torch.randn(t, k, device="cuda", dtype=torch.bfloat16)
         W = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
         D = torch.randn(t, n, device="cuda", dtype=torch.bfloat16)
@@ -107,7 +114,7 @@ def main() -> None:
         y32 = torch.empty(t, n, device="cuda")
         glue = [
             ("  ref W.transpose", lambda: wq.transpose()),
-            ("  _finite x,W,dy", lambda: (_finite(x.detach(), wf), _finite(dy))),
+            ("  _finite x,W,dy", lambda: (_finite(None, x.detach(), wf), _finite(None, dy))),
             ("  y fp32->bf16", lambda: y32.to(torch.bfloat16)),
         ]
         for name, fn in glue:

@@ -28,11 +28,12 @@ from rayfp4.model import ModelConfig, build_model  # noqa: E402
 from rayfp4.precision import apply_precision_policy  # noqa: E402
 
 
-def run(fmt: str, cfg: ModelConfig, batch: int, steps: int, policy_extra: dict) -> tuple[float, float]:
+def run(fmt: str, cfg: ModelConfig, batch: int, steps: int, policy_extra: dict,
+        backend: str = "triton") -> tuple[float, float]:
     torch.manual_seed(0)
     model = build_model(cfg, device="cuda")
     if fmt != "bf16":
-        apply_precision_policy(model, {"format": fmt, "backend": "triton", **policy_extra})
+        apply_precision_policy(model, {"format": fmt, "backend": backend, **policy_extra})
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     tokens = torch.randint(0, cfg.vocab_size, (batch, cfg.seq_len + 1), device="cuda")
     inp, tgt = tokens[:, :-1], tokens[:, 1:]
@@ -70,6 +71,7 @@ def main() -> None:
     p.add_argument("--layers", type=int, default=24)
     p.add_argument("--d-model", type=int, default=1024)
     p.add_argument("--modes", default="device")
+    p.add_argument("--cutlass", action="store_true", help="also time the cutlass backend (sm_90a GEMMs)")
     a = p.parse_args()
     cfg = ModelConfig(vocab_size=32768, seq_len=a.seq, n_layers=a.layers, d_model=a.d_model,
                       n_heads=a.d_model // 64, tie_embeddings=True)
@@ -84,6 +86,11 @@ def main() -> None:
         T.gemm_mode = mode
         t, m = run("nvfp4", cfg, a.batch, a.steps, {})
         print(f"{'nvfp4[' + mode + ']':22s} {t:8.1f} {ntok / t * 1e3:10.0f} {t_bf16 / t:7.2f} {m / 2**30:8.2f} "
+              f"{m / m_bf16:7.2f}")
+    if a.cutlass:
+        T.gemm_mode = "device"
+        t, m = run("nvfp4", cfg, a.batch, a.steps, {}, backend="cutlass")
+        print(f"{'nvfp4[cutlass]':22s} {t:8.1f} {ntok / t * 1e3:10.0f} {t_bf16 / t:7.2f} {m / 2**30:8.2f} "
               f"{m / m_bf16:7.2f}")
 
 

@@ -92,7 +92,8 @@ def test_apply_bf16_format_changes_nothing():
     [
         ({"bf16_last_blocks": 5}, r"precision\.bf16_last_blocks: 5 is more than the model's 4 transformer blocks"),
         ({"bf16_modules": ["decoder.*"]}, r"precision\.bf16_modules: 'decoder\.\*' matches no linear layer"),
-        ({"backend": "triton"}, r"precision\.backend: backend 'triton' is not part of this installation"),
+        ({"backend": "triton"}, r"precision\.backend: backend .triton. cannot run on cpu: no CUDA device"),
+        ({"backend": "cutlass"}, r"precision\.backend: backend .cutlass. "),
         ({"bf16_first_blocks": 1, "block_pattern": r"blocks\.(\d+)\."}, r"precision\.bf16_first_blocks: no linear"),
     ],
 )

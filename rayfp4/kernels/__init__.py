@@ -23,16 +23,20 @@ from .registry import (
     register,
     resolve,
 )
+from .cutlass import CutlassBackend
 from .reference import ReferenceBackend, emulated_gemm
 from .triton_nvfp4 import TritonBackend
 
 # Importing triton_nvfp4 does not import triton (that happens at the first kernel launch), so the
 # registration costs nothing where the backend cannot run and leaves TRITON_INTERPRET unfixed.
+# The CUTLASS backend loads its libraries only when asked whether it can run on a CUDA device.
 register(TritonBackend())
+register(CutlassBackend())
 
 __all__ = [
     "Backend",
     "BackendUnavailable",
+    "CutlassBackend",
     "PREFERENCE",
     "ReferenceBackend",
     "TritonBackend",

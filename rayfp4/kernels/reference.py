@@ -36,6 +36,7 @@ def emulated_gemm(a, b, out_dtype: torch.dtype) -> torch.Tensor:
 
 class ReferenceBackend:
     name = "reference"
+    propagates_nonfinite = False  # formats.quantize raises on NaN/Inf; callers check first
 
     def unavailable_reason(self, device: torch.device) -> str | None:
         return None

@@ -340,6 +340,7 @@ class TritonBackend:
     """Registry entry: Triton quantizers and the emulated GEMM, on CUDA devices."""
 
     name = "triton"
+    propagates_nonfinite = True  # NaN/Inf input gives NaN amax and scales, hence NaN out, no sync
 
     def unavailable_reason(self, device: torch.device) -> str | None:
         if not triton_installed():
@@ -356,3 +357,6 @@ class TritonBackend:
 
     def gemm(self, a, b, out_dtype: torch.dtype) -> torch.Tensor:
         return gemm(a, b, out_dtype)
+
+    def transpose(self, t):
+        return transpose(t) if isinstance(t, NVFP4Tensor) else t.transpose()

@@ -43,6 +43,12 @@ from .telemetry import operand_stats
 _QUANT_FIELDS = {NVFP4Tensor: ("data", "scale", "amax"), MXFP4Tensor: ("data", "scale")}
 
 
+#: A fast backend may cache the BF16 GEMM operand on a quantized tensor under this attribute.
+#: Kept across save_for_backward only for weight operands (weight-sized, not activation memory).
+_OPERAND_CACHE = "_bf16"
+_KEEP_CACHE = frozenset({"wq_t"})
+
+
 def _save(ctx, items: dict) -> None:
     """save_for_backward every tensor in ``items``, including the fields of quantized tensors."""
     tensors, layout = [], {}
@@ -52,7 +58,11 @@ def _save(ctx, items: dict) -> None:
             tensors.append(val)
         else:
             fields = _QUANT_FIELDS[type(val)]
-            layout[key] = ("quantized", dataclasses.replace(val, **{f: None for f in fields}), len(tensors), fields)
+            cache = getattr(val, _OPERAND_CACHE, None) if key in _KEEP_CACHE else None
+            if isinstance(cache, torch.Tensor):
+                fields = (*fields, _OPERAND_CACHE)
+            template = dataclasses.replace(val, **{f: None for f in _QUANT_FIELDS[type(val)]})
+            layout[key] = ("quantized", template, len(tensors), fields)
             tensors.extend(getattr(val, f) for f in fields)
     ctx.layout = layout
     ctx.save_for_backward(*tensors)
@@ -66,7 +76,11 @@ def _load(ctx) -> dict:
             out[key] = saved[entry[1]]
         else:
             _, template, start, fields = entry
-            out[key] = dataclasses.replace(template, **{f: saved[start + i] for i, f in enumerate(fields)})
+            base = [f for f in fields if f != _OPERAND_CACHE]
+            q = dataclasses.replace(template, **{f: saved[start + i] for i, f in enumerate(base)})
+            if _OPERAND_CACHE in fields:
+                setattr(q, _OPERAND_CACHE, saved[start + len(base)])
+            out[key] = q
     return out
 
 
@@ -76,8 +90,21 @@ def _pad_tokens(t: torch.Tensor, block: int) -> torch.Tensor:
     return F.pad(t, (0, 0, 0, pad)) if pad else t
 
 
-def _finite(*tensors: torch.Tensor) -> bool:
+def _finite(backend, *tensors: torch.Tensor) -> bool:
+    """Whether every value is finite, asked only of backends that raise on non-finite input.
+
+    Fast backends propagate NaN/Inf through their scales instead (NaN out), which needs no host
+    synchronisation; the reference raises, so its inputs are checked here first.
+    """
+    if getattr(backend, "propagates_nonfinite", False):
+        return True
     return all(bool(torch.isfinite(t).all()) for t in tensors)
+
+
+def _transpose(backend, q):
+    """The quantized transpose of a 2-D-tiled weight (a backend may have it already)."""
+    fn = getattr(backend, "transpose", None)
+    return fn(q) if fn is not None else q.transpose()
 
 
 class _QuantizedLinearFn(torch.autograd.Function):
@@ -86,7 +113,7 @@ class _QuantizedLinearFn(torch.autograd.Function):
         pol, rt, be = layer.policy, layer.runtime, layer.backend
         b = pol.block
         quantize_fwd, quantize_bwd = not rt.forward_bf16, not rt.backward_bf16
-        finite = _finite(x, weight)
+        finite = _finite(be, x, weight)
         wq = None
         if not finite:
             y = torch.full((x.shape[0], weight.shape[0]), float("nan"), device=x.device)
@@ -96,11 +123,12 @@ class _QuantizedLinearFn(torch.autograd.Function):
             wq = layer.quantize(weight, pol.weight_tile, "nearest", False, None)
             layer.record("fprop.x", x, xq)
             layer.record("fprop.w", weight, wq)
-            y = be.gemm(xq, wq, torch.float32)
+            # Without a bias the GEMM rounds straight to the output dtype (one rounding either way).
+            y = be.gemm(xq, wq, torch.float32 if bias is not None else x.dtype)
         else:
             y = F.linear(x, weight.to(x.dtype)).float()
         if bias is not None:
-            y = y + bias.float()
+            y = y.float() + bias.float()
 
         saved = {"weight": weight}  # a parameter: saving it costs no activation memory
         if quantize_bwd:
@@ -108,7 +136,9 @@ class _QuantizedLinearFn(torch.autograd.Function):
             saved["xt"] = layer.quantize(xt_src, (1, b), "nearest", pol.rht_wgrad, None)
             layer.record("wgrad.x", xt_src, saved["xt"])
             if pol.weight_2d_scaling:
-                saved["wq"] = wq if wq is not None else layer.quantize(weight, pol.weight_tile, "nearest", False, None)
+                if wq is None:
+                    wq = layer.quantize(weight, pol.weight_tile, "nearest", False, None)
+                saved["wq_t"] = _transpose(be, wq)  # Dgrad's operand: the Fprop codes, transposed
         else:
             saved["x"] = x
         _save(ctx, saved)
@@ -125,7 +155,7 @@ class _QuantizedLinearFn(torch.autograd.Function):
         weight = s["weight"]
         dy = dy.contiguous()
         dx = dw = db = None
-        if not ctx.finite or not _finite(dy):
+        if not ctx.finite or not _finite(be, dy):
             nan = float("nan")
             dx = torch.full((ctx.tokens, weight.shape[1]), nan, dtype=ctx.x_dtype, device=dy.device)
             dw = torch.full_like(weight, nan)
@@ -138,7 +168,7 @@ class _QuantizedLinearFn(torch.autograd.Function):
                 gen = rt.generator(layer.layer_index, "dgrad", dy.device) if sr else None
                 dyq = layer.quantize(dy, (1, b), rounding, False, gen)
                 if pol.weight_2d_scaling:
-                    wt, wt_src = s["wq"].transpose(), None
+                    wt, wt_src = s["wq_t"], None
                 else:
                     wt_src = weight.t()
                     wt = layer.quantize(wt_src, (1, b), "nearest", False, None)

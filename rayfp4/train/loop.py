@@ -136,10 +136,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     # -- model, precision policy, optimizer ---------------------------------------------------
     torch.manual_seed(cfg.train.seed)
-    model = build_model(cfg.model)
+    model = build_model(cfg.model).to(device)  # on its device first: the policy picks kernels for it
     summary = apply_precision_policy(model, cfg.precision, seed=cfg.train.seed, rank=rank,
                                      total_steps=cfg.train.steps)
-    model.to(device)
     if cfg.scaling.strategy == "fsdp2" and world > 1:
         from torch.distributed.fsdp import fully_shard
 

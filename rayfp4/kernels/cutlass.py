@@ -1,0 +1,65 @@
+"""The ``cutlass`` backend: CUTLASS-generated GEMMs (``cutlass_kernels``) for the NVFP4 GEMMs.
+
+On compute capability 9.0 (Hopper) it runs the exact emulation through the sm_90a BF16 GEMM with
+the FP32 alpha in its epilogue; on 10.0 (Blackwell) the native sm_100a block-scaled NVFP4 GEMM
+(built here, never run: no Blackwell GPU was available). Quantization is the Triton backend's
+(or the reference where Triton cannot run). The CUTLASS kernels write BF16 only, so GEMMs asked
+for another output dtype (the FP32 weight gradient) and MXFP4 operands go to the fallback.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..formats.nvfp4 import NVFP4Tensor
+from .reference import ReferenceBackend
+from .triton_nvfp4 import TritonBackend
+
+
+class CutlassBackend:
+    name = "cutlass"
+
+    def __init__(self):
+        self._triton = TritonBackend()
+        self._reference = ReferenceBackend()
+
+    def _fallback(self, device: torch.device):
+        return self._triton if self._triton.unavailable_reason(torch.device(device)) is None else self._reference
+
+    @property
+    def propagates_nonfinite(self) -> bool:  # as its quantizer does (Triton on CUDA)
+        return True
+
+    def unavailable_reason(self, device: torch.device) -> str | None:
+        try:
+            from cutlass_kernels import binding
+        except ImportError as e:  # pragma: no cover - the package ships with rayfp4
+            return f"cutlass_kernels cannot be imported ({e})"
+        av = binding.available(torch.device(device))
+        if not av:
+            return av.reason
+        if self._triton.unavailable_reason(torch.device(device)) is not None:
+            return "the CUTLASS path quantizes with the Triton kernels, which cannot run here"
+        return None
+
+    def quantize_nvfp4(self, x, tile, rounding, rht, generator, amax=None):
+        return self._fallback(x.device).quantize_nvfp4(x, tile, rounding, rht, generator, amax)
+
+    def quantize_mxfp4(self, x, tile, rounding, rht, generator, scale_rule="ceil"):
+        return self._fallback(x.device).quantize_mxfp4(x, tile, rounding, rht, generator, scale_rule)
+
+    def transpose(self, t):
+        return self._fallback(t.device).transpose(t)
+
+    def gemm(self, a, b, out_dtype: torch.dtype) -> torch.Tensor:
+        if out_dtype != torch.bfloat16 or not isinstance(a, NVFP4Tensor) or not isinstance(b, NVFP4Tensor):
+            return self._fallback(a.device).gemm(a, b, out_dtype)
+        from cutlass_kernels import binding
+
+        from .triton_nvfp4 import dequantize_unscaled
+
+        av = binding.available(a.device)
+        if av.family == "nvfp4":
+            return binding.gemm_nvfp4(a, b)
+        alpha = binding.nvfp4_alpha(a.amax, b.amax)
+        return binding.gemm_bf16_alpha(dequantize_unscaled(a), dequantize_unscaled(b), alpha)

@@ -84,3 +84,18 @@ def test_ray_job_submit_runs_the_default_config(ray_head, tmp_path):
     assert r.returncode == 0, out[-3000:]
     assert "succeeded" in out and "submitted: done" in out and "step 4/4" in out
     assert (tmp_path / "runs" / "submitted" / "train" / "checkpoint_00000004" / "state.pt").is_file()
+
+    # The tokenizing pipeline is a job entrypoint too.
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(3):
+        (corpus / f"doc{i}.txt").write_text(f"document {i}: " + "to be or not to be " * 40)
+    cmd = [str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", ".", "--",
+           "python", "-m", "pipelines.tokenize", str(corpus), "--out", str(tmp_path / "shards"),
+           "--tokenizer", "byte", "--seq-len", "32", "--val-fraction", "0.1"]
+    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    from rayfp4.data import open_shards
+
+    shards = open_shards(tmp_path / "shards")
+    assert shards.num_sequences("train") > 0 and shards.num_sequences("val") > 0

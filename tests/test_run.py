@@ -7,7 +7,9 @@ All training tests share the session's Ray instance and shorten ``configs/tiny.y
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -21,7 +23,7 @@ from rayfp4.tracking import read_metrics
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "configs" / "tiny.yaml")
 FAST = ["train.steps=8", "train.val_every=4", "train.log_every=2", "checkpoint.every=4",
-        "data.val_sequences=16", "model.n_layers=2", "optim.warmup_steps=2"]
+        "data.val_sequences=16", "model.n_layers=2", "optim.warmup_steps=2", "precision.telemetry_every=4"]
 
 
 def sets(*items):
@@ -62,6 +64,11 @@ def test_default_config_end_to_end_with_mlflow(ray_session, tmp_path, capsys):
     assert nv.data.params["model.n_layers"] == "2" and nv.data.params["train.steps"] == "8"
     for metric in ("train_loss", "val_loss", "lr", "grad_norm", "tokens_per_s", "skipped_steps"):
         assert metric in nv.data.metrics, metric
+    # Quantization telemetry at its interval, per layer and operand, only for the NVFP4 run.
+    quant = [k for k in nv.data.metrics if k.startswith("quant.")]
+    assert "quant.layers.0.attn.qkv.fprop.x.saturated" in quant and len(quant) == 8 * 6 * 3
+    assert not any(k.startswith("quant.") for k in by_name["bf16"].data.metrics)
+    assert nv.data.params["precision.summary.quantized_layers"] == "7"  # bf16_last_blocks: 1
     hist = client.get_metric_history(nv.info.run_id, "train_loss")
     assert sorted(m.step for m in hist) == [2, 4, 6, 8]
     val = client.get_metric_history(nv.info.run_id, "val_loss")
@@ -119,12 +126,35 @@ def test_unreachable_tracking_server_does_not_stop_training(ray_session, tmp_pat
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]  # nothing listens here once the socket closes
+    # Also: gradient accumulation (2 micro-batches of 4 per worker) and a poisoned step that is
+    # skipped and counted instead of corrupting the weights.
     rc = main([TINY, *sets(*FAST, "variants=[]", f"output_dir={tmp_path / 'runs'}", "name=offline",
-                             f"tracking.uri=http://127.0.0.1:{port}", "train.steps=4")])
+                             f"tracking.uri=http://127.0.0.1:{port}", "train.steps=6", "train.log_every=1",
+                             "data.micro_batch_size=4", "debug.nan_at_steps=[2]")])
     assert rc == 0
     err = capsys.readouterr().err
     assert err.count("is unavailable") == 1 and "Training continues without tracking" in err
-    assert list(read_metrics(tmp_path / "runs" / "offline" / "train" / "metrics.jsonl"))[-1] == 4
+    m = read_metrics(tmp_path / "runs" / "offline" / "train" / "metrics.jsonl")
+    assert list(m)[-1] == 6
+    assert [m[s]["skipped_steps"] for s in m] == [0, 0, 1, 1, 1, 1]
+    assert math.isnan(m[3]["train_loss"]) and all(math.isfinite(m[s]["train_loss"]) for s in (1, 2, 4, 5, 6))
+
+
+@pytest.mark.slow
+def test_non_finite_steps_in_a_row_stop_the_run_as_failed(ray_session, tmp_path, capsys):
+    rc = main([TINY, *sets(*FAST, "variants=[]", f"output_dir={tmp_path / 'runs'}", "name=diverged",
+                             f"tracking.uri=sqlite:///{tmp_path}/mlruns.db", "train.steps=8",
+                             "debug.nan_at_steps=[1, 2, 3]", "train.max_nonfinite_in_a_row=3",
+                             "checkpoint.max_failures=0")])
+    assert rc == 1
+    out = capsys.readouterr().out
+    assert "3 consecutive steps (up to step 4) had a non-finite loss or gradient" in out
+    assert re.search(r"diverged\s+FAILED", out)
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlruns.db")
+    runs = client.search_runs([client.get_experiment_by_name("rayfp4").experiment_id])
+    assert [r.info.status for r in runs] == ["FAILED"]
 
 
 def _cli(*args, cwd=ROOT):
@@ -159,3 +189,15 @@ def test_cli_missing_file_schema_and_check(tmp_path):
     r = _cli("--schema")
     schema = json.loads(r.stdout)
     assert r.returncode == 0 and {"model", "precision", "optim", "variants"} <= set(schema["properties"])
+
+
+@pytest.mark.slow
+def test_fsdp2_strategy_trains_and_resumes(ray_session, tmp_path):
+    # FSDP2 (fully_shard per block) over gloo on the CPU: full state dicts in the checkpoint, so a
+    # failure after the step-3 checkpoint resumes and finishes.
+    rc = _single(tmp_path, "fsdp", "scaling.strategy=fsdp2", "train.steps=6", "checkpoint.every=3",
+                 "train.log_every=1", "debug.fail_at_step=4")
+    assert rc == 0
+    run = tmp_path / "runs" / "fsdp" / "train"
+    assert (run / ".injected-failure-4").exists()
+    assert list(read_metrics(run / "metrics.jsonl")) == [1, 2, 3, 4, 5, 6]

@@ -217,7 +217,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         opt.zero_grad(set_to_none=True)
         if in_a_row >= cfg.train.max_nonfinite_in_a_row:
             raise NonFiniteTrainingError(
-                f"{in_a_row} consecutive steps (up to step {step}) had a non-finite loss or gradient "
+                f"{in_a_row} consecutive steps (up to step {step + 1}) had a non-finite loss or gradient "
                 f"(last loss {train_loss}, grad norm {grad_norm}); stopping. Lower optim.lr, keep more "
                 f"layers in BF16 (precision.bf16_last_blocks), or raise train.max_nonfinite_in_a_row.")
         step += 1

@@ -25,8 +25,11 @@ def check_rounding(rounding, what: str) -> str:
     return rounding
 
 
-def check_input(x, tile: tuple[int, int], what: str) -> None:
-    """A 2-D floating tensor whose dims fill whole tiles and whose values are finite."""
+def check_input(x, tile: tuple[int, int], what: str, finite: bool = True) -> None:
+    """A 2-D floating tensor whose dims fill whole tiles and (with ``finite``) finite values.
+
+    Fast kernels pass ``finite=False``: they propagate NaN/Inf instead, without a host sync.
+    """
     if not isinstance(x, torch.Tensor):
         raise ValueError(f"{what}: expected a torch.Tensor, got {type(x).__name__}")
     if x.dim() != 2:
@@ -45,6 +48,8 @@ def check_input(x, tile: tuple[int, int], what: str) -> None:
             f"{what}: M={m} of shape {tuple(x.shape)} is not a multiple of {th}, needed for "
             f"{th}x{tw} tiles (pad M to a multiple of {th})"
         )
+    if not finite:
+        return
     finite = torch.isfinite(x)
     if not bool(finite.all()):
         bad = (~finite).nonzero()

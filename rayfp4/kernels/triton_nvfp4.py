@@ -32,7 +32,7 @@ import os
 import torch
 
 from ..formats import mxfp4, nvfp4
-from ..formats._blocks import FLOAT_DTYPES, check_amax, check_rounding, check_tile
+from ..formats._blocks import check_amax, check_input, check_rounding, check_tile
 from ..formats.hadamard import DEFAULT_SIGNS
 from ..formats.nvfp4 import NVFP4Tensor
 
@@ -145,19 +145,8 @@ def _sr_seed(generator: torch.Generator | None, device: torch.device) -> int:
 
 
 def _check(x: torch.Tensor, tile: tuple[int, int], what: str) -> None:
-    if not isinstance(x, torch.Tensor):
-        raise ValueError(f"{what}: expected a torch.Tensor, got {type(x).__name__}")
-    if x.dim() != 2:
-        raise ValueError(f"{what}: expected a 2-D tensor [M, K], got shape {tuple(x.shape)}")
-    if x.dtype not in FLOAT_DTYPES:
-        raise ValueError(f"{what}: expected float32, bfloat16 or float16 input, got {x.dtype}")
-    m, k = x.shape
-    if k % 16:
-        raise ValueError(f"{what}: K={k} of shape {tuple(x.shape)} is not a multiple of the block size 16 "
-                         f"(pad K to a multiple of 16)")
-    if m % tile[0]:
-        raise ValueError(f"{what}: M={m} of shape {tuple(x.shape)} is not a multiple of {tile[0]}, needed "
-                         f"for {tile[0]}x16 tiles (pad M to a multiple of {tile[0]})")
+    # The reference's checks, less the finiteness scan (NaN/Inf propagate here, no host sync).
+    check_input(x, tile, what, finite=False)
 
 
 def quantize_nvfp4(x: torch.Tensor, tile=(1, 16), rounding: str = "nearest", rht: bool = False,

@@ -71,6 +71,17 @@ def ray_head():
         subprocess.run(["pkill", "-KILL", "-f", str(tmp)], check=False)
 
 
+def submit(cmd, env, attempts: int = 10):
+    """``ray job submit``, retried while the head's job agent is still starting (it answers
+    "No available agent to submit job" for a while after the dashboard is up)."""
+    for _ in range(attempts):
+        r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
+        if r.returncode == 0 or "No available agent" not in r.stdout + r.stderr:
+            return r
+        time.sleep(5)
+    return r
+
+
 @pytest.mark.slow
 def test_ray_job_submit_runs_the_default_config(ray_head, tmp_path):
     address, env = ray_head
@@ -79,7 +90,7 @@ def test_ray_job_submit_runs_the_default_config(ray_head, tmp_path):
            "--set", "train.steps=4", "--set", "variants=[]", "--set", "model.n_layers=2",
            "--set", "train.val_every=2", "--set", f"output_dir={tmp_path / 'runs'}",
            "--set", f"tracking.uri=sqlite:///{tmp_path}/mlruns.db", "--set", "name=submitted"]
-    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
+    r = submit(cmd, env)
     out = r.stdout + r.stderr
     assert r.returncode == 0, out[-3000:]
     assert "succeeded" in out and "submitted: done" in out and "step 4/4" in out
@@ -93,7 +104,7 @@ def test_ray_job_submit_runs_the_default_config(ray_head, tmp_path):
     cmd = [str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", ".", "--",
            "python", "-m", "pipelines.tokenize", str(corpus), "--out", str(tmp_path / "shards"),
            "--tokenizer", "byte", "--seq-len", "32", "--val-fraction", "0.1"]
-    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    r = submit(cmd, env)
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
     from rayfp4.data import open_shards
 

@@ -66,9 +66,12 @@ def test_default_config_end_to_end_with_mlflow(ray_session, tmp_path, capsys):
         assert metric in nv.data.metrics, metric
     # Quantization telemetry at its interval, per layer and operand, only for the NVFP4 run.
     quant = [k for k in nv.data.metrics if k.startswith("quant.")]
-    assert "quant.layers.0.attn.qkv.fprop.x.saturated" in quant and len(quant) == 8 * 6 * 3
+    # 2 blocks with the last kept in BF16: 4 quantized linears x 6 operands x 3 statistics.
+    assert "quant.layers.0.attn.qkv.fprop.x.saturated" in quant and len(quant) == 4 * 6 * 3
+    assert not any(k.startswith("quant.layers.1") for k in quant)
     assert not any(k.startswith("quant.") for k in by_name["bf16"].data.metrics)
-    assert nv.data.params["precision.summary.quantized_layers"] == "7"  # bf16_last_blocks: 1
+    assert nv.data.params["precision.summary.quantized_layers"] == "4"
+    assert nv.data.params["precision.summary.bf16_layer_names"].startswith("layers.1.attn.qkv")
     hist = client.get_metric_history(nv.info.run_id, "train_loss")
     assert sorted(m.step for m in hist) == [2, 4, 6, 8]
     val = client.get_metric_history(nv.info.run_id, "val_loss")

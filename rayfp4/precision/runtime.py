@@ -47,8 +47,10 @@ class PrecisionRuntime:
 
     @property
     def telemetry_due(self) -> bool:
+        """Record telemetry on the steps whose 1-based number is a multiple of telemetry_every
+        (``step`` is the 0-based index of the step in progress), i.e. on the logged steps."""
         n = self.policy.telemetry_every
-        return n > 0 and self.step % n == 0
+        return n > 0 and (self.step + 1) % n == 0
 
     def sr_seed(self, layer_index: int, stream: str) -> int:
         """A 63-bit seed unique to (run seed, step, layer, data-parallel rank, stream).

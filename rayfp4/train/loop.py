@@ -178,6 +178,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     if rank == 0 and loop_config.get("mlflow_run_id"):
         tracker = Tracker(cfg.tracking.uri, cfg.tracking.experiment, quiet=False)
     log = RankZeroLog(rank, run_dir, tracker, loop_config.get("mlflow_run_id"), loop_config.get("board"))
+    if tracker is not None:  # which layers run in 4 bits, as the policy resolved on this model
+        tracker.log_params(loop_config["mlflow_run_id"], summary.to_params())
     tokens_per_step = cfg.data.global_batch_size * seq_len
     flops_per_token = cfg.model.model_copy(update={"seq_len": seq_len}).flops_per_token()
     peak = peak_flops(device)
@@ -236,7 +238,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         tele = collect_telemetry(_unwrap(model))
         if tele:
             metrics.update({f"quant/{k}": v for k, v in tele.items()})
-        if step % cfg.train.log_every == 0 or "val_loss" in metrics or last_step:
+        if step % cfg.train.log_every == 0 or "val_loss" in metrics or tele or last_step:
             elapsed = time.perf_counter() - started
             progress = {"step": step, "total_steps": total, "train_loss": train_loss,
                         "val_loss": metrics.get("val_loss"), "tokens_per_s": metrics["tokens_per_s"],

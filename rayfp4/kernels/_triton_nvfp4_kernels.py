@@ -9,13 +9,16 @@ the arithmetic ourselves:
   significand, subnormals down to 2^-9 kept), so it is the same under the interpreter and on any
   GPU, and needs no FP8 hardware conversion;
 - E2M1 codes come from threshold comparisons identical to ``e2m1.encode_rne`` (ties to even,
-  -0.0 -> code 0, a negative value that rounds to zero -> code 8);
+  -0.0 -> code 0, a negative value that rounds to zero -> code 8); the comparisons are counted in
+  FP32 (exact small integers), which keeps them off the GPU's integer pipe, the bottleneck of
+  these kernels (the counts equal the int32 ones on all 2^32 inputs: bench/tune_quantize.py);
 - plain ``*`` / ``+`` of FP32 in Triton are IEEE (no flush to zero outside libdevice), and no
   product here is followed by an addition that contraction into an FMA could change.
 
 Packed codes are written as one int64 word per block of 16: code j of the block in nibble j.
 Little-endian, that is byte j//2 with element 2i in the low nibble -- the reference's packing --
-so the host views the int64 [M, K/16] buffer as uint8 [M, K/2].
+so the host views the int64 [M, K/16] buffer as uint8 [M, K/2]. Some kernels build the same bytes
+another way (PACK: as int32 halves or as bytes), which is cheaper on the GPU; the buffer is the same.
 
 Whether these are compiled or interpreted is fixed when triton is imported (TRITON_INTERPRET).
 """
@@ -79,35 +82,76 @@ def _e2m1_mag(c):
 def _dequant(c, sb):
     """e2m1(c) * s_b in FP32 for codes c (int32 0..15), the sign set on the bits: code 8 gives -0.0
     as in the reference (a select between -v and v lost the sign of zero when compiled)."""
-    v = _e2m1_mag(c & 7) * sb
+    return _dequant_m((c & 7).to(tl.float32), c, sb)
+
+
+@triton.jit
+def _dequant_m(m, c, sb):
+    """_dequant with the magnitude code also given as an FP32 integer m (0..7)."""
+    v = _e2m1_mag_f(m) * sb
     return (v.to(tl.int32, bitcast=True) | ((c & 8) << 28)).to(tl.float32, bitcast=True)
 
 
 @triton.jit
-def _e2m1_rne(y):
-    """E2M1 code (int32) of FP32 y: the threshold count of ``e2m1.encode_rne``, plus the sign."""
+def _e2m1_mag_f(m):
+    """_e2m1_mag of an FP32 integer m in 0..7: 0.5 m + 0.5 max(m - 4, 0) + max(m - 6, 0), every
+    term and sum exact (0, .5, 1, 1.5, 2, 3, 4, 6), with FP32 operations instead of integer ones."""
+    return (m * 0.5 + tl.maximum(m - 4.0, 0.0) * 0.5) + tl.maximum(m - 6.0, 0.0)
+
+
+@triton.jit
+def _small_int(s):
+    """int32 of an FP32 integer s in [0, 2^23) (exact: 2^23 + s is exact, s its low mantissa bits).
+
+    The E2M1 encoders count threshold comparisons (and add 8 for the sign) in FP32 rather than
+    int32: the same exact integer, but a compare that yields 1.0 is one instruction on the GPU and
+    the additions run on the FMA pipe, where the int32 count took a compare, a select and an add
+    on the integer pipe for every threshold.
+    """
+    return (s + 8388608.0).to(tl.int32, bitcast=True) - 0x4B000000
+
+
+@triton.jit
+def _code(m, y):
+    """E2M1 code (int32) from the magnitude code m (FP32 integer 0..7) and the sign of y."""
+    return _small_int(m + (y < 0).to(tl.float32) * 8.0)
+
+
+@triton.jit
+def _e2m1_rne_m(y):
+    """Magnitude code of FP32 y as an FP32 integer: the threshold count of ``e2m1.encode_rne``."""
     a = tl.abs(y)
-    c = ((a > 0.25).to(tl.int32) + (a >= 0.75).to(tl.int32) + (a > 1.25).to(tl.int32)
-         + (a >= 1.75).to(tl.int32) + (a > 2.5).to(tl.int32) + (a >= 3.5).to(tl.int32)
-         + (a > 5.0).to(tl.int32))
-    return c | tl.where(y < 0, 8, 0)
+    return ((((a > 0.25).to(tl.float32) + (a >= 0.75).to(tl.float32)) + ((a > 1.25).to(tl.float32)
+            + (a >= 1.75).to(tl.float32))) + (((a > 2.5).to(tl.float32) + (a >= 3.5).to(tl.float32))
+            + (a > 5.0).to(tl.float32)))
+
+
+@triton.jit
+def _e2m1_rne(y):
+    """E2M1 code (int32) of FP32 y: the threshold count of ``e2m1.encode_rne``, plus the sign
+    (ties to even, -0.0 -> 0, a negative value that rounds to zero -> 8)."""
+    return _code(_e2m1_rne_m(y), y)
+
+
+@triton.jit
+def _e2m1_sr_m(y, r8):
+    """Magnitude code (FP32 integer) of y, rounding up with probability (|y| - lo) / (hi - lo)
+    decided by u = r8 / 256: the rule of ``e2m1.encode_stochastic`` (representable values never
+    move, |y| >= 6 gives 6)."""
+    a = tl.abs(y)
+    lo_f = (((a >= 0.5).to(tl.float32) + (a >= 1.0).to(tl.float32)) + ((a >= 1.5).to(tl.float32)
+            + (a >= 2.0).to(tl.float32))) + (((a >= 3.0).to(tl.float32) + (a >= 4.0).to(tl.float32))
+            + (a >= 6.0).to(tl.float32))
+    inv_spacing = tl.where(a < 2.0, 2.0, tl.where(a < 4.0, 1.0, 0.5))
+    p = (a - _e2m1_mag_f(lo_f)) * inv_spacing  # exact: Sterbenz, then a power of two
+    u = r8.to(tl.float32) * 0.00390625
+    return lo_f + ((u < p) & (lo_f < 7.0)).to(tl.float32)
 
 
 @triton.jit
 def _e2m1_sr(y, r8):
-    """E2M1 code of y, rounding up with probability (|y| - lo) / (hi - lo) decided by u = r8 / 256.
-
-    The rule of ``e2m1.encode_stochastic``: representable values never move, |y| >= 6 gives 6.
-    """
-    a = tl.abs(y)
-    lo = ((a >= 0.5).to(tl.int32) + (a >= 1.0).to(tl.int32) + (a >= 1.5).to(tl.int32)
-          + (a >= 2.0).to(tl.int32) + (a >= 3.0).to(tl.int32) + (a >= 4.0).to(tl.int32)
-          + (a >= 6.0).to(tl.int32))
-    inv_spacing = tl.where(a < 2.0, 2.0, tl.where(a < 4.0, 1.0, 0.5))
-    p = (a - _e2m1_mag(lo)) * inv_spacing  # exact: Sterbenz, then a power of two
-    u = r8.to(tl.float32) * 0.00390625
-    c = lo + ((u < p) & (lo < 7)).to(tl.int32)
-    return c | tl.where(y < 0, 8, 0)
+    """E2M1 code of y with stochastic rounding (see _e2m1_sr_m), plus the sign."""
+    return _code(_e2m1_sr_m(y, r8), y)
 
 
 @triton.jit
@@ -359,9 +403,26 @@ def _code16(x, enc, r0, r1, r2, r3, j: tl.constexpr, SR: tl.constexpr):
 
 
 @triton.jit
+def _code16h(x, enc, r0, r1, r2, r3, j: tl.constexpr, SR: tl.constexpr):
+    """Code of element j of each block, shifted into nibble j % 8 of an int32 half-word."""
+    y = x * enc
+    if SR:
+        c = _e2m1_sr(y, _rand8(r0, r1, r2, r3, j))
+    else:
+        c = _e2m1_rne(y)
+    return c << (4 * (j % 8))
+
+
+@triton.jit
+def _word32(lo, hi):
+    """int64 word from its low and high int32 halves (zero-extended: no sign leaks into hi)."""
+    return lo.to(tl.uint32, bitcast=True).to(tl.int64) | (hi.to(tl.uint32, bitcast=True).to(tl.int64) << 32)
+
+
+@triton.jit
 def quant_groups_kernel(x_ptr, data_ptr, scale_ptr, amax_ptr, M, K, stride_m, stride_k, seed, one_sixth,
                         RHT: tl.constexpr, SIGNS: tl.constexpr, ROUND: tl.constexpr, SR: tl.constexpr,
-                        BM: tl.constexpr, G: tl.constexpr):
+                        BM: tl.constexpr, G: tl.constexpr, PACK: tl.constexpr = 0):
     """1x16 quantization of a strided [M, K] view along K (optionally RHT first): packed int64 words
     [M, K/16] and E4M3 scale bytes [M, K/16], both row-major. For K = the physical row index (the
     transposed, column-wise quantization) the transpose is never written to memory.
@@ -387,14 +448,27 @@ def quant_groups_kernel(x_ptr, data_ptr, scale_ptr, amax_ptr, M, K, stride_m, st
         r1 = 0
         r2 = 0
         r3 = 0
-    w = _code16(x0, enc, r0, r1, r2, r3, 0, SR) | _code16(x1, enc, r0, r1, r2, r3, 1, SR)
-    w |= _code16(x2, enc, r0, r1, r2, r3, 2, SR) | _code16(x3, enc, r0, r1, r2, r3, 3, SR)
-    w |= _code16(x4, enc, r0, r1, r2, r3, 4, SR) | _code16(x5, enc, r0, r1, r2, r3, 5, SR)
-    w |= _code16(x6, enc, r0, r1, r2, r3, 6, SR) | _code16(x7, enc, r0, r1, r2, r3, 7, SR)
-    w |= _code16(x8, enc, r0, r1, r2, r3, 8, SR) | _code16(x9, enc, r0, r1, r2, r3, 9, SR)
-    w |= _code16(x10, enc, r0, r1, r2, r3, 10, SR) | _code16(x11, enc, r0, r1, r2, r3, 11, SR)
-    w |= _code16(x12, enc, r0, r1, r2, r3, 12, SR) | _code16(x13, enc, r0, r1, r2, r3, 13, SR)
-    w |= _code16(x14, enc, r0, r1, r2, r3, 14, SR) | _code16(x15, enc, r0, r1, r2, r3, 15, SR)
+    if PACK == 0:
+        # One int64 word, built nibble by nibble in 64-bit registers.
+        w = _code16(x0, enc, r0, r1, r2, r3, 0, SR) | _code16(x1, enc, r0, r1, r2, r3, 1, SR)
+        w |= _code16(x2, enc, r0, r1, r2, r3, 2, SR) | _code16(x3, enc, r0, r1, r2, r3, 3, SR)
+        w |= _code16(x4, enc, r0, r1, r2, r3, 4, SR) | _code16(x5, enc, r0, r1, r2, r3, 5, SR)
+        w |= _code16(x6, enc, r0, r1, r2, r3, 6, SR) | _code16(x7, enc, r0, r1, r2, r3, 7, SR)
+        w |= _code16(x8, enc, r0, r1, r2, r3, 8, SR) | _code16(x9, enc, r0, r1, r2, r3, 9, SR)
+        w |= _code16(x10, enc, r0, r1, r2, r3, 10, SR) | _code16(x11, enc, r0, r1, r2, r3, 11, SR)
+        w |= _code16(x12, enc, r0, r1, r2, r3, 12, SR) | _code16(x13, enc, r0, r1, r2, r3, 13, SR)
+        w |= _code16(x14, enc, r0, r1, r2, r3, 14, SR) | _code16(x15, enc, r0, r1, r2, r3, 15, SR)
+    else:
+        # The same word from two int32 halves (nibbles 0-7 and 8-15): 32-bit shifts and ORs.
+        lo = _code16h(x0, enc, r0, r1, r2, r3, 0, SR) | _code16h(x1, enc, r0, r1, r2, r3, 1, SR)
+        lo |= _code16h(x2, enc, r0, r1, r2, r3, 2, SR) | _code16h(x3, enc, r0, r1, r2, r3, 3, SR)
+        lo |= _code16h(x4, enc, r0, r1, r2, r3, 4, SR) | _code16h(x5, enc, r0, r1, r2, r3, 5, SR)
+        lo |= _code16h(x6, enc, r0, r1, r2, r3, 6, SR) | _code16h(x7, enc, r0, r1, r2, r3, 7, SR)
+        hi = _code16h(x8, enc, r0, r1, r2, r3, 8, SR) | _code16h(x9, enc, r0, r1, r2, r3, 9, SR)
+        hi |= _code16h(x10, enc, r0, r1, r2, r3, 10, SR) | _code16h(x11, enc, r0, r1, r2, r3, 11, SR)
+        hi |= _code16h(x12, enc, r0, r1, r2, r3, 12, SR) | _code16h(x13, enc, r0, r1, r2, r3, 13, SR)
+        hi |= _code16h(x14, enc, r0, r1, r2, r3, 14, SR) | _code16h(x15, enc, r0, r1, r2, r3, 15, SR)
+        w = _word32(lo, hi)
     tl.store(data_ptr + out, w, mask=mask)
     tl.store(scale_ptr + out, byte.to(tl.uint8), mask=mask)
 
@@ -406,7 +480,8 @@ def quant_groups_kernel(x_ptr, data_ptr, scale_ptr, amax_ptr, M, K, stride_m, st
 def quant_rows_kernel(x_ptr, data_ptr, scale_ptr, deq_ptr, amax_ptr, datat_ptr, scalet_ptr,
                       M, K, stride_m, seed, one_sixth,
                       TILE_ROWS: tl.constexpr, SR: tl.constexpr, WRITE_DEQ: tl.constexpr,
-                      WRITE_T: tl.constexpr, BM: tl.constexpr, G: tl.constexpr):
+                      WRITE_T: tl.constexpr, BM: tl.constexpr, G: tl.constexpr,
+                      PACK: tl.constexpr = 0, RAND: tl.constexpr = 0):
     """Quantization along a contiguous K with 1x16 blocks (TILE_ROWS=1) or 16x16 tiles (16).
 
     Writes packed int64 words and E4M3 bytes [M, K/16]; with WRITE_DEQ also the unscaled
@@ -414,6 +489,12 @@ def quant_rows_kernel(x_ptr, data_ptr, scale_ptr, deq_ptr, amax_ptr, datat_ptr, 
     operand of the emulation; with WRITE_T (16x16 tiles only) also the codes and scales of the
     transpose [K, M] -- the same codes, as the recipe's Dgrad reuses them -- so W^T is never
     requantized or repacked on the host.
+
+    PACK picks how the codes are packed (the bytes written are the same): 0, one int64 word per
+    block by a 64-bit sum over the block (data_ptr: int64 [M, K/16]); 1, bytes from the pairs of
+    neighbours (data_ptr: uint8 [M, K/2]); 2, int32 half-words by three rounds of pairing
+    (data_ptr: int32 [M, K/8]). RAND picks how the SR bytes are spread over the block (same bits):
+    0, selects; 1, joins.
     """
     rows = tl.program_id(0) * BM + tl.arange(0, BM)
     grp = tl.program_id(1) * G + tl.arange(0, G)
@@ -436,20 +517,44 @@ def quant_rows_kernel(x_ptr, data_ptr, scale_ptr, deq_ptr, amax_ptr, datat_ptr, 
     if SR:
         out0 = (rows[:, None].to(tl.int64) * nb + grp[None, :]).to(tl.uint32, bitcast=False)
         r0, r1, r2, r3 = tl.randint4x(seed, out0)
-        q = j[None, None, :] // 4
-        r = tl.where(q == 0, r0[:, :, None], tl.where(q == 1, r1[:, :, None],
-                     tl.where(q == 2, r2[:, :, None], r3[:, :, None])))
-        r8 = ((r >> (8 * (j[None, None, :] % 4)).to(tl.uint32)) & 0xFF).to(tl.int32)
-        code = _e2m1_sr(y, r8)
+        if RAND == 0:
+            q = j[None, None, :] // 4
+            r = tl.where(q == 0, r0[:, :, None], tl.where(q == 1, r1[:, :, None],
+                         tl.where(q == 2, r2[:, :, None], r3[:, :, None])))
+            r8 = ((r >> (8 * (j[None, None, :] % 4)).to(tl.uint32)) & 0xFF).to(tl.int32)
+        else:
+            # join stacks on a new last axis, so join(join(a, c), join(b, d)) flattens to a, b, c, d:
+            # [BM, G, 4] words (r_q at q), then [BM, G, 4, 2, 2] bytes (byte b of r_q at 4q + b).
+            rr = tl.reshape(tl.join(tl.join(r0, r2), tl.join(r1, r3)), [BM, G, 4]).to(tl.int32, bitcast=True)
+            rb = tl.join(tl.join(rr & 0xFF, (rr >> 16) & 0xFF), tl.join((rr >> 8) & 0xFF, (rr >> 24) & 0xFF))
+            r8 = tl.reshape(rb, [BM, G, 16])
+        m = _e2m1_sr_m(y, r8)
     else:
-        code = _e2m1_rne(y)
+        m = _e2m1_rne_m(y)
+    code = _code(m, y)
 
-    word = tl.sum(code.to(tl.int64) << (4 * j[None, None, :]).to(tl.int64), axis=2)
     out = rows[:, None].to(tl.int64) * nb + grp[None, :]
-    tl.store(data_ptr + out, word, mask=mask2)
+    if PACK == 0:
+        word = tl.sum(code.to(tl.int64) << (4 * j[None, None, :]).to(tl.int64), axis=2)
+        tl.store(data_ptr + out, word, mask=mask2)
+    else:
+        lo, hi = tl.split(tl.reshape(code, [BM, G, 8, 2]))
+        p = lo | (hi << 4)  # byte i of the block: elements 2i (low nibble) and 2i + 1
+        if PACK == 1:
+            i8 = tl.arange(0, 8)
+            poffs = rows[:, None, None].to(tl.int64) * (K // 2) + (grp[None, :, None] * 8 + i8[None, None, :]).to(tl.int64)
+            tl.store(data_ptr + poffs, p.to(tl.uint8), mask=mask3)
+        else:
+            lo, hi = tl.split(tl.reshape(p, [BM, G, 4, 2]))
+            p = lo | (hi << 8)
+            lo, hi = tl.split(tl.reshape(p, [BM, G, 2, 2]))
+            p = lo | (hi << 16)  # int32 half-word h: bytes 4h .. 4h + 3
+            i2 = tl.arange(0, 2)
+            poffs = rows[:, None, None].to(tl.int64) * (K // 8) + (grp[None, :, None] * 2 + i2[None, None, :]).to(tl.int64)
+            tl.store(data_ptr + poffs, p, mask=mask3)
     tl.store(scale_ptr + out, byte.to(tl.uint8), mask=mask2)
     if WRITE_DEQ:
-        deq = _dequant(code, sb[:, :, None])
+        deq = _dequant_m(m, code, sb[:, :, None])
         doffs = (rows[:, None, None].to(tl.int64) * K
                  + (grp[None, :, None] * 16 + j[None, None, :]).to(tl.int64))
         tl.store(deq_ptr + doffs, deq.to(deq_ptr.dtype.element_ty), mask=mask3)

@@ -43,6 +43,26 @@ DEFAULT_SIGN_MASK = sum(1 << j for j, s in enumerate(DEFAULT_SIGNS) if s < 0)
 _ROUND_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 _CACHE_ATTR = "_bf16"
 
+#: Launch parameters of each kernel (tile, warps, packing variant); none of them changes a bit of
+#: the output. Keys: "amax"; "amax_rht" (amax + amax of the RHT, one read); "rows", "rows_sr"
+#: (1x16 blocks along a contiguous K), "rows_tile" (16x16 tiles, + the transpose); "groups",
+#: "groups_rht", "groups_rht_sr", "groups_sr" (along a strided K: the column-wise quantizations);
+#: "dequant". bench/tune_quantize.py times the candidates on the H200.
+LAUNCH = {  # H200, 2026-11-28 (BENCHMARKS.md): fastest bit-identical candidate of bench/tune_quantize.py
+    "amax": dict(BM=32, BK=256, num_warps=4),
+    "amax_rht": dict(BM=64, G=4, num_warps=4),
+    "rows": dict(BM=16, G=16, num_warps=4, PACK=0, RAND=0),
+    "rows_sr": dict(BM=16, G=8, num_warps=4, PACK=1, RAND=0),
+    "rows_tile": dict(BM=32, G=8, num_warps=4, PACK=1, RAND=0),
+    "groups": dict(BM=128, G=4, num_warps=4, PACK=1),
+    "groups_sr": dict(BM=64, G=4, num_warps=4, PACK=1),  # not swept: as groups_rht_sr
+    "groups_rht": dict(BM=128, G=8, num_warps=8, PACK=1),
+    "groups_rht_sr": dict(BM=64, G=4, num_warps=4, PACK=1),
+    "dequant": dict(BM=16, G=16, num_warps=4),
+}
+#: The view of the int64 [M, K/16] word buffer each PACK variant of quant_rows_kernel stores to.
+_PACK_DTYPE = {0: torch.int64, 1: torch.uint8, 2: torch.int32}
+
 _kernels = None
 
 
@@ -107,18 +127,45 @@ def tensor_amax(x: torch.Tensor, rht: bool = False, signs: int = DEFAULT_SIGN_MA
     out = torch.zeros(2, dtype=torch.int32, device=x.device)
     kern = _k(x.device)
     if rht:
-        bm, g = (64, 4)
-        grid = (_cdiv(m, bm), _cdiv(k // 16, g))
+        cfg = LAUNCH["amax_rht"]
+        grid = (_cdiv(m, cfg["BM"]), _cdiv(k // 16, cfg["G"]))
         kern.amax_groups_kernel[grid](x, out, m, k, x.stride(0), x.stride(1), RHT=True, SIGNS=signs,
-                                      ROUND=_ROUND_CODE[x.dtype], BM=bm, G=g, num_warps=4)
+                                      ROUND=_ROUND_CODE[x.dtype], **cfg)
     else:
         # Plain amax ignores the orientation: reduce over the physical layout, K-contiguous.
         phys = x if x.stride(1) == 1 else x.t()
         pm, pk = phys.shape
-        bm, bk = (32, 256)
-        grid = (_cdiv(pm, bm), _cdiv(pk, bk))
-        kern.amax_kernel[grid](phys, out, pm, pk, phys.stride(0), phys.stride(1), BM=bm, BK=bk, num_warps=4)
+        cfg = LAUNCH["amax"]
+        grid = (_cdiv(pm, cfg["BM"]), _cdiv(pk, cfg["BK"]))
+        kern.amax_kernel[grid](phys, out, pm, pk, phys.stride(0), phys.stride(1), **cfg)
     return out.view(torch.float32)
+
+
+def launch_quant_rows(x, words, scale, deq, am, words_t, scale_t, seed, tile_rows, sr, cfg=None):
+    """quant_rows_kernel over a K-contiguous [M, K] x into the int64 [M, K/16] ``words`` (and the
+    optional BF16 ``deq`` and transposed ``words_t``/``scale_t``) with the launch parameters
+    ``cfg`` (default: this module's LAUNCH entry)."""
+    if cfg is None:
+        cfg = LAUNCH["rows_tile" if tile_rows == 16 else "rows_sr" if sr else "rows"]
+    m, k = x.shape
+    write_t = words_t is not None
+    grid = (_cdiv(m, cfg["BM"]), _cdiv(k // 16, cfg["G"]))
+    _k(x.device).quant_rows_kernel[grid](
+        x, words.view(_PACK_DTYPE[cfg.get("PACK", 0)]), scale, deq if deq is not None else words, am,
+        words_t if write_t else words, scale_t if write_t else scale,
+        m, k, x.stride(0), seed, ONE_SIXTH_F32,
+        TILE_ROWS=tile_rows, SR=sr, WRITE_DEQ=deq is not None, WRITE_T=write_t, **cfg)
+
+
+def launch_quant_groups(x, words, scale, am, seed, rht, sr, signs=DEFAULT_SIGN_MASK, cfg=None):
+    """quant_groups_kernel over a strided [M, K] view x (1x16 blocks along K, optional RHT)."""
+    if cfg is None:
+        cfg = LAUNCH["groups" + ("_rht" if rht else "") + ("_sr" if sr else "")]
+    m, k = x.shape
+    grid = (_cdiv(m, cfg["BM"]), _cdiv(k // 16, cfg["G"]))
+    _k(x.device).quant_groups_kernel[grid](
+        x, words, scale, am, m, k, x.stride(0), x.stride(1), seed, ONE_SIXTH_F32,
+        RHT=bool(rht), SIGNS=signs, ROUND=_ROUND_CODE[x.dtype], SR=sr, **cfg)
 
 
 # ---------------------------------------------------------------------------------- quantize
@@ -177,8 +224,6 @@ def quantize_nvfp4(x: torch.Tensor, tile=(1, 16), rounding: str = "nearest", rht
 
     m, k = x.shape
     dev = x.device
-    kern = _k(dev)
-    cuda = dev.type == "cuda"
     x, orient = _layout(x)
     if amax is None:
         am = tensor_amax(x, rht=rht, signs=signs)[1 if rht else 0]
@@ -200,13 +245,8 @@ def quantize_nvfp4(x: torch.Tensor, tile=(1, 16), rounding: str = "nearest", rht
         if write_t:
             words_t = torch.empty(k, m // 16, dtype=torch.int64, device=dev)
             scale_t = torch.empty(k, m // 16, dtype=torch.uint8, device=dev)
-        bm, g = (32, 8) if tile == (1, 16) else (16, 16)
-        grid = (_cdiv(m, bm), _cdiv(k // 16, g))
-        kern.quant_rows_kernel[grid](
-            x, words, scale, deq if deq is not None else words, am,
-            words_t if write_t else words, scale_t if write_t else scale,
-            m, k, x.stride(0), seed, ONE_SIXTH_F32,
-            TILE_ROWS=tile[0], SR=sr, WRITE_DEQ=deq is not None, WRITE_T=write_t, BM=bm, G=g, num_warps=4)
+        launch_quant_rows(x, words, scale, deq, am, words_t if write_t else None,
+                          scale_t if write_t else None, seed, tile[0], sr)
         if write_t:
             transposed = NVFP4Tensor(
                 data=words_t.view(torch.uint8), scale=scale_t.view(torch.float8_e4m3fn), amax=am,
@@ -214,11 +254,7 @@ def quantize_nvfp4(x: torch.Tensor, tile=(1, 16), rounding: str = "nearest", rht
             if deq is not None:
                 setattr(transposed, _CACHE_ATTR, deq.t())
     else:
-        bm, g = (64, 4)
-        grid = (_cdiv(m, bm), _cdiv(k // 16, g))
-        kern.quant_groups_kernel[grid](
-            x, words, scale, am, m, k, x.stride(0), x.stride(1), seed, ONE_SIXTH_F32,
-            RHT=bool(rht), SIGNS=signs, ROUND=_ROUND_CODE[x.dtype], SR=sr, BM=bm, G=g, num_warps=4)
+        launch_quant_groups(x, words, scale, am, seed, rht, sr, signs)
         if write_bf16:
             deq = dequantize_words(words, scale, (m, k))
     t = NVFP4Tensor(data=words.view(torch.uint8), scale=scale.view(torch.float8_e4m3fn), amax=am,
@@ -245,10 +281,9 @@ def dequantize_words(data: torch.Tensor, scale: torch.Tensor, shape, dtype=torch
     data = data.contiguous().view(torch.uint8).view(torch.int64).view(m, k // 16)
     scale = scale.contiguous().view(torch.uint8)
     out = torch.empty(m, k, dtype=dtype, device=data.device)
-    cuda = data.device.type == "cuda"
-    bm, g = (32, 8)
-    _k(data.device).dequant_rows_kernel[(_cdiv(m, bm), _cdiv(k // 16, g))](
-        data, scale, out, m, k, BM=bm, G=g, num_warps=4)
+    cfg = LAUNCH["dequant"]
+    _k(data.device).dequant_rows_kernel[(_cdiv(m, cfg["BM"]), _cdiv(k // 16, cfg["G"]))](
+        data, scale, out, m, k, **cfg)
     return out
 
 

@@ -34,11 +34,16 @@ def _free_port() -> int:
 @pytest.fixture
 def ray_head():
     tmp = Path(tempfile.mkdtemp(prefix="rayfp4-head-"))
-    gcs, dash = _free_port(), _free_port()
+    gcs, dash, agent, agent_grpc, env_agent, metrics, client = (_free_port() for _ in range(7))
     env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
     head = subprocess.Popen(
         [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs}",
          f"--dashboard-port={dash}", "--dashboard-host=127.0.0.1", "--num-cpus=2", "--disable-usage-stats",
+         # Its own agent/metrics ports: the test session's Ray (ray_session) may hold the defaults,
+         # and a head whose dashboard agent cannot bind answers "No available agent" forever.
+         f"--dashboard-agent-listen-port={agent}", f"--dashboard-agent-grpc-port={agent_grpc}",
+         f"--runtime-env-agent-port={env_agent}", f"--metrics-export-port={metrics}",
+         f"--ray-client-server-port={client}",
          f"--temp-dir={tmp}"],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     address = f"http://127.0.0.1:{dash}"

@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from .model import ModelConfig
 from .precision import PrecisionPolicy
-from .precision.policy import format_validation_error
+from .precision.policy import format_validation_error, read_yaml_mapping
 
 
 class ConfigError(ValueError):
@@ -190,18 +190,7 @@ def parse_override(text: str) -> tuple[str, Any]:
 
 def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
     """The validated run config of a YAML file (or the defaults) with ``--set`` overrides applied."""
-    data: dict = {}
-    if path is not None:
-        p = Path(path)
-        try:
-            loaded = yaml.safe_load(p.read_text())
-        except FileNotFoundError:
-            raise ConfigError(f"{p}: no such config file") from None
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{p}: not valid YAML: {e}") from None
-        if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError(f"{p}: expected a mapping of config sections, got {type(loaded).__name__}")
-        data = loaded or {}
+    data = read_yaml_mapping(path, "config", ConfigError) if path is not None else {}
     for text in overrides:
         key, value = parse_override(text)
         _set_path(data, key, value, "--set")

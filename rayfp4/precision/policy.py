@@ -44,6 +44,20 @@ def format_validation_error(err: ValidationError, prefix: str = "") -> str:
     return "\n".join(lines)
 
 
+def read_yaml_mapping(path: str | Path, what: str, error: type[ValueError]) -> dict:
+    """The mapping in a YAML file (empty file: {}), or ``error`` naming the file and the problem."""
+    p = Path(path)
+    try:
+        data = yaml.safe_load(p.read_text())
+    except FileNotFoundError:
+        raise error(f"{p}: no such {what} file") from None
+    except yaml.YAMLError as e:
+        raise error(f"{p}: not valid YAML: {e}") from None
+    if data is not None and not isinstance(data, dict):
+        raise error(f"{p}: expected a mapping of {what} fields, got {type(data).__name__}")
+    return data or {}
+
+
 class LateSwitch(BaseModel):
     """Switch to BF16 late in training (the paper's 12B run: both passes at 82% of tokens)."""
 
@@ -142,17 +156,10 @@ class PrecisionPolicy(BaseModel):
     def from_yaml(cls, path: str | Path) -> "PrecisionPolicy":
         """A policy from a YAML file holding the policy itself or a run config with ``precision:``."""
         p = Path(path)
-        try:
-            data = yaml.safe_load(p.read_text())
-        except FileNotFoundError:
-            raise PolicyError(f"{p}: no such policy file") from None
-        except yaml.YAMLError as e:
-            raise PolicyError(f"{p}: not valid YAML: {e}") from None
-        if data is not None and not isinstance(data, dict):
-            raise PolicyError(f"{p}: expected a mapping of policy fields, got {type(data).__name__}")
-        if isinstance(data, dict) and isinstance(data.get("precision"), dict):
+        data = read_yaml_mapping(p, "policy", PolicyError)
+        if isinstance(data.get("precision"), dict):
             data = data["precision"]
         try:
-            return cls.model_validate(data or {})
+            return cls.model_validate(data)
         except ValidationError as e:
             raise PolicyError(f"{p}:\n" + format_validation_error(e, "precision")) from None

@@ -242,3 +242,62 @@ def test_registry_keeps_reference_on_cpu():
     assert kernels.resolve("auto", "cpu").name == "reference"
     with pytest.raises(kernels.BackendUnavailable, match="no CUDA device"):
         kernels.resolve("triton", "cpu")
+
+
+# ------------------------------------------------------------------------- fused passes
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_one_amax_pass_and_column_operand_written_in_place(dtype, gen):
+    """tensor_amax of x^T with RHT gives both operands' amaxes in one read; the column quantizer
+    fed that amax equals the reference, and the BF16 operand it writes (in x's memory order) is
+    the reference's dequantized operand, for RTNE and, against its own codes, for SR."""
+    x = (random_matrix(48, 64, torch.float32, gen) * 1e-3).to(dtype)
+    xt = x.t()
+    am = T.tensor_amax(xt, rht=True)
+    ref_rows, ref_cols = nvfp4.quantize(x), nvfp4.quantize(xt, rht=True)
+    assert torch.equal(am[0], ref_rows.amax) and torch.equal(am[1], ref_cols.amax)
+    rows = T.quantize_nvfp4(x, amax=am[0], trust_amax=True)
+    assert torch.equal(rows.data, ref_rows.data) and torch.equal(rows.scale.view(torch.uint8), ref_rows.scale.view(torch.uint8))
+    cols = T.quantize_nvfp4(xt, rht=True, amax=am[1], trust_amax=True, write_bf16=True)
+    assert torch.equal(cols.data, ref_cols.data) and torch.equal(cols.amax, ref_cols.amax)
+    assert torch.equal(cols.scale.view(torch.uint8), ref_cols.scale.view(torch.uint8))
+    op = cols._bf16
+    assert op.shape == (64, 48) and op.stride() == xt.stride()  # x's memory order, a view
+    want = ref_cols.dequantize_unscaled(torch.bfloat16)
+    assert torch.equal(op.contiguous().view(torch.int16), want.view(torch.int16))
+    for rht in (False, True):
+        sr = T.quantize_nvfp4(xt, rht=rht, rounding="stochastic", generator=gen, write_bf16=True)
+        own = T.dequantize_words(sr.data, sr.scale, sr.shape)
+        assert torch.equal(sr._bf16.contiguous().view(torch.int16), own.view(torch.int16))
+    # Without the hint nothing extra is written for the (saved, packed) column operand.
+    assert getattr(T.quantize_nvfp4(xt, rht=True), "_bf16", None) is None
+
+
+@pytest.mark.parametrize("tokens", [64, 40])
+def test_linear_layer_on_the_triton_backend_equals_the_reference_backend(tokens, gen):
+    """NVFP4Linear with the Triton backend (interpreted here; shared amax passes, BF16 operands
+    written by the quantizers) gives the reference backend's outputs, gradients and operands."""
+    from rayfp4.precision import NVFP4Linear, PrecisionPolicy
+
+    pol = PrecisionPolicy(stochastic_rounding_grads=False)  # SR streams differ between backends
+    x = (torch.randn(tokens, 64, generator=gen) * 3).to(torch.bfloat16)
+    dy = torch.randn(tokens, 48, generator=gen).to(torch.bfloat16)
+    out = {}
+    for name in ("reference", "triton"):
+        torch.manual_seed(0)
+        layer = NVFP4Linear(64, 48, bias=True, policy=pol)
+        if name == "triton":
+            layer.backend = T.TritonBackend()  # the registry offers it on CUDA only
+        layer.capture = {}
+        xi = x.clone().requires_grad_(True)
+        y = layer(xi)
+        y.backward(dy)
+        out[name] = (y.detach(), xi.grad, layer.weight.grad, layer.bias.grad, layer.capture)
+    ref, got = out["reference"], out["triton"]
+    for a, b in zip(ref[:4], got[:4]):
+        assert torch.equal(a, b)
+    for key, q in ref[4].items():
+        g = got[4][key]
+        assert torch.equal(g.data, q.data) and torch.equal(g.scale.view(torch.uint8), q.scale.view(torch.uint8)), key
+        assert torch.equal(g.amax, q.amax), key

@@ -42,8 +42,12 @@ class CutlassBackend:
             return "the CUTLASS path quantizes with the Triton kernels, which cannot run here"
         return None
 
-    def quantize_nvfp4(self, x, tile, rounding, rht, generator, amax=None):
-        return self._fallback(x.device).quantize_nvfp4(x, tile, rounding, rht, generator, amax)
+    def quantize_nvfp4(self, x, tile, rounding, rht, generator, amax=None, bf16_operand=None):
+        return self._fallback(x.device).quantize_nvfp4(x, tile, rounding, rht, generator, amax, bf16_operand)
+
+    def amaxes(self, xt, rht: bool):
+        fallback = self._fallback(xt.device)
+        return fallback.amaxes(xt, rht) if hasattr(fallback, "amaxes") else (None, None)
 
     def quantize_mxfp4(self, x, tile, rounding, rht, generator, scale_rule="ceil"):
         return self._fallback(x.device).quantize_mxfp4(x, tile, rounding, rht, generator, scale_rule)

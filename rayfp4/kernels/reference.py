@@ -41,7 +41,8 @@ class ReferenceBackend:
     def unavailable_reason(self, device: torch.device) -> str | None:
         return None
 
-    def quantize_nvfp4(self, x, tile, rounding, rht, generator, amax=None):
+    def quantize_nvfp4(self, x, tile, rounding, rht, generator, amax=None, bf16_operand=None):
+        # bf16_operand: a fast backend's hint (write the GEMM operand too); nothing to do here.
         return nvfp4.quantize(x, tile=tile, rounding=rounding, rht=rht, generator=generator, amax=amax)
 
     def quantize_mxfp4(self, x, tile, rounding, rht, generator, scale_rule="ceil"):

@@ -21,7 +21,11 @@ class Backend(Protocol):
     def unavailable_reason(self, device: torch.device) -> str | None:
         """None when the backend can run on ``device``, else a sentence saying why not."""
 
-    def quantize_nvfp4(self, x, tile, rounding, rht, generator, amax): ...
+    def quantize_nvfp4(self, x, tile, rounding, rht, generator, amax, bf16_operand=None):
+        """``bf16_operand`` asks a fast backend to write the BF16 GEMM operand in the same pass."""
+
+    # Optional: ``amaxes(xt, rht) -> (amax of x, amax of the Wgrad operand of x^T)`` from one read
+    # of x, as device tensors that ``quantize_nvfp4`` accepts as ``amax`` without a host sync.
 
     def quantize_mxfp4(self, x, tile, rounding, rht, generator, scale_rule): ...
 

@@ -157,15 +157,18 @@ def launch_quant_rows(x, words, scale, deq, am, words_t, scale_t, seed, tile_row
         TILE_ROWS=tile_rows, SR=sr, WRITE_DEQ=deq is not None, WRITE_T=write_t, **cfg)
 
 
-def launch_quant_groups(x, words, scale, am, seed, rht, sr, signs=DEFAULT_SIGN_MASK, cfg=None):
-    """quant_groups_kernel over a strided [M, K] view x (1x16 blocks along K, optional RHT)."""
+def launch_quant_groups(x, words, scale, am, seed, rht, sr, signs=DEFAULT_SIGN_MASK, cfg=None, deq=None):
+    """quant_groups_kernel over a strided [M, K] view x (1x16 blocks along K, optional RHT); with
+    ``deq`` (an [M, K] view, best with x's strides) also the unscaled dequantized operand."""
     if cfg is None:
         cfg = LAUNCH["groups" + ("_rht" if rht else "") + ("_sr" if sr else "")]
     m, k = x.shape
     grid = (_cdiv(m, cfg["BM"]), _cdiv(k // 16, cfg["G"]))
+    write_deq = deq is not None
     _k(x.device).quant_groups_kernel[grid](
-        x, words, scale, am, m, k, x.stride(0), x.stride(1), seed, ONE_SIXTH_F32,
-        RHT=bool(rht), SIGNS=signs, ROUND=_ROUND_CODE[x.dtype], SR=sr, **cfg)
+        x, words, scale, am, deq if write_deq else words, m, k, x.stride(0), x.stride(1),
+        deq.stride(0) if write_deq else 0, deq.stride(1) if write_deq else 0, seed, ONE_SIXTH_F32,
+        RHT=bool(rht), SIGNS=signs, ROUND=_ROUND_CODE[x.dtype], SR=sr, WRITE_DEQ=write_deq, **cfg)
 
 
 # ---------------------------------------------------------------------------------- quantize
@@ -198,13 +201,17 @@ def _check(x: torch.Tensor, tile: tuple[int, int], what: str) -> None:
 
 def quantize_nvfp4(x: torch.Tensor, tile=(1, 16), rounding: str = "nearest", rht: bool = False,
                    generator: torch.Generator | None = None, amax=None, *, rht_signs: torch.Tensor | None = None,
-                   write_bf16: bool | None = None, check_finite: bool = False) -> NVFP4Tensor:
+                   write_bf16: bool | None = None, check_finite: bool = False,
+                   trust_amax: bool = False) -> NVFP4Tensor:
     """:func:`rayfp4.formats.nvfp4.quantize` with Triton kernels (same arguments, same result).
 
     x may be any 2-D view whose K or M dimension is contiguous; a transposed view (M contiguous)
     is quantized along its K without copying. ``write_bf16`` (default: for K-contiguous input
-    without RHT) also writes the BF16 GEMM operand in the same pass and caches it on the result;
+    without RHT) also writes the BF16 GEMM operand in the same pass and caches it on the result
+    (for a transposed view it is written in x's memory order and cached as a view);
     16x16 tiles additionally cache the quantized transpose for :func:`transpose`.
+    ``trust_amax``: ``amax`` is an FP32 device tensor from :func:`tensor_amax` of this very tensor,
+    used as it is (the checks of a caller-supplied amax would synchronise with the host).
     SR streams come from ``generator`` (a seed drawn from it) and differ from the reference's.
     """
     what = "triton.quantize_nvfp4"
@@ -227,6 +234,8 @@ def quantize_nvfp4(x: torch.Tensor, tile=(1, 16), rounding: str = "nearest", rht
     x, orient = _layout(x)
     if amax is None:
         am = tensor_amax(x, rht=rht, signs=signs)[1 if rht else 0]
+    elif trust_amax and isinstance(amax, torch.Tensor) and amax.dtype == torch.float32 and amax.device == dev:
+        am = amax.reshape(())
     else:
         am = check_amax(amax, dev, what).reshape(())
     seed = _sr_seed(generator, dev) if rounding == "stochastic" else 0
@@ -254,9 +263,12 @@ def quantize_nvfp4(x: torch.Tensor, tile=(1, 16), rounding: str = "nearest", rht
             if deq is not None:
                 setattr(transposed, _CACHE_ATTR, deq.t())
     else:
-        launch_quant_groups(x, words, scale, am, seed, rht, sr, signs)
         if write_bf16:
-            deq = dequantize_words(words, scale, (m, k))
+            # The operand in x's memory order (a transposed view stays one): coalesced stores.
+            phys = x.t() if orient == "cols" else x
+            deq = torch.empty(phys.shape, dtype=torch.bfloat16, device=dev)
+            deq = deq.t() if orient == "cols" else deq
+        launch_quant_groups(x, words, scale, am, seed, rht, sr, signs, deq=deq)
     t = NVFP4Tensor(data=words.view(torch.uint8), scale=scale.view(torch.float8_e4m3fn), amax=am,
                     shape=(m, k), tile=tile, rht=bool(rht), rounding=rounding, orig_dtype=x.dtype)
     if deq is not None:
@@ -373,8 +385,17 @@ class TritonBackend:
             return "no CUDA device"
         return None
 
-    def quantize_nvfp4(self, x, tile, rounding, rht, generator, amax=None):
-        return quantize_nvfp4(x, tile=tile, rounding=rounding, rht=rht, generator=generator, amax=amax)
+    def quantize_nvfp4(self, x, tile, rounding, rht, generator, amax=None, bf16_operand=None):
+        """``bf16_operand``: also write the BF16 GEMM operand (default: K-contiguous, no RHT);
+        an ``amax`` tensor from :meth:`amaxes` is used without host-side checks."""
+        return quantize_nvfp4(x, tile=tile, rounding=rounding, rht=rht, generator=generator, amax=amax,
+                              write_bf16=bf16_operand, trust_amax=True)
+
+    def amaxes(self, xt, rht: bool):
+        """(amax of x, amax of x^T's Wgrad operand) for ``xt`` = x^T, from one read of x: the
+        second is max |RHT(x^T)| when ``rht``, else the same value. Device tensors, no sync."""
+        a = tensor_amax(xt, rht=rht)
+        return a[0], (a[1] if rht else a[0])
 
     def quantize_mxfp4(self, x, tile, rounding, rht, generator, scale_rule="ceil"):
         return mxfp4.quantize(x, tile=tile, rounding=rounding, rht=rht, generator=generator, scale_rule=scale_rule)

@@ -119,7 +119,10 @@ class _QuantizedLinearFn(torch.autograd.Function):
             y = torch.full((x.shape[0], weight.shape[0]), float("nan"), device=x.device)
             quantize_bwd = False
         elif quantize_fwd:
-            xq = layer.quantize(x, (1, b), "nearest", False, None)
+            # One read of x gives the tensor amax of both of its operands (x and x^T's RHT).
+            xt_src = _pad_tokens(x, b).t() if quantize_bwd else None
+            am_x, am_xt = layer.amaxes(xt_src) if quantize_bwd else (None, None)
+            xq = layer.quantize(x, (1, b), "nearest", False, None, amax=am_x)
             wq = layer.quantize(weight, pol.weight_tile, "nearest", False, None)
             layer.record("fprop.x", x, xq)
             layer.record("fprop.w", weight, wq)
@@ -132,8 +135,11 @@ class _QuantizedLinearFn(torch.autograd.Function):
 
         saved = {"weight": weight}  # a parameter: saving it costs no activation memory
         if quantize_bwd:
-            xt_src = _pad_tokens(x, b).t()
-            saved["xt"] = layer.quantize(xt_src, (1, b), "nearest", pol.rht_wgrad, None)
+            if not quantize_fwd:
+                xt_src = _pad_tokens(x, b).t()
+            # Saved packed (the Wgrad GEMM dequantizes it): no BF16 operand kept alive meanwhile.
+            saved["xt"] = layer.quantize(xt_src, (1, b), "nearest", pol.rht_wgrad, None,
+                                         amax=am_xt if quantize_fwd else None, bf16_operand=False)
             layer.record("wgrad.x", xt_src, saved["xt"])
             if pol.weight_2d_scaling:
                 if wq is None:
@@ -164,9 +170,13 @@ class _QuantizedLinearFn(torch.autograd.Function):
         if ctx.quantize_bwd:
             sr = pol.stochastic_rounding_grads
             rounding = "stochastic" if sr else "nearest"
+            dyt_src = _pad_tokens(dy, b).t()
+            am_dy = am_dyt = None
+            if ctx.needs_input_grad[0] and ctx.needs_input_grad[1]:
+                am_dy, am_dyt = layer.amaxes(dyt_src)  # both operands of dy from one read
             if ctx.needs_input_grad[0]:
                 gen = rt.generator(layer.layer_index, "dgrad", dy.device) if sr else None
-                dyq = layer.quantize(dy, (1, b), rounding, False, gen)
+                dyq = layer.quantize(dy, (1, b), rounding, False, gen, amax=am_dy)
                 if pol.weight_2d_scaling:
                     wt, wt_src = s["wq_t"], None
                 else:
@@ -177,8 +187,8 @@ class _QuantizedLinearFn(torch.autograd.Function):
                 dx = be.gemm(dyq, wt, ctx.x_dtype)
             if ctx.needs_input_grad[1]:
                 gen = rt.generator(layer.layer_index, "wgrad", dy.device) if sr else None
-                dyt_src = _pad_tokens(dy, b).t()
-                dyt = layer.quantize(dyt_src, (1, b), rounding, pol.rht_wgrad, gen)
+                # Used at once: the quantizer may write its BF16 GEMM operand in the same pass.
+                dyt = layer.quantize(dyt_src, (1, b), rounding, pol.rht_wgrad, gen, amax=am_dyt, bf16_operand=True)
                 layer.record("wgrad.dy", dyt_src, dyt)
                 dw = be.gemm(dyt, s["xt"], torch.float32).to(weight.dtype)
         else:
@@ -234,10 +244,22 @@ class QuantizedLinear(nn.Linear):
         new.backend = resolve(new.policy.backend, linear.weight.device)
         return new
 
-    def quantize(self, t, tile, rounding, rht, generator):
+    def quantize(self, t, tile, rounding, rht, generator, amax=None, bf16_operand=None):
+        """Quantize with the layer's backend; ``amax`` from :meth:`amaxes` (NVFP4 only) and
+        ``bf16_operand`` (also write the BF16 GEMM operand) are hints a backend may use."""
         if self.format == "nvfp4":
-            return self.backend.quantize_nvfp4(t, tile, rounding, rht, generator, None)
+            if amax is None and bf16_operand is None:
+                return self.backend.quantize_nvfp4(t, tile, rounding, rht, generator, None)
+            return self.backend.quantize_nvfp4(t, tile, rounding, rht, generator, amax, bf16_operand)
         return self.backend.quantize_mxfp4(t, tile, rounding, rht, generator, self.policy.mxfp4_scale_rule)
+
+    def amaxes(self, xt):
+        """(amax of x, amax of the Wgrad operand of ``xt`` = x^T) from one read, when the backend
+        can (NVFP4 on a fast backend); else (None, None) and each quantization measures its own."""
+        fn = getattr(self.backend, "amaxes", None)
+        if self.format != "nvfp4" or fn is None:
+            return None, None
+        return fn(xt, self.policy.rht_wgrad)
 
     def record(self, operand: str, src: torch.Tensor, q) -> None:
         if self.capture is not None:

@@ -11,9 +11,11 @@ and inputs already hold), for
   the emulated GEMM applying alpha by ``mode`` (see ``triton_nvfp4.GEMM_MODES``);
 - ``gemms only``: the three emulation GEMMs on ready BF16 operands with FP32 accumulation and
   output (``torch.mm(out_dtype=float32)``) -- the floor of the emulation without quantization;
-- ``quantize only``: the five quantizations of one step without any GEMM -- where the rest goes;
-- three pieces of glue in NVFP4Linear itself (the reference's W.transpose(), the host-synced
-  finiteness checks, the FP32 -> BF16 cast of y), timed alone.
+- ``quantize only``: the five quantizations of one step (and the two shared amax passes) without
+  any GEMM -- where the rest goes.
+
+``--profile`` prints, instead of times, the device time of each variant's kernels by category
+(bench/_profile.py): which kernels the NVFP4 layer spends its time in.
 """
 
 from __future__ import annotations
@@ -26,9 +28,12 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import triton  # noqa: E402
 from triton.testing import do_bench  # noqa: E402
+
+from _profile import breakdown, print_table  # noqa: E402
 
 from rayfp4.kernels import triton_nvfp4 as T  # noqa: E402
 from rayfp4.precision import NVFP4Linear, PrecisionPolicy  # noqa: E402
@@ -60,30 +65,40 @@ def main() -> None:
     p.add_argument("--modes", default="device,host,triton")
     p.add_argument("--reps", type=int, default=20)
     p.add_argument("--cutlass", action="store_true", help="also time the cutlass backend (sm_90a GEMMs)")
+    p.add_argument("--profile", action="store_true",
+                   help="instead of timing, print the device time per kernel category of each variant "
+                        "(a separate run: the profiler slows every later launch of its process)")
     a = p.parse_args()
     print(f"# {dt.date.today()} {torch.cuda.get_device_name()} torch {torch.__version__} triton {triton.__version__}")
-    print(f"{'shape (T,out,in)':22s} {'variant':16s} {'ms':>8s} {'x bf16':>7s} {'peak MB':>8s} {'x bf16':>7s}")
+    if not a.profile:
+        print(f"{'shape (T,out,in)':22s} {'variant':16s} {'ms':>8s} {'x bf16':>7s} {'peak MB':>8s} {'x bf16':>7s}")
     for t, n, k in SHAPES:
         torch.manual_seed(0)
         x = torch.randn(t, k, device="cuda", dtype=torch.bfloat16, requires_grad=True)
         dy = torch.randn(t, n, device="cuda", dtype=torch.bfloat16)
         base = torch.nn.Linear(k, n, bias=False, device="cuda", dtype=torch.bfloat16)
-        rows = []
-        t0, m0 = measure(fwd_bwd(base, x, dy), a.reps)
-        rows.append(("bf16", t0, m0))
         layer = NVFP4Linear(k, n, bias=False, policy=PrecisionPolicy(backend="triton"), device="cuda")
         torch.nn.init.normal_(layer.weight, 0, 0.02)
-        for mode in a.modes.split(","):
-            T.gemm_mode = mode
-            tm, mm = measure(fwd_bwd(layer, x, dy), a.reps)
-            rows.append((f"nvfp4[{mode}]", tm, mm))
-        T.gemm_mode = "device"
+        variants = [("bf16", fwd_bwd(base, x, dy), None)]
+        variants += [(f"nvfp4[{mode}]", fwd_bwd(layer, x, dy), mode) for mode in a.modes.split(",")]
         if a.cutlass:
             lc = NVFP4Linear(k, n, bias=False, policy=PrecisionPolicy(backend="cutlass"), device="cuda")
             lc.weight.data.copy_(layer.weight.data)
-            tm, mm = measure(fwd_bwd(lc, x, dy), a.reps)
-            rows.append(("nvfp4[cutlass]", tm, mm))
-            del lc
+            variants.append(("nvfp4[cutlass]", fwd_bwd(lc, x, dy), "device"))
+        if a.profile:
+            prof = {}
+            for name, fn, mode in variants:
+                T.gemm_mode = mode or "device"
+                prof[name] = breakdown(fn, steps=5)
+            T.gemm_mode = "device"
+            print_table(prof, f"forward+backward of {(t, n, k)}")
+            continue
+        rows = []
+        for name, fn, mode in variants:
+            T.gemm_mode = mode or "device"
+            rows.append((name, *measure(fn, a.reps)))
+        T.gemm_mode = "device"
+        t0, m0 = rows[0][1], rows[0][2]
         A = torch.randn(t, k, device="cuda", dtype=torch.bfloat16)
         W = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
         D = torch.randn(t, n, device="cuda", dtype=torch.bfloat16)
@@ -94,34 +109,27 @@ def main() -> None:
             torch.mm(A, W.t(), out_dtype=torch.float32)
             torch.mm(D, W, out_dtype=torch.float32)
             torch.mm(DT, XT.t(), out_dtype=torch.float32)
-        tg, mg = measure(gemms, a.reps)
-        rows.append(("gemms only", tg, mg))
+        rows.append(("gemms only", *measure(gemms, a.reps)))
         wf = layer.weight.detach()
         g = torch.Generator(device="cuda")
         g.manual_seed(0)
 
-        def quants():
-            T.quantize_nvfp4(x.detach())
-            T.quantize_nvfp4(wf, tile=(16, 16))
-            T.quantize_nvfp4(x.detach().t(), rht=True)
-            T.quantize_nvfp4(dy, rounding="stochastic", generator=g)
-            T.quantize_nvfp4(dy.t(), rht=True, rounding="stochastic", generator=g)
-        tq, mq = measure(quants, a.reps)
-        rows.append(("quantize only", tq, mq))
-        # Glue inside NVFP4Linear that is neither a quantize kernel nor a GEMM (precision/linear.py).
-        from rayfp4.precision.linear import _finite
-        wq = T.quantize_nvfp4(wf, tile=(16, 16))
-        y32 = torch.empty(t, n, device="cuda")
-        glue = [
-            ("  ref W.transpose", lambda: wq.transpose()),
-            ("  _finite x,W,dy", lambda: (_finite(None, x.detach(), wf), _finite(None, dy))),
-            ("  y fp32->bf16", lambda: y32.to(torch.bfloat16)),
-        ]
-        for name, fn in glue:
-            rows.append((name, do_bench(fn, warmup=10, rep=50, return_mode="median"), 0))
+        be = T.TritonBackend()
+
+        def quants():  # as NVFP4Linear calls them (one amax pass per activation/gradient)
+            ax, axt = be.amaxes(x.detach().t(), True)
+            be.quantize_nvfp4(x.detach(), (1, 16), "nearest", False, None, ax)
+            be.quantize_nvfp4(wf, (16, 16), "nearest", False, None)
+            be.quantize_nvfp4(x.detach().t(), (1, 16), "nearest", True, None, axt, False)
+            ad, adt = be.amaxes(dy.t(), True)
+            be.quantize_nvfp4(dy, (1, 16), "stochastic", False, g, ad)
+            be.quantize_nvfp4(dy.t(), (1, 16), "stochastic", True, g, adt, True)
+        rows.append(("quantize only", *measure(quants, a.reps)))
         for name, tm, mm in rows:
             print(f"{str((t, n, k)):22s} {name:16s} {tm:8.3f} {tm / t0:7.2f} {mm / 2**20:8.0f} {mm / m0:7.2f}")
-        del layer, base, x, dy, A, W, D, DT, XT
+        del variants, layer, base, x, dy, A, W, D, DT, XT
+        if a.cutlass:
+            del lc
         torch.cuda.empty_cache()
 
 

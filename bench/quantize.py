@@ -6,7 +6,8 @@ For each kernel: bytes it must move (each input read once, each output written o
 time (triton.testing.do_bench), GB/s, and the ratio to a plain copy (``torch.Tensor.copy_``) of a
 buffer whose read + write equal those bytes, timed in the same process (target: >= 0.70). The
 activation is a [tokens, features] BF16 tensor (x or dY), the weight a [features, features] FP32
-master weight. The torch reference (formats.nvfp4.quantize, eager) is timed once for scale.
+master weight. The torch reference (formats.nvfp4.quantize, eager) is timed once for scale. The last two rows
+are what NVFP4Linear runs per activation and per gradient (several kernels, bytes summed).
 """
 
 from __future__ import annotations
@@ -57,16 +58,15 @@ def main() -> None:
     wt_words = torch.empty(f, t // 16, dtype=torch.int64, device="cuda")
     wt_sc = torch.empty(f, t // 16, dtype=torch.uint8, device="cuda")
     xt = x.t()
+    g = torch.Generator(device="cuda")
+    g.manual_seed(0)
 
+    # The kernels alone, with the launch parameters of triton_nvfp4.LAUNCH.
     def rows(sr, write_deq):
-        return lambda: k.quant_rows_kernel[(t // 32, f // 16 // 8)](
-            x, words, sc, deq, am, words, sc, t, f, f, 1234, T.ONE_SIXTH_F32,
-            TILE_ROWS=1, SR=sr, WRITE_DEQ=write_deq, WRITE_T=False, BM=32, G=8, num_warps=4)
+        return lambda: T.launch_quant_rows(x, words, sc, deq if write_deq else None, am, None, None, 1234, 1, sr)
 
-    def cols(rht, sr):
-        return lambda: k.quant_groups_kernel[(triton.cdiv(f, 64), triton.cdiv(t // 16, 4))](
-            xt, wt_words, wt_sc, am, f, t, xt.stride(0), xt.stride(1), 1234, T.ONE_SIXTH_F32,
-            RHT=rht, SIGNS=T.DEFAULT_SIGN_MASK, ROUND=1, SR=sr, BM=64, G=4, num_warps=4)
+    def cols(rht, sr, write_deq=False):
+        return lambda: T.launch_quant_groups(xt, wt_words, wt_sc, am, 1234, rht, sr, deq=deq.t() if write_deq else None)
 
     xq_t = T.quantize_nvfp4(x)
     cases = [
@@ -78,12 +78,25 @@ def main() -> None:
         ("quant cols (x^T) RTNE", cols(False, False), xb + xq),
         ("quant cols (x^T) RHT RTNE", cols(True, False), xb + xq),
         ("quant cols (x^T) RHT SR", cols(True, True), xb + xq),
+        ("quant cols (x^T) RHT SR + BF16 operand", cols(True, True, True), xb + xq + xb),
         ("dequant packed -> BF16", lambda: T.dequantize_words(xq_t.data, xq_t.scale, (t, f)), xq + xb),
         ("quantize_nvfp4 x rows (amax+quant+BF16)", lambda: T.quantize_nvfp4(x), 2 * xb + xq + xb),
         ("quantize_nvfp4 x^T RHT (amax+quant)", lambda: T.quantize_nvfp4(xt, rht=True), 2 * xb + xq),
         ("quantize_nvfp4 W 16x16 FP32 (+BF16, +W^T)", lambda: T.quantize_nvfp4(w, tile=(16, 16)),
          2 * wb + 2 * wq + w.numel() * 2),
     ]
+
+    def layer_x():  # what NVFP4Linear does with x: one amax pass for both of its operands
+        a0, a1 = T.TritonBackend().amaxes(xt, True)
+        T.quantize_nvfp4(x, amax=a0, trust_amax=True)
+        T.quantize_nvfp4(xt, rht=True, amax=a1, trust_amax=True, write_bf16=False)
+
+    def layer_dy():  # and with dY (SR, the Wgrad operand written as BF16 too)
+        a0, a1 = T.TritonBackend().amaxes(xt, True)
+        T.quantize_nvfp4(x, rounding="stochastic", generator=g, amax=a0, trust_amax=True)
+        T.quantize_nvfp4(xt, rht=True, rounding="stochastic", generator=g, amax=a1, trust_amax=True, write_bf16=True)
+    cases += [("layer: x -> x rows + x^T RHT (one amax)", layer_x, 3 * xb + 2 * xq + xb),
+              ("layer: dY -> rows SR + dY^T RHT SR, both BF16", layer_dy, 3 * xb + 2 * xq + 2 * xb)]
     ref_ms = ms(lambda: nvfp4.quantize(x))
     print(f"{'kernel':44s} {'MB':>8s} {'ms':>8s} {'GB/s':>8s} {'copy GB/s':>9s} {'ratio':>6s}")
     for name, fn, nbytes in cases:

@@ -20,8 +20,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import triton  # noqa: E402
+
+from _profile import breakdown, print_table  # noqa: E402
 
 from rayfp4.kernels import triton_nvfp4 as T  # noqa: E402
 from rayfp4.model import ModelConfig, build_model  # noqa: E402
@@ -29,7 +32,9 @@ from rayfp4.precision import apply_precision_policy  # noqa: E402
 
 
 def run(fmt: str, cfg: ModelConfig, batch: int, steps: int, policy_extra: dict,
-        backend: str = "triton") -> tuple[float, float]:
+        backend: str = "triton", profile: dict | None = None, label: str = "") -> tuple[float, float]:
+    """Median ms/step and peak bytes; with ``profile`` (a dict), only the kernel breakdown of one
+    step is taken instead (under label) and (0, 0) returned."""
     torch.manual_seed(0)
     model = build_model(cfg, device="cuda")
     if fmt != "bf16":
@@ -48,6 +53,11 @@ def run(fmt: str, cfg: ModelConfig, batch: int, steps: int, policy_extra: dict,
     for _ in range(3):
         step()
     torch.cuda.synchronize()
+    if profile is not None:
+        profile[label or fmt] = breakdown(step)
+        del model, opt
+        torch.cuda.empty_cache()
+        return 0.0, 0.0
     torch.cuda.reset_peak_memory_stats()
     times = []
     for _ in range(steps):
@@ -72,7 +82,11 @@ def main() -> None:
     p.add_argument("--d-model", type=int, default=1024)
     p.add_argument("--modes", default="device")
     p.add_argument("--cutlass", action="store_true", help="also time the cutlass backend (sm_90a GEMMs)")
+    p.add_argument("--ablate", action="store_true",
+                   help="also time NVFP4 without SR, without RHT, with 1x16 weights")
+    p.add_argument("--profile", action="store_true", help="print device time per kernel category per step")
     a = p.parse_args()
+
     cfg = ModelConfig(vocab_size=32768, seq_len=a.seq, n_layers=a.layers, d_model=a.d_model,
                       n_heads=a.d_model // 64, tie_embeddings=True)
     ntok = a.batch * a.seq
@@ -92,6 +106,24 @@ def main() -> None:
         t, m = run("nvfp4", cfg, a.batch, a.steps, {}, backend="cutlass")
         print(f"{'nvfp4[cutlass]':22s} {t:8.1f} {ntok / t * 1e3:10.0f} {t_bf16 / t:7.2f} {m / 2**30:8.2f} "
               f"{m / m_bf16:7.2f}")
+    if a.ablate:
+        T.gemm_mode = "device"
+        backend = "cutlass" if a.cutlass else "triton"
+        for label, extra in [("no SR", {"stochastic_rounding_grads": False}), ("no RHT", {"rht_wgrad": False}),
+                             ("1x16 weights", {"weight_2d_scaling": False})]:
+            t, m = run("nvfp4", cfg, a.batch, a.steps, extra, backend=backend)
+            name = f"  {label}"
+            print(f"{name:22s} {t:8.1f} {ntok / t * 1e3:10.0f} {t_bf16 / t:7.2f} {m / 2**30:8.2f} {m / m_bf16:7.2f}")
+    if a.profile:  # after every timing: the profiler slows later launches in this process
+        prof: dict = {}
+        run("bf16", cfg, a.batch, a.steps, {}, profile=prof)
+        for mode in a.modes.split(","):
+            T.gemm_mode = mode
+            run("nvfp4", cfg, a.batch, a.steps, {}, profile=prof, label=f"nvfp4[{mode}]")
+        T.gemm_mode = "device"
+        if a.cutlass:
+            run("nvfp4", cfg, a.batch, a.steps, {}, backend="cutlass", profile=prof, label="nvfp4[cutlass]")
+        print_table(prof, f"one training step, {ntok} tokens")
 
 
 if __name__ == "__main__":

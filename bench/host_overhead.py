@@ -1,0 +1,92 @@
+"""Host (CPU) time of one NVFP4Linear forward+backward, and where it goes.
+
+    python bench/host_overhead.py [--tokens 512] [--features 1024] [--calls 200]
+
+On a shape so small that the GPU finishes every kernel before the next is launched, the time of
+a forward+backward is the host's: Python, argument checks, tensor allocation and kernel
+launches. Compared with nn.Linear in BF16 on the same shape, timed in the same process. In a
+training step of a model whose layers are small for the GPU (bench/step.py) this time is paid
+per linear layer and leaves the GPU idle. Prints the top functions of a cProfile of the calls.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import datetime as dt
+import io
+import pstats
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import triton  # noqa: E402
+
+from rayfp4.precision import NVFP4Linear, PrecisionPolicy  # noqa: E402
+
+
+def per_call_us(fn, calls: int) -> float:
+    for _ in range(10):
+        fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / calls * 1e6
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--tokens", type=int, default=512)
+    p.add_argument("--features", type=int, default=1024)
+    p.add_argument("--calls", type=int, default=200)
+    p.add_argument("--top", type=int, default=25)
+    a = p.parse_args()
+    t, f = a.tokens, a.features
+    print(f"# {dt.date.today()} {torch.cuda.get_device_name()} torch {torch.__version__} triton {triton.__version__}")
+    x = torch.randn(t, f, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    dy = torch.randn(t, f, device="cuda", dtype=torch.bfloat16)
+
+    def fwd_bwd(layer):
+        def fn():
+            x.grad = None
+            layer.weight.grad = None
+            layer(x).backward(dy)
+        return fn
+
+    base = torch.nn.Linear(f, f, bias=False, device="cuda", dtype=torch.bfloat16)
+    t_bf16 = per_call_us(fwd_bwd(base), a.calls)
+    print(f"# shape (T, out, in) = ({t}, {f}, {f}); host time per forward+backward, {a.calls} calls")
+    print(f"{'variant':24s} {'us/call':>9s} {'x bf16':>7s}")
+    print(f"{'bf16 nn.Linear':24s} {t_bf16:9.1f} {1.0:7.2f}")
+    layers = {}
+    for backend in ("triton", "cutlass"):
+        try:
+            layer = NVFP4Linear(f, f, bias=False, policy=PrecisionPolicy(backend=backend), device="cuda")
+        except Exception as e:  # noqa: BLE001 - a backend missing on this machine is reported, not fatal
+            print(f"{'nvfp4[' + backend + ']':24s} unavailable: {e}")
+            continue
+        layers[backend] = layer
+        us = per_call_us(fwd_bwd(layer), a.calls)
+        print(f"{'nvfp4[' + backend + ']':24s} {us:9.1f} {us / t_bf16:7.2f}")
+    layer = layers.get("triton") or next(iter(layers.values()))
+    fn = fwd_bwd(layer)
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(a.calls):
+        fn()
+    torch.cuda.synchronize()
+    prof.disable()
+    s = io.StringIO()
+    pstats.Stats(prof, stream=s).sort_stats("tottime").print_stats(a.top)
+    print(f"# cProfile of {a.calls} forward+backward calls, backend {layer.backend.name}, by own time")
+    print("\n".join(line for line in s.getvalue().splitlines() if line.strip())[:6000])
+
+
+if __name__ == "__main__":
+    main()

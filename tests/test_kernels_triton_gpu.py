@@ -4,6 +4,7 @@ Run in its own pytest process (``pytest -m gpu tests/test_kernels_triton_gpu.py`
 test_kernels_triton.py switches triton to its interpreter for the whole process.
 """
 
+import dataclasses
 import os
 import sys
 
@@ -122,3 +123,25 @@ def test_registry_picks_triton_on_cuda_and_linear_agrees():
         assert torch.equal(q.data, c1[k].data) and torch.equal(q.scale.view(torch.uint8), c1[k].scale.view(torch.uint8)), k
     for a, b in ((y0, y1), (dx0, dx1), (dw0, dw1)):  # GEMMs equal up to FP32 summation order
         assert ((a - b).norm() / a.norm()).item() < 1e-2
+
+
+def test_in_kernel_alpha_equals_the_reference_factor():
+    """The epilogue computes alpha from both amaxes on the GPU: bit for bit reference.gemm_alpha
+    (torch's CUDA arithmetic), over amaxes spanning the FP32 range, zero included."""
+    from rayfp4.kernels.reference import gemm_alpha
+
+    x = T.quantize_nvfp4(torch.randn(32, 64, device=DEV))
+    e = torch.randint(-120, 120, (2000, 2), device=DEV).float()
+    amaxes = torch.rand(2000, 2, device=DEV) * torch.exp2(e)
+    amaxes[:4] = torch.tensor([[0.0, 1.0], [1.0, 0.0], [2688.0, 2688.0], [3.4e38, 1e-38]], device=DEV)
+    for row in amaxes:
+        a, b = dataclasses.replace(x, amax=row[0].clone()), dataclasses.replace(x, amax=row[1].clone())
+        want = gemm_alpha(a, b).reshape(1)
+        got = T.alpha(a, b)
+        assert torch.equal(got.view(torch.int32), want.view(torch.int32)), (row.tolist(), got.item(), want.item())
+    # and the device-mode GEMM applies exactly that factor: FP32 out == FP32 accumulation * alpha
+    a = T.quantize_nvfp4(torch.randn(256, 512, device=DEV, dtype=torch.bfloat16))
+    b = T.quantize_nvfp4(torch.randn(128, 512, device=DEV), tile=(16, 16))
+    acc = torch.mm(T.dequantize_unscaled(a), T.dequantize_unscaled(b).t(), out_dtype=torch.float32)
+    assert torch.equal(T.gemm(a, b, torch.float32, mode="device"), acc * gemm_alpha(a, b))
+    assert torch.equal(T.gemm(a, b, torch.bfloat16, mode="device"), (acc * gemm_alpha(a, b)).to(torch.bfloat16))

@@ -8,10 +8,11 @@ the arithmetic ourselves:
 - the FP32 -> E4M3 conversion is done with integer operations (round-to-nearest-even on the
   significand, subnormals down to 2^-9 kept), so it is the same under the interpreter and on any
   GPU, and needs no FP8 hardware conversion;
-- E2M1 codes come from threshold comparisons identical to ``e2m1.encode_rne`` (ties to even,
-  -0.0 -> code 0, a negative value that rounds to zero -> code 8); the comparisons are counted in
-  FP32 (exact small integers), which keeps them off the GPU's integer pipe, the bottleneck of
-  these kernels (the counts equal the int32 ones on all 2^32 inputs: bench/tune_quantize.py);
+- E2M1 codes are identical to ``e2m1.encode_rne`` / ``encode_stochastic`` (ties to even,
+  -0.0 -> code 0, a negative value that rounds to zero -> code 8); the magnitude code is an exact
+  FP32 integer, computed mostly on the FMA pipe (RTNE: magic-number rounding of a piecewise-linear
+  map, see _e2m1_rne_m; SR: the FP32 bits of |y|, see _e2m1_sr_m), as the integer pipe is the
+  bottleneck of these kernels;
 - plain ``*`` / ``+`` of FP32 in Triton are IEEE (no flush to zero outside libdevice), and no
   product here is followed by an addition that contraction into an FMA could change.
 
@@ -119,11 +120,20 @@ def _code(m, y):
 
 @triton.jit
 def _e2m1_rne_m(y):
-    """Magnitude code of FP32 y as an FP32 integer: the threshold count of ``e2m1.encode_rne``."""
-    a = tl.abs(y)
-    return ((((a > 0.25).to(tl.float32) + (a >= 0.75).to(tl.float32)) + ((a > 1.25).to(tl.float32)
-            + (a >= 1.75).to(tl.float32))) + (((a > 2.5).to(tl.float32) + (a >= 3.5).to(tl.float32))
-            + (a > 5.0).to(tl.float32)))
+    """Magnitude code of FP32 y as an FP32 integer: the threshold count of ``e2m1.encode_rne``.
+
+    The code is L(a) = min(2a, a + 2, a/2 + 4) (piecewise linear, the grid points at the integers)
+    rounded to the nearest integer, ties to even (even code = even E2M1 mantissa), clamped to 7.
+    Rounding is monotone, so it commutes with the min: each line is rounded with the magic number
+    C = 1.5 * 2^23 (the FADD rounds to nearest even at spacing 1; the products by 2 and 0.5 are
+    exact, so FMA contraction changes nothing) and the three are min'ed. max(|y|, 0) maps NaN to 0
+    (maxnum: the same on the GPU and in the interpreter). 6 FMA-pipe ops + 4 min/max, no compares.
+    """
+    a = tl.maximum(tl.abs(y), 0.0)
+    q0 = (a * 2.0 + 12582912.0) - 12582912.0  # rne(2a)
+    q1 = (a + 12582912.0) - 12582910.0  # rne(a) + 2
+    q2 = (a * 0.5 + 12582912.0) - 12582908.0  # rne(a/2) + 4
+    return tl.minimum(tl.minimum(q0, q1), tl.minimum(q2, 7.0))
 
 
 @triton.jit
@@ -137,15 +147,23 @@ def _e2m1_rne(y):
 def _e2m1_sr_m(y, r8):
     """Magnitude code (FP32 integer) of y, rounding up with probability (|y| - lo) / (hi - lo)
     decided by u = r8 / 256: the rule of ``e2m1.encode_stochastic`` (representable values never
-    move, |y| >= 6 gives 6)."""
+    move, |y| >= 6 gives 6).
+
+    Rounding up is u < p, i.e. |y| > lo + spacing * r8/256 (exact), in two parts:
+    - below 1 (grid 0, .5, 1): the count of |y| > r8/512 and |y| > .5 + r8/512, thresholds read
+      off v = 1 + r8/512 built from its bits (no int -> float conversion); both are 1 for |y| >= 1;
+    - from 1 on, the grid is FP32 with its mantissa cut to 1 bit and p is the 22 mantissa bits
+      below: with c = |y| clamped to [1, 6 - ulp] (NaN -> 1), (bits(c) - (r8 << 14) - 1) >> 22 is
+      bits(lo) >> 22 = code(lo) + 252, minus 1 unless p > u; that minus 253 is code(lo) - 2 + up
+      (0 for |y| < 1, 5 for |y| >= 6), made an FP32 integer with the 2^23 magic number.
+    """
     a = tl.abs(y)
-    lo_f = (((a >= 0.5).to(tl.float32) + (a >= 1.0).to(tl.float32)) + ((a >= 1.5).to(tl.float32)
-            + (a >= 2.0).to(tl.float32))) + (((a >= 3.0).to(tl.float32) + (a >= 4.0).to(tl.float32))
-            + (a >= 6.0).to(tl.float32))
-    inv_spacing = tl.where(a < 2.0, 2.0, tl.where(a < 4.0, 1.0, 0.5))
-    p = (a - _e2m1_mag_f(lo_f)) * inv_spacing  # exact: Sterbenz, then a power of two
-    u = r8.to(tl.float32) * 0.00390625
-    return lo_f + ((u < p) & (lo_f < 7.0)).to(tl.float32)
+    rb = r8 << 14  # r8 / 256 as a 22-bit mantissa fraction
+    v = (rb | 0x3F800000).to(tl.float32, bitcast=True)  # 1 + r8/512
+    low = (a > v - 1.0).to(tl.float32) + (a > v - 0.5).to(tl.float32)
+    c = tl.minimum(tl.maximum(a, 1.0), 5.999999523162842)  # maxnum: NaN -> 1 here and on the GPU
+    hi = ((c.to(tl.int32, bitcast=True) - rb - 1) >> 22) + (0x4B000000 - 253)
+    return low + (hi.to(tl.float32, bitcast=True) - 8388608.0)
 
 
 @triton.jit
@@ -625,11 +643,26 @@ def dequant_rows_kernel(data_ptr, scale_ptr, deq_ptr, M, K, BM: tl.constexpr, G:
 
 
 @triton.jit
-def scale_cast_kernel(acc_ptr, out_ptr, alpha_ptr, N, BLOCK: tl.constexpr):
-    """out = (acc * alpha) in out's dtype: the GEMM epilogue, alpha read from device memory."""
+def _alpha(amax_a_ptr, amax_b_ptr, inv):
+    """The GEMM's FP32 factor from both tensor amaxes: (amax_a / 2688) * (amax_b / 2688), each
+    quotient computed as torch computes a CUDA tensor divided by a Python scalar -- a product with
+    the FP32 reciprocal ``inv`` -- so it equals ``reference.gemm_alpha`` on the GPU bit for bit."""
+    return (tl.load(amax_a_ptr) * inv) * (tl.load(amax_b_ptr) * inv)
+
+
+@triton.jit
+def alpha_kernel(amax_a_ptr, amax_b_ptr, out_ptr, inv):
+    """out[0] = the GEMM factor (one launch instead of three tiny torch kernels)."""
+    tl.store(out_ptr, _alpha(amax_a_ptr, amax_b_ptr, inv))
+
+
+@triton.jit
+def scale_cast_kernel(acc_ptr, out_ptr, amax_a_ptr, amax_b_ptr, inv, N, BLOCK: tl.constexpr):
+    """out = (acc * alpha) in out's dtype (out may be acc: in place): the GEMM epilogue, alpha
+    computed from the two amaxes in device memory (no host sync, no separate kernels)."""
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     m = offs < N
-    alpha = tl.load(alpha_ptr)
+    alpha = _alpha(amax_a_ptr, amax_b_ptr, inv)
     v = tl.load(acc_ptr + offs, mask=m) * alpha
     tl.store(out_ptr + offs, v.to(out_ptr.dtype.element_ty), mask=m)
 

@@ -22,6 +22,7 @@ class CutlassBackend:
     def __init__(self):
         self._triton = TritonBackend()
         self._reference = ReferenceBackend()
+        self._family: dict[torch.device, str | None] = {}
 
     def _fallback(self, device: torch.device):
         return self._triton if self._triton.unavailable_reason(torch.device(device)) is None else self._reference
@@ -60,10 +61,13 @@ class CutlassBackend:
             return self._fallback(a.device).gemm(a, b, out_dtype)
         from cutlass_kernels import binding
 
-        from .triton_nvfp4 import dequantize_unscaled
+        from . import triton_nvfp4
 
-        av = binding.available(a.device)
-        if av.family == "nvfp4":
+        family = self._family.get(a.device)
+        if family is None:  # asked once per device: the check reads the build index and the GPU
+            family = self._family[a.device] = binding.available(a.device).family
+        if family == "nvfp4":
             return binding.gemm_nvfp4(a, b)
-        alpha = binding.nvfp4_alpha(a.amax, b.amax)
-        return binding.gemm_bf16_alpha(dequantize_unscaled(a), dequantize_unscaled(b), alpha)
+        # alpha in one Triton launch (binding.nvfp4_alpha's value, without three tiny torch kernels)
+        alpha = triton_nvfp4.alpha(a, b)
+        return binding.gemm_bf16_alpha(triton_nvfp4.dequantize_unscaled(a), triton_nvfp4.dequantize_unscaled(b), alpha)

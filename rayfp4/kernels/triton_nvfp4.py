@@ -316,10 +316,21 @@ GEMM_MODES = ("device", "host", "triton")
 gemm_mode = os.environ.get("RAYFP4_TRITON_GEMM", "device")
 
 
+#: FP32 1/2688: torch divides a CUDA tensor by a Python scalar as a product with the reciprocal.
+INV_FP4_FP8_MAX = float(torch.tensor(1.0, dtype=torch.float32) / torch.tensor(nvfp4.FP4_FP8_MAX, dtype=torch.float32))
+
+
 def _alpha(a, b) -> torch.Tensor:
     from .reference import gemm_alpha
 
     return gemm_alpha(a, b).reshape(1).to(torch.float32)
+
+
+def alpha(a: NVFP4Tensor, b: NVFP4Tensor) -> torch.Tensor:
+    """``reference.gemm_alpha(a, b)`` as a 1-element FP32 CUDA tensor, in one kernel launch."""
+    out = torch.empty(1, dtype=torch.float32, device=a.amax.device)
+    _k(out.device).alpha_kernel[(1,)](a.amax, b.amax, out, INV_FP4_FP8_MAX)
+    return out
 
 
 def _operand(t) -> torch.Tensor:
@@ -336,12 +347,24 @@ def gemm(a, b, out_dtype: torch.dtype, mode: str | None = None) -> torch.Tensor:
     """
     if a.shape[1] != b.shape[1]:
         raise ValueError(f"GEMM operands disagree on K: a is {tuple(a.shape)}, b is {tuple(b.shape)}")
-    alpha = _alpha(a, b)
     A, B = _operand(a), _operand(b)
     mode = mode or gemm_mode
     if A.device.type != "cuda":
         # Interpreter/CPU path: FP32 products of exact BF16 values, FP32 accumulation.
-        return (A.float() @ B.float().t() * alpha).to(out_dtype)
+        return (A.float() @ B.float().t() * _alpha(a, b)).to(out_dtype)
+    nv = isinstance(a, NVFP4Tensor) and isinstance(b, NVFP4Tensor)
+    if not nv and not isinstance(a, NVFP4Tensor) and not isinstance(b, NVFP4Tensor):
+        # MXFP4: power-of-two scales only, alpha = 1: FP32 accumulation and output, one rounding.
+        return torch.mm(A, B.t(), out_dtype=torch.float32).to(out_dtype)
+    if mode == "device" and nv:
+        # alpha is computed inside the epilogue kernel from both amaxes: two launches in all.
+        acc = torch.mm(A, B.t(), out_dtype=torch.float32)
+        out = acc if out_dtype == torch.float32 else torch.empty_like(acc, dtype=out_dtype)
+        n = acc.numel()
+        _k(A.device).scale_cast_kernel[(_cdiv(n, 4096),)](acc, out, a.amax, b.amax, INV_FP4_FP8_MAX, n,
+                                                          BLOCK=4096, num_warps=8)
+        return out
+    alpha = _alpha(a, b)  # raises for an NVFP4 operand with an MXFP4 one, as the reference does
     if mode == "host":
         out = torch.empty(A.shape[0], B.shape[0], dtype=out_dtype, device=A.device)
         al = float(alpha)  # host sync
@@ -349,14 +372,6 @@ def gemm(a, b, out_dtype: torch.dtype, mode: str | None = None) -> torch.Tensor:
             acc = torch.mm(A, B.t(), out_dtype=torch.float32)
             return acc.mul_(al)
         return torch.addmm(out, A, B.t(), beta=0.0, alpha=al)
-    if mode == "device":
-        acc = torch.mm(A, B.t(), out_dtype=torch.float32)
-        if out_dtype == torch.float32:
-            return acc.mul_(alpha)
-        out = torch.empty_like(acc, dtype=out_dtype)
-        n = acc.numel()
-        _k(A.device).scale_cast_kernel[(_cdiv(n, 4096),)](acc, out, alpha, n, BLOCK=4096, num_warps=8)
-        return out
     if mode == "triton":
         m, n = A.shape[0], B.shape[0]
         out = torch.empty(m, n, dtype=out_dtype, device=A.device)

@@ -40,6 +40,56 @@ def per_call_us(fn, calls: int) -> float:
     return (time.perf_counter() - t0) / calls * 1e6
 
 
+def pieces(layer, x, dy, calls: int) -> None:
+    """Host time of each piece of the layer's forward+backward, called alone."""
+    from rayfp4.kernels import triton_nvfp4 as T
+    from rayfp4.kernels.reference import gemm_alpha
+    from rayfp4.precision.linear import _QuantizedLinearFn
+
+    be, rt = layer.backend, layer.runtime
+    xd, w = x.detach(), layer.weight.detach()
+    xq = be.quantize_nvfp4(xd, (1, 16), "nearest", False, None)
+    wq = be.quantize_nvfp4(w, (16, 16), "nearest", False, None)
+    a_bf, b_bf = T.dequantize_unscaled(xq), T.dequantize_unscaled(wq)
+    am = T.tensor_amax(xd)
+    g = rt.generator(0, "dgrad", x.device)
+    k = T._kernel_module()
+    acc = torch.empty(x.shape[0], w.shape[0], device=x.device)
+    out = torch.empty_like(acc, dtype=torch.bfloat16)
+    ctx_items = {}
+
+    def fwd_only():
+        with torch.no_grad():
+            _QuantizedLinearFn.apply(xd, layer.weight, None, layer)
+
+    cases = [
+        ("torch.empty (1 tensor)", lambda: torch.empty(16, 16, device=x.device)),
+        ("torch.zeros (1 tensor)", lambda: torch.zeros(2, dtype=torch.int32, device=x.device)),
+        ("tensor_amax (zeros + kernel)", lambda: T.tensor_amax(xd)),
+        ("amax kernel launch alone", lambda: k.amax_kernel[(1, 1)](xd, am.view(torch.int32), 1, 16, xd.stride(0), 1,
+                                                                   BM=32, BK=256, num_warps=4)),
+        ("amaxes (x + RHT x^T)", lambda: be.amaxes(xd.t(), True)),
+        ("quantize rows (amax given)", lambda: be.quantize_nvfp4(xd, (1, 16), "nearest", False, None, am[0])),
+        ("quantize rows SR (amax given)", lambda: be.quantize_nvfp4(xd, (1, 16), "stochastic", False, g, am[0])),
+        ("quantize W 16x16 (own amax)", lambda: be.quantize_nvfp4(w, (16, 16), "nearest", False, None)),
+        ("quantize cols RHT (amax given)", lambda: be.quantize_nvfp4(xd.t(), (1, 16), "nearest", True, None, am[0])),
+        ("gemm_alpha (3 tiny torch ops)", lambda: gemm_alpha(xq, wq)),
+        ("torch.mm BF16 -> BF16", lambda: torch.mm(a_bf, b_bf.t())),
+        ("torch.mm BF16 -> FP32 (out_dtype)", lambda: torch.mm(a_bf, b_bf.t(), out_dtype=torch.float32)),
+        ("scale_cast kernel launch", lambda: k.scale_cast_kernel[(T._cdiv(acc.numel(), 4096),)](
+            acc, out, am, acc.numel(), BLOCK=4096, num_warps=8)),
+        ("backend.gemm (bf16 out)", lambda: be.gemm(xq, wq, torch.bfloat16)),
+        ("backend.gemm (fp32 out)", lambda: be.gemm(xq, wq, torch.float32)),
+        ("runtime.generator", lambda: rt.generator(0, "dgrad", x.device)),
+        ("layer forward (no grad)", fwd_only),
+    ]
+    del ctx_items
+    print(f"# host time of the pieces, called alone ({calls} calls each)")
+    print(f"{'piece':36s} {'us/call':>9s}")
+    for name, fn in cases:
+        print(f"{name:36s} {per_call_us(fn, calls):9.1f}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--tokens", type=int, default=512)
@@ -75,6 +125,7 @@ def main() -> None:
         us = per_call_us(fwd_bwd(layer), a.calls)
         print(f"{'nvfp4[' + backend + ']':24s} {us:9.1f} {us / t_bf16:7.2f}")
     layer = layers.get("triton") or next(iter(layers.values()))
+    pieces(layer, x, dy, a.calls)
     fn = fwd_bwd(layer)
     prof = cProfile.Profile()
     prof.enable()

@@ -15,8 +15,11 @@ case "${1:-checks}" in
     python3 -m pytest -q -p no:cacheprovider tests/test_cutlass_gpu.py tests/test_precision_linear.py 2>&1 | tail -8 | tee "$out/cutlass_gpu_tests.txt"
     ;;
   bench)
-    python3 bench/linear.py --modes device --cutlass --reps 10 2>&1 | tee "$out/linear.txt"
-    python3 bench/step.py --modes device --cutlass --steps 6 2>&1 | tee "$out/step.txt"
+    python3 bench/quantize.py 2>&1 | grep -v Warn | tee "$out/quantize.txt"
+    python3 bench/host_overhead.py 2>&1 | grep -v Warn | tee "$out/host_overhead.txt"
+    python3 bench/linear.py --modes device --cutlass --reps 10 2>&1 | grep -v Warn | tee "$out/linear.txt"
+    python3 bench/linear.py --modes device --cutlass --profile 2>&1 | grep -v Warn | tee "$out/linear_profile.txt"
+    python3 bench/step.py --modes device --cutlass --ablate --profile --steps 6 2>&1 | grep -v Warn | tee "$out/step.txt"
     ;;
   train)  # extra arguments go to rayfp4.run (e.g. --set 'variants=[...]')
     shift

@@ -77,12 +77,34 @@ def pieces(layer, x, dy, calls: int) -> None:
         ("torch.mm BF16 -> BF16", lambda: torch.mm(a_bf, b_bf.t())),
         ("torch.mm BF16 -> FP32 (out_dtype)", lambda: torch.mm(a_bf, b_bf.t(), out_dtype=torch.float32)),
         ("scale_cast kernel launch", lambda: k.scale_cast_kernel[(T._cdiv(acc.numel(), 4096),)](
-            acc, out, am, acc.numel(), BLOCK=4096, num_warps=8)),
+            acc, out, xq.amax, wq.amax, T.INV_FP4_FP8_MAX, acc.numel(), BLOCK=4096, num_warps=8)),
         ("backend.gemm (bf16 out)", lambda: be.gemm(xq, wq, torch.bfloat16)),
         ("backend.gemm (fp32 out)", lambda: be.gemm(xq, wq, torch.float32)),
         ("runtime.generator", lambda: rt.generator(0, "dgrad", x.device)),
+        ("quantize rows SR (fresh generator)", lambda: be.quantize_nvfp4(
+            xd, (1, 16), "stochastic", False, rt.generator(0, "dgrad", x.device), am[0])),
         ("layer forward (no grad)", fwd_only),
     ]
+    try:  # the CUTLASS binding's own steps, where it is built
+        from cutlass_kernels import binding
+
+        if binding.available(x.device):
+            al = T.alpha(xq, wq)
+            key = binding.kernel_for(a_bf, b_bf)[0]
+            kern = binding.load(key)
+            m_, n_, k_ = a_bf.shape[0], b_bf.shape[0], a_bf.shape[1]
+            cases += [
+                ("cutlass: binding.available", lambda: binding.available(x.device)),
+                ("cutlass: kernel_for + load", lambda: binding.load(binding.kernel_for(a_bf, b_bf)[0])),
+                ("cutlass: workspace", lambda: kern.workspace(m_, n_, k_, x.device)),
+                ("cutlass: triton alpha", lambda: T.alpha(xq, wq)),
+                ("cutlass: gemm_bf16_alpha", lambda: binding.gemm_bf16_alpha(a_bf, b_bf, al)),
+                ("cutlass: backend.gemm (bf16 out)", lambda: layer_c.backend.gemm(xq, wq, torch.bfloat16)),
+            ]
+            layer_c = NVFP4Linear(w.shape[1], w.shape[0], bias=False, policy=PrecisionPolicy(backend="cutlass"),
+                                  device=x.device)
+    except ImportError:
+        pass
     del ctx_items
     print(f"# host time of the pieces, called alone ({calls} calls each)")
     print(f"{'piece':36s} {'us/call':>9s}")
@@ -124,19 +146,19 @@ def main() -> None:
         layers[backend] = layer
         us = per_call_us(fwd_bwd(layer), a.calls)
         print(f"{'nvfp4[' + backend + ']':24s} {us:9.1f} {us / t_bf16:7.2f}")
-    layer = layers.get("triton") or next(iter(layers.values()))
-    pieces(layer, x, dy, a.calls)
-    fn = fwd_bwd(layer)
-    prof = cProfile.Profile()
-    prof.enable()
-    for _ in range(a.calls):
-        fn()
-    torch.cuda.synchronize()
-    prof.disable()
-    s = io.StringIO()
-    pstats.Stats(prof, stream=s).sort_stats("tottime").print_stats(a.top)
-    print(f"# cProfile of {a.calls} forward+backward calls, backend {layer.backend.name}, by own time")
-    print("\n".join(line for line in s.getvalue().splitlines() if line.strip())[:6000])
+    pieces(layers.get("triton") or next(iter(layers.values())), x, dy, a.calls)
+    for layer in layers.values():
+        fn = fwd_bwd(layer)
+        prof = cProfile.Profile()
+        prof.enable()
+        for _ in range(a.calls):
+            fn()
+        torch.cuda.synchronize()
+        prof.disable()
+        s = io.StringIO()
+        pstats.Stats(prof, stream=s).sort_stats("tottime").print_stats(a.top)
+        print(f"# cProfile of {a.calls} forward+backward calls, backend {layer.backend.name}, by own time")
+        print("\n".join(line for line in s.getvalue().splitlines() if line.strip())[:6000])
 
 
 if __name__ == "__main__":

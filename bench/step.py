@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import gc
 import statistics
 import sys
 from pathlib import Path
@@ -35,6 +36,8 @@ def run(fmt: str, cfg: ModelConfig, batch: int, steps: int, policy_extra: dict,
         backend: str = "triton", profile: dict | None = None, label: str = "") -> tuple[float, float]:
     """Median ms/step and peak bytes; with ``profile`` (a dict), only the kernel breakdown of one
     step is taken instead (under label) and (0, 0) returned."""
+    gc.collect()  # the previous variant's model and graph: freed before this one is timed
+    torch.cuda.empty_cache()
     torch.manual_seed(0)
     model = build_model(cfg, device="cuda")
     if fmt != "bf16":
@@ -114,6 +117,9 @@ def main() -> None:
             t, m = run("nvfp4", cfg, a.batch, a.steps, extra, backend=backend)
             name = f"  {label}"
             print(f"{name:22s} {t:8.1f} {ntok / t * 1e3:10.0f} {t_bf16 / t:7.2f} {m / 2**30:8.2f} {m / m_bf16:7.2f}")
+    # The baseline again, last: how much the machine (clocks, host state) drifted during the run.
+    t, m = run("bf16", cfg, a.batch, a.steps, {})
+    print(f"{'bf16, again (drift)':22s} {t:8.1f} {ntok / t * 1e3:10.0f} {t_bf16 / t:7.2f} {m / 2**30:8.2f} {m / m_bf16:7.2f}")
     if a.profile:  # after every timing: the profiler slows later launches in this process
         prof: dict = {}
         run("bf16", cfg, a.batch, a.steps, {}, profile=prof)

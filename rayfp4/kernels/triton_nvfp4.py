@@ -46,7 +46,8 @@ _CACHE_ATTR = "_bf16"
 #: Launch parameters of each kernel (tile, warps, packing variant); none of them changes a bit of
 #: the output. Keys: "amax"; "amax_rht" (amax + amax of the RHT, one read); "rows", "rows_sr"
 #: (1x16 blocks along a contiguous K), "rows_tile" (16x16 tiles, + the transpose); "groups",
-#: "groups_rht", "groups_rht_sr", "groups_sr" (along a strided K: the column-wise quantizations);
+#: "groups_rht", "groups_rht_sr", "groups_sr", "groups_deq" (along a strided K: the column-wise
+#: quantizations);
 #: "dequant". bench/tune_quantize.py times the candidates on the H200.
 LAUNCH = {  # H200, 2026-11-28 (BENCHMARKS.md): fastest bit-identical candidate of bench/tune_quantize.py
     "amax": dict(BM=32, BK=256, num_warps=4),
@@ -58,6 +59,8 @@ LAUNCH = {  # H200, 2026-11-28 (BENCHMARKS.md): fastest bit-identical candidate 
     "groups_sr": dict(BM=64, G=4, num_warps=4, PACK=1),  # not swept: as groups_rht_sr
     "groups_rht": dict(BM=128, G=8, num_warps=8, PACK=1),
     "groups_rht_sr": dict(BM=64, G=4, num_warps=4, PACK=1),
+    # "groups" writing the BF16 operand too: the BM=128 tile spills registers then (sm_90 SASS).
+    "groups_deq": dict(BM=64, G=4, num_warps=4, PACK=1),
     "dequant": dict(BM=16, G=16, num_warps=4),
 }
 #: The view of the int64 [M, K/16] word buffer each PACK variant of quant_rows_kernel stores to.
@@ -160,11 +163,12 @@ def launch_quant_rows(x, words, scale, deq, am, words_t, scale_t, seed, tile_row
 def launch_quant_groups(x, words, scale, am, seed, rht, sr, signs=DEFAULT_SIGN_MASK, cfg=None, deq=None):
     """quant_groups_kernel over a strided [M, K] view x (1x16 blocks along K, optional RHT); with
     ``deq`` (an [M, K] view, best with x's strides) also the unscaled dequantized operand."""
+    write_deq = deq is not None
     if cfg is None:
-        cfg = LAUNCH["groups" + ("_rht" if rht else "") + ("_sr" if sr else "")]
+        key = "groups" + ("_rht" if rht else "") + ("_sr" if sr else "")
+        cfg = LAUNCH["groups_deq" if key == "groups" and write_deq else key]
     m, k = x.shape
     grid = (_cdiv(m, cfg["BM"]), _cdiv(k // 16, cfg["G"]))
-    write_deq = deq is not None
     _k(x.device).quant_groups_kernel[grid](
         x, words, scale, am, deq if write_deq else words, m, k, x.stride(0), x.stride(1),
         deq.stride(0) if write_deq else 0, deq.stride(1) if write_deq else 0, seed, ONE_SIXTH_F32,

@@ -68,18 +68,8 @@ def main() -> None:
     def cols(rht, sr, write_deq=False):
         return lambda: T.launch_quant_groups(xt, wt_words, wt_sc, am, 1234, rht, sr, deq=deq.t() if write_deq else None)
 
-    def rows_g(sr, cfg):  # the column kernel on K-contiguous rows (triton_nvfp4.rows_kernel = "groups")
-        return lambda: T.launch_quant_groups(x, words, sc, am, 1234, False, sr, deq=deq, cfg=cfg)
-
     xq_t = T.quantize_nvfp4(x)
     cases = [
-        (f"rows RTNE + BF16 via groups {c}", rows_g(False, dict(BM=c[0], G=c[1], num_warps=c[2], PACK=1)), xb + xq + xb)
-        for c in ((64, 4, 4), (32, 4, 4), (64, 8, 8), (128, 4, 8))
-    ] + [
-        (f"rows SR + BF16 via groups {c}", rows_g(True, dict(BM=c[0], G=c[1], num_warps=c[2], PACK=1)), xb + xq + xb)
-        for c in ((64, 4, 4), (32, 4, 4))
-    ]
-    cases += [
         ("amax x (BF16)", lambda: T.tensor_amax(x), xb),
         ("amax x + amax RHT(x^T) fused", lambda: T.tensor_amax(xt, rht=True), xb),
         ("quant rows RTNE (codes+scales)", rows(False, False), xb + xq),

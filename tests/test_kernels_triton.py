@@ -301,18 +301,3 @@ def test_linear_layer_on_the_triton_backend_equals_the_reference_backend(tokens,
         g = got[4][key]
         assert torch.equal(g.data, q.data) and torch.equal(g.scale.view(torch.uint8), q.scale.view(torch.uint8)), key
         assert torch.equal(g.amax, q.amax), key
-
-
-@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
-def test_both_row_kernels_write_the_same_bytes(rounding, gen, monkeypatch):
-    """quant_rows_kernel and quant_groups_kernel (triton_nvfp4.rows_kernel) on K-contiguous input:
-    the same codes, scales and BF16 operand -- SR included, as both draw the block's Philox words."""
-    x = random_matrix(48, 128, torch.float32, gen).to(torch.bfloat16)
-    out = {}
-    for kern in ("rows", "groups"):
-        monkeypatch.setattr(T, "rows_kernel", kern)
-        g = torch.Generator().manual_seed(7)
-        out[kern] = T.quantize_nvfp4(x, rounding=rounding, generator=g)
-    a, b = out["rows"], out["groups"]
-    assert torch.equal(a.data, b.data) and torch.equal(a.scale.view(torch.uint8), b.scale.view(torch.uint8))
-    assert torch.equal(a._bf16.view(torch.int16), b._bf16.view(torch.int16))

@@ -61,15 +61,8 @@ LAUNCH = {  # H200, 2026-11-28 (BENCHMARKS.md): fastest bit-identical candidate 
     "groups_rht_sr": dict(BM=64, G=4, num_warps=4, PACK=1),
     # "groups" writing the BF16 operand too: the BM=128 tile spills registers then (sm_90 SASS).
     "groups_deq": dict(BM=64, G=4, num_warps=4, PACK=1),
-    # quant_groups_kernel on K-contiguous rows (rows_kernel == "groups"); not swept yet.
-    "rows_groups": dict(BM=64, G=4, num_warps=4, PACK=1),
-    "rows_groups_sr": dict(BM=64, G=4, num_warps=4, PACK=1),
     "dequant": dict(BM=16, G=16, num_warps=4),
 }
-#: Which kernel quantizes 1x16 blocks along a contiguous K: "rows" (quant_rows_kernel, a
-#: [BM, G, 16] tile) or "groups" (quant_groups_kernel with stride_k = 1, 16 [BM, G] slices).
-#: Identical output; bench/quantize.py times both.
-rows_kernel = os.environ.get("RAYFP4_ROWS_KERNEL", "groups")
 #: The view of the int64 [M, K/16] word buffer each PACK variant of quant_rows_kernel stores to.
 _PACK_DTYPE = {0: torch.int64, 1: torch.uint8, 2: torch.int32}
 
@@ -265,14 +258,8 @@ def quantize_nvfp4(x: torch.Tensor, tile=(1, 16), rounding: str = "nearest", rht
         if write_t:
             words_t = torch.empty(k, m // 16, dtype=torch.int64, device=dev)
             scale_t = torch.empty(k, m // 16, dtype=torch.uint8, device=dev)
-        if not write_t and rows_kernel == "groups":
-            # The column-wise kernel on K-contiguous input (stride_k = 1): same bytes, same SR
-            # stream (Philox counter = block index), fewer instructions than the [BM, G, 16] kernel.
-            launch_quant_groups(x, words, scale, am, seed, False, sr, signs, deq=deq,
-                                cfg=LAUNCH["rows_groups_sr" if sr else "rows_groups"])
-        else:
-            launch_quant_rows(x, words, scale, deq, am, words_t if write_t else None,
-                              scale_t if write_t else None, seed, tile[0], sr)
+        launch_quant_rows(x, words, scale, deq, am, words_t if write_t else None,
+                          scale_t if write_t else None, seed, tile[0], sr)
         if write_t:
             transposed = NVFP4Tensor(
                 data=words_t.view(torch.uint8), scale=scale_t.view(torch.float8_e4m3fn), amax=am,

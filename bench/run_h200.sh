@@ -20,6 +20,12 @@ case "${1:-checks}" in
     python3 bench/linear.py --modes device --cutlass --reps 10 2>&1 | grep -v Warn | tee "$out/linear.txt"
     python3 bench/linear.py --modes device --cutlass --profile 2>&1 | grep -v Warn | tee "$out/linear_profile.txt"
     python3 bench/step.py --modes device --cutlass --ablate --profile --steps 6 2>&1 | grep -v Warn | tee "$out/step.txt"
+    python3 bench/step.py --modes device --cutlass --batch 16 --steps 6 2>&1 | grep -v Warn | tee "$out/step_b16.txt"
+    ;;
+  probe)  # the E2M1 encoders and dequantizer against an older kernel module, all 2^32 FP32 patterns
+    old=${2:-bench/_old_kernels.py}
+    python3 -c "import sys; sys.path.insert(0, 'bench'); import tune_quantize as tq; tq.OLD = tq.load_old('$old'); \
+print('mismatches [rne, sr, dequant] over 2^32 patterns vs $old:', tq.exhaustive('cuda'))" 2>&1 | grep -v Warn | tee "$out/probe.txt"
     ;;
   train)  # extra arguments go to rayfp4.run (e.g. --set 'variants=[...]')
     shift

@@ -62,11 +62,8 @@ def main() -> None:
     g.manual_seed(0)
 
     # The kernels alone, with the launch parameters of triton_nvfp4.LAUNCH.
-    def rows(sr, write_deq):  # the [BM, G, 16] row kernel
+    def rows(sr, write_deq):
         return lambda: T.launch_quant_rows(x, words, sc, deq if write_deq else None, am, None, None, 1234, 1, sr)
-
-    def rows_half(sr, write_deq):  # the default for 1x16 rows: two 8-element halves per block
-        return lambda: T.launch_quant_rows_half(x, words, sc, deq if write_deq else None, am, 1234, sr)
 
     def cols(rht, sr, write_deq=False):
         return lambda: T.launch_quant_groups(xt, wt_words, wt_sc, am, 1234, rht, sr, deq=deq.t() if write_deq else None)
@@ -78,9 +75,6 @@ def main() -> None:
         ("quant rows RTNE (codes+scales)", rows(False, False), xb + xq),
         ("quant rows RTNE + BF16 operand", rows(False, True), xb + xq + xb),
         ("quant rows SR + BF16 operand", rows(True, True), xb + xq + xb),
-        ("quant rows-half RTNE (codes+scales)", rows_half(False, False), xb + xq),
-        ("quant rows-half RTNE + BF16 operand", rows_half(False, True), xb + xq + xb),
-        ("quant rows-half SR + BF16 operand", rows_half(True, True), xb + xq + xb),
         ("quant cols (x^T) RTNE", cols(False, False), xb + xq),
         ("quant cols (x^T) RHT RTNE", cols(True, False), xb + xq),
         ("quant cols (x^T) RHT SR", cols(True, True), xb + xq),

@@ -301,22 +301,3 @@ def test_linear_layer_on_the_triton_backend_equals_the_reference_backend(tokens,
         g = got[4][key]
         assert torch.equal(g.data, q.data) and torch.equal(g.scale.view(torch.uint8), q.scale.view(torch.uint8)), key
         assert torch.equal(g.amax, q.amax), key
-
-
-@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_both_row_kernels_write_the_same_bytes(rounding, dtype, gen, monkeypatch):
-    """quant_rows_half_kernel (the default for 1x16 rows) and quant_rows_kernel: the same codes,
-    scales and BF16 operand, SR included (both take Philox word q of a block for its elements
-    4q..4q+3), also with rows and blocks that do not fill a launch tile."""
-    x = random_matrix(40, 208, torch.float32, gen).to(dtype)
-    out = {}
-    for kern in ("rows", "half"):
-        monkeypatch.setattr(T, "rows_kernel", kern)
-        out[kern] = T.quantize_nvfp4(x, rounding=rounding, generator=torch.Generator().manual_seed(7))
-    a, b = out["rows"], out["half"]
-    assert torch.equal(a.data, b.data) and torch.equal(a.scale.view(torch.uint8), b.scale.view(torch.uint8))
-    assert torch.equal(a._bf16.view(torch.int16), b._bf16.view(torch.int16))
-    if rounding == "nearest":
-        ref = nvfp4.quantize(x)
-        assert torch.equal(b.data, ref.data) and torch.equal(b.scale.view(torch.uint8), ref.scale.view(torch.uint8))

@@ -626,67 +626,6 @@ def quant_rows_kernel(x_ptr, data_ptr, scale_ptr, deq_ptr, amax_ptr, datat_ptr, 
 
 
 @triton.jit
-def _half_codes(x, enc, r_a, r_b, SR: tl.constexpr):
-    """Codes (int32) and magnitude codes of one half of each block ([BM, G, 8], elements 8h..8h+7),
-    with the half's two Philox words r_a (elements 0-3 of the half) and r_b (4-7) for SR."""
-    y = x * enc[:, :, None]
-    if SR:
-        j8 = tl.arange(0, 8)
-        r = tl.where(j8[None, None, :] < 4, r_a[:, :, None], r_b[:, :, None])
-        r8 = ((r >> (8 * (j8[None, None, :] % 4)).to(tl.uint32)) & 0xFF).to(tl.int32)
-        m = _e2m1_sr_m(y, r8)
-    else:
-        m = _e2m1_rne_m(y)
-    return _code(m, y), m
-
-
-@triton.jit
-def quant_rows_half_kernel(x_ptr, data_ptr, scale_ptr, deq_ptr, amax_ptr, M, K, stride_m, seed, one_sixth,
-                           SR: tl.constexpr, WRITE_DEQ: tl.constexpr, BM: tl.constexpr, G: tl.constexpr):
-    """quant_rows_kernel for 1x16 blocks, each block loaded as two [BM, G, 8] halves.
-
-    Eight contiguous BF16 values are one 16-byte vector, which the compiler keeps in one thread:
-    the block amax, the packing of the 8 nibbles of each half into an int32 and the BF16 stores
-    then stay in registers, where the [BM, G, 16] tile of quant_rows_kernel spreads a block over
-    two threads and pays warp shuffles for every reduction. Same bytes, same SR bits (Philox word
-    q of the block for elements 4q..4q+3, byte j % 4).
-    """
-    rows = tl.program_id(0) * BM + tl.arange(0, BM)
-    grp = tl.program_id(1) * G + tl.arange(0, G)
-    j8 = tl.arange(0, 8)
-    nb = K // 16
-    mask2 = (rows[:, None] < M) & (grp[None, :] < nb)
-    mask3 = mask2[:, :, None]
-    offs = (rows[:, None, None].to(tl.int64) * stride_m
-            + (grp[None, :, None] * 16 + j8[None, None, :]).to(tl.int64))
-    x_lo = _to_f32(tl.load(x_ptr + offs, mask=mask3, other=0.0))
-    x_hi = _to_f32(tl.load(x_ptr + offs + 8, mask=mask3, other=0.0))
-    bamax = tl.maximum(tl.max(tl.abs(x_lo), axis=2), tl.max(tl.abs(x_hi), axis=2))
-    s_dec, block_enc, bad = _global_scales(amax_ptr, one_sixth)
-    sb, byte, enc = _block_scales(bamax, block_enc, s_dec, bad)
-    out = rows[:, None].to(tl.int64) * nb + grp[None, :]
-    if SR:
-        r0, r1, r2, r3 = tl.randint4x(seed, out.to(tl.uint32, bitcast=False))
-    else:
-        r0 = 0
-        r1 = 0
-        r2 = 0
-        r3 = 0
-    c_lo, m_lo = _half_codes(x_lo, enc, r0, r1, SR)
-    c_hi, m_hi = _half_codes(x_hi, enc, r2, r3, SR)
-    w_lo = tl.sum(c_lo << (4 * j8[None, None, :]), axis=2)  # nibbles 0-7: disjoint bits, sum == or
-    w_hi = tl.sum(c_hi << (4 * j8[None, None, :]), axis=2)
-    tl.store(data_ptr + out, _word32(w_lo, w_hi), mask=mask2)
-    tl.store(scale_ptr + out, byte.to(tl.uint8), mask=mask2)
-    if WRITE_DEQ:
-        doffs = (rows[:, None, None].to(tl.int64) * K
-                 + (grp[None, :, None] * 16 + j8[None, None, :]).to(tl.int64))
-        tl.store(deq_ptr + doffs, _dequant_m(m_lo, c_lo, sb[:, :, None]).to(deq_ptr.dtype.element_ty), mask=mask3)
-        tl.store(deq_ptr + doffs + 8, _dequant_m(m_hi, c_hi, sb[:, :, None]).to(deq_ptr.dtype.element_ty),
-                 mask=mask3)
-
-
-@triton.jit
 def dequant_rows_kernel(data_ptr, scale_ptr, deq_ptr, M, K, BM: tl.constexpr, G: tl.constexpr):
     """Packed NVFP4 (int64 words + E4M3 bytes, [M, K/16]) -> e2m1 * s_b in deq's dtype, [M, K]."""
     rows = tl.program_id(0) * BM + tl.arange(0, BM)

@@ -55,9 +55,6 @@ LAUNCH = {  # H200, 2026-11-28 (BENCHMARKS.md): fastest bit-identical candidate 
     "rows": dict(BM=16, G=16, num_warps=4, PACK=0, RAND=0),
     "rows_sr": dict(BM=16, G=8, num_warps=4, PACK=1, RAND=0),
     "rows_tile": dict(BM=32, G=8, num_warps=4, PACK=1, RAND=0),
-    # Not swept on the GPU: the fewest instructions per element of five tiles in the sm_90 SASS.
-    "rows_half": dict(BM=16, G=16, num_warps=4),
-    "rows_half_sr": dict(BM=16, G=16, num_warps=4),
     "groups": dict(BM=128, G=4, num_warps=4, PACK=1),
     "groups_sr": dict(BM=64, G=4, num_warps=4, PACK=1),  # not swept: as groups_rht_sr
     "groups_rht": dict(BM=128, G=8, num_warps=8, PACK=1),
@@ -66,10 +63,6 @@ LAUNCH = {  # H200, 2026-11-28 (BENCHMARKS.md): fastest bit-identical candidate 
     "groups_deq": dict(BM=64, G=4, num_warps=4, PACK=1),
     "dequant": dict(BM=16, G=16, num_warps=4),
 }
-#: Which kernel quantizes 1x16 blocks along a contiguous K: "half" (quant_rows_half_kernel, each
-#: block as two 8-element vectors held by one thread; ~22-27% fewer sm_90 instructions per element)
-#: or "rows" (quant_rows_kernel's [BM, G, 16] tile, which also serves 16x16 tiles). Same bytes.
-rows_kernel = os.environ.get("RAYFP4_ROWS_KERNEL", "half")
 #: The view of the int64 [M, K/16] word buffer each PACK variant of quant_rows_kernel stores to.
 _PACK_DTYPE = {0: torch.int64, 1: torch.uint8, 2: torch.int32}
 
@@ -165,18 +158,6 @@ def launch_quant_rows(x, words, scale, deq, am, words_t, scale_t, seed, tile_row
         words_t if write_t else words, scale_t if write_t else scale,
         m, k, x.stride(0), seed, ONE_SIXTH_F32,
         TILE_ROWS=tile_rows, SR=sr, WRITE_DEQ=deq is not None, WRITE_T=write_t, **cfg)
-
-
-def launch_quant_rows_half(x, words, scale, deq, am, seed, sr, cfg=None):
-    """quant_rows_half_kernel (1x16 blocks along a contiguous K, as two 8-element halves) over x
-    [M, K] into the int64 [M, K/16] ``words`` and the optional BF16 ``deq``."""
-    if cfg is None:
-        cfg = LAUNCH["rows_half_sr" if sr else "rows_half"]
-    m, k = x.shape
-    grid = (_cdiv(m, cfg["BM"]), _cdiv(k // 16, cfg["G"]))
-    _k(x.device).quant_rows_half_kernel[grid](
-        x, words, scale, deq if deq is not None else words, am, m, k, x.stride(0), seed, ONE_SIXTH_F32,
-        SR=sr, WRITE_DEQ=deq is not None, **cfg)
 
 
 def launch_quant_groups(x, words, scale, am, seed, rht, sr, signs=DEFAULT_SIGN_MASK, cfg=None, deq=None):
@@ -277,11 +258,8 @@ def quantize_nvfp4(x: torch.Tensor, tile=(1, 16), rounding: str = "nearest", rht
         if write_t:
             words_t = torch.empty(k, m // 16, dtype=torch.int64, device=dev)
             scale_t = torch.empty(k, m // 16, dtype=torch.uint8, device=dev)
-        if not write_t and rows_kernel == "half":
-            launch_quant_rows_half(x, words, scale, deq, am, seed, sr)
-        else:
-            launch_quant_rows(x, words, scale, deq, am, words_t if write_t else None,
-                              scale_t if write_t else None, seed, tile[0], sr)
+        launch_quant_rows(x, words, scale, deq, am, words_t if write_t else None,
+                          scale_t if write_t else None, seed, tile[0], sr)
         if write_t:
             transposed = NVFP4Tensor(
                 data=words_t.view(torch.uint8), scale=scale_t.view(torch.float8_e4m3fn), amax=am,

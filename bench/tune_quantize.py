@@ -61,7 +61,7 @@ def candidates(key):
     if key == "dequant":
         return [dict(BM=bm, G=g, num_warps=w) for bm, g, w in [(32, 8, 4), (64, 8, 8), (32, 16, 8), (16, 16, 4)]], []
     if key.startswith("groups"):
-        return [dict(BM=64, G=4, num_warps=4, PACK=p) for p in (0, 1)], GROUP_TILES
+        return [dict(BM=64, G=4, num_warps=4)], GROUP_TILES
     if key == "rows_tile":
         return ([dict(BM=16, G=16, num_warps=4, PACK=p, RAND=0) for p in (0, 1, 2)],
                 [(32, 8, 4), (32, 16, 8), (64, 8, 8), (16, 32, 8), (64, 16, 8), (16, 8, 4)])
@@ -145,10 +145,15 @@ class Bench:
             rht, sr = "rht" in key, key.endswith("_sr")
             am = self.am_rht if rht else self.am
             if old:
+                k_old = kern.quant_groups_kernel
+                # Modules from 8a8095f on take the BF16-operand pointer and its strides too.
+                extra = (b["wt_words"],) if "deq_ptr" in k_old.arg_names else ()
+                strides = (0, 0) if extra else ()
+
                 def fn():
-                    kern.quant_groups_kernel[(triton.cdiv(f, cfg["BM"]), triton.cdiv(t // 16, cfg["G"]))](
-                        xt, b["wt_words"], b["wt_scale"], am, f, t, xt.stride(0), xt.stride(1), 1234,
-                        T.ONE_SIXTH_F32, RHT=rht, SIGNS=T.DEFAULT_SIGN_MASK, ROUND=1, SR=sr, **cfg)
+                    k_old[(triton.cdiv(f, cfg["BM"]), triton.cdiv(t // 16, cfg["G"]))](
+                        xt, b["wt_words"], b["wt_scale"], am, *extra, f, t, xt.stride(0), xt.stride(1), *strides,
+                        1234, T.ONE_SIXTH_F32, RHT=rht, SIGNS=T.DEFAULT_SIGN_MASK, ROUND=1, SR=sr, **cfg)
             else:
                 def fn():
                     T.launch_quant_groups(xt, b["wt_words"], b["wt_scale"], am, 1234, rht, sr, cfg=cfg)

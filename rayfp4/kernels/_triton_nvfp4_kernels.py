@@ -410,10 +410,11 @@ def amax_groups_kernel(x_ptr, out_ptr, M, K, stride_m, stride_k,
 
 
 @triton.jit
-def _code_deq(x, enc, sb, r0, r1, r2, r3, deq_ptr, doffs, mask, j: tl.constexpr, SR: tl.constexpr,
-              WRITE_DEQ: tl.constexpr):
-    """Code (int32) of element j of each block; with WRITE_DEQ also stores its e2m1 * s_b at
-    deq_ptr + doffs (the GEMM operand, written where the element was read from)."""
+def _code16h(x, enc, sb, r0, r1, r2, r3, deq_ptr, doffs, mask, j: tl.constexpr, SR: tl.constexpr,
+             WRITE_DEQ: tl.constexpr):
+    """Code of element j of each block, shifted into nibble j % 8 of an int32 half-word; with
+    WRITE_DEQ also stores its e2m1 * s_b at deq_ptr + doffs (the GEMM operand, written where the
+    element was read from)."""
     y = x * enc
     if SR:
         m = _e2m1_sr_m(y, _rand8(r0, r1, r2, r3, j))
@@ -422,22 +423,6 @@ def _code_deq(x, enc, sb, r0, r1, r2, r3, deq_ptr, doffs, mask, j: tl.constexpr,
     c = _code(m, y)
     if WRITE_DEQ:
         tl.store(deq_ptr + doffs, _dequant_m(m, c, sb).to(deq_ptr.dtype.element_ty), mask=mask)
-    return c
-
-
-@triton.jit
-def _code16(x, enc, sb, r0, r1, r2, r3, deq_ptr, doffs, mask, j: tl.constexpr, SR: tl.constexpr,
-            WRITE_DEQ: tl.constexpr):
-    """Code of element j of each block, shifted into nibble j of the block's int64 word."""
-    c = _code_deq(x, enc, sb, r0, r1, r2, r3, deq_ptr, doffs, mask, j, SR, WRITE_DEQ)
-    return c.to(tl.int64) << (4 * j)
-
-
-@triton.jit
-def _code16h(x, enc, sb, r0, r1, r2, r3, deq_ptr, doffs, mask, j: tl.constexpr, SR: tl.constexpr,
-             WRITE_DEQ: tl.constexpr):
-    """Code of element j of each block, shifted into nibble j % 8 of an int32 half-word."""
-    c = _code_deq(x, enc, sb, r0, r1, r2, r3, deq_ptr, doffs, mask, j, SR, WRITE_DEQ)
     return c << (4 * (j % 8))
 
 
@@ -451,8 +436,7 @@ def _word32(lo, hi):
 def quant_groups_kernel(x_ptr, data_ptr, scale_ptr, amax_ptr, deq_ptr, M, K, stride_m, stride_k,
                         stride_dm, stride_dk, seed, one_sixth,
                         RHT: tl.constexpr, SIGNS: tl.constexpr, ROUND: tl.constexpr, SR: tl.constexpr,
-                        BM: tl.constexpr, G: tl.constexpr, PACK: tl.constexpr = 0,
-                        WRITE_DEQ: tl.constexpr = False):
+                        BM: tl.constexpr, G: tl.constexpr, WRITE_DEQ: tl.constexpr = False):
     """1x16 quantization of a strided [M, K] view along K (optionally RHT first): packed int64 words
     [M, K/16] and E4M3 scale bytes [M, K/16], both row-major. For K = the physical row index (the
     transposed, column-wise quantization) the transpose is never written to memory.
@@ -484,43 +468,24 @@ def quant_groups_kernel(x_ptr, data_ptr, scale_ptr, amax_ptr, deq_ptr, M, K, str
         r3 = 0
     d = rows[:, None].to(tl.int64) * stride_dm + grp[None, :].to(tl.int64) * 16 * stride_dk
     sd = stride_dk
-    if PACK == 0:
-        # One int64 word, built nibble by nibble in 64-bit registers.
-        w = (_code16(x0, enc, sb, r0, r1, r2, r3, deq_ptr, d + 0 * sd, mask, 0, SR, WRITE_DEQ)
-             | _code16(x1, enc, sb, r0, r1, r2, r3, deq_ptr, d + 1 * sd, mask, 1, SR, WRITE_DEQ))
-        w |= (_code16(x2, enc, sb, r0, r1, r2, r3, deq_ptr, d + 2 * sd, mask, 2, SR, WRITE_DEQ)
-              | _code16(x3, enc, sb, r0, r1, r2, r3, deq_ptr, d + 3 * sd, mask, 3, SR, WRITE_DEQ))
-        w |= (_code16(x4, enc, sb, r0, r1, r2, r3, deq_ptr, d + 4 * sd, mask, 4, SR, WRITE_DEQ)
-              | _code16(x5, enc, sb, r0, r1, r2, r3, deq_ptr, d + 5 * sd, mask, 5, SR, WRITE_DEQ))
-        w |= (_code16(x6, enc, sb, r0, r1, r2, r3, deq_ptr, d + 6 * sd, mask, 6, SR, WRITE_DEQ)
-              | _code16(x7, enc, sb, r0, r1, r2, r3, deq_ptr, d + 7 * sd, mask, 7, SR, WRITE_DEQ))
-        w |= (_code16(x8, enc, sb, r0, r1, r2, r3, deq_ptr, d + 8 * sd, mask, 8, SR, WRITE_DEQ)
-              | _code16(x9, enc, sb, r0, r1, r2, r3, deq_ptr, d + 9 * sd, mask, 9, SR, WRITE_DEQ))
-        w |= (_code16(x10, enc, sb, r0, r1, r2, r3, deq_ptr, d + 10 * sd, mask, 10, SR, WRITE_DEQ)
-              | _code16(x11, enc, sb, r0, r1, r2, r3, deq_ptr, d + 11 * sd, mask, 11, SR, WRITE_DEQ))
-        w |= (_code16(x12, enc, sb, r0, r1, r2, r3, deq_ptr, d + 12 * sd, mask, 12, SR, WRITE_DEQ)
-              | _code16(x13, enc, sb, r0, r1, r2, r3, deq_ptr, d + 13 * sd, mask, 13, SR, WRITE_DEQ))
-        w |= (_code16(x14, enc, sb, r0, r1, r2, r3, deq_ptr, d + 14 * sd, mask, 14, SR, WRITE_DEQ)
-              | _code16(x15, enc, sb, r0, r1, r2, r3, deq_ptr, d + 15 * sd, mask, 15, SR, WRITE_DEQ))
-    else:
-        # The same word from two int32 halves (nibbles 0-7 and 8-15): 32-bit shifts and ORs.
-        lo = (_code16h(x0, enc, sb, r0, r1, r2, r3, deq_ptr, d + 0 * sd, mask, 0, SR, WRITE_DEQ)
-              | _code16h(x1, enc, sb, r0, r1, r2, r3, deq_ptr, d + 1 * sd, mask, 1, SR, WRITE_DEQ))
-        lo |= (_code16h(x2, enc, sb, r0, r1, r2, r3, deq_ptr, d + 2 * sd, mask, 2, SR, WRITE_DEQ)
-               | _code16h(x3, enc, sb, r0, r1, r2, r3, deq_ptr, d + 3 * sd, mask, 3, SR, WRITE_DEQ))
-        lo |= (_code16h(x4, enc, sb, r0, r1, r2, r3, deq_ptr, d + 4 * sd, mask, 4, SR, WRITE_DEQ)
-               | _code16h(x5, enc, sb, r0, r1, r2, r3, deq_ptr, d + 5 * sd, mask, 5, SR, WRITE_DEQ))
-        lo |= (_code16h(x6, enc, sb, r0, r1, r2, r3, deq_ptr, d + 6 * sd, mask, 6, SR, WRITE_DEQ)
-               | _code16h(x7, enc, sb, r0, r1, r2, r3, deq_ptr, d + 7 * sd, mask, 7, SR, WRITE_DEQ))
-        hi = (_code16h(x8, enc, sb, r0, r1, r2, r3, deq_ptr, d + 8 * sd, mask, 8, SR, WRITE_DEQ)
-              | _code16h(x9, enc, sb, r0, r1, r2, r3, deq_ptr, d + 9 * sd, mask, 9, SR, WRITE_DEQ))
-        hi |= (_code16h(x10, enc, sb, r0, r1, r2, r3, deq_ptr, d + 10 * sd, mask, 10, SR, WRITE_DEQ)
-               | _code16h(x11, enc, sb, r0, r1, r2, r3, deq_ptr, d + 11 * sd, mask, 11, SR, WRITE_DEQ))
-        hi |= (_code16h(x12, enc, sb, r0, r1, r2, r3, deq_ptr, d + 12 * sd, mask, 12, SR, WRITE_DEQ)
-               | _code16h(x13, enc, sb, r0, r1, r2, r3, deq_ptr, d + 13 * sd, mask, 13, SR, WRITE_DEQ))
-        hi |= (_code16h(x14, enc, sb, r0, r1, r2, r3, deq_ptr, d + 14 * sd, mask, 14, SR, WRITE_DEQ)
-               | _code16h(x15, enc, sb, r0, r1, r2, r3, deq_ptr, d + 15 * sd, mask, 15, SR, WRITE_DEQ))
-        w = _word32(lo, hi)
+    # The block's int64 word from two int32 halves (nibbles 0-7 and 8-15): 32-bit shifts and ORs.
+    lo = (_code16h(x0, enc, sb, r0, r1, r2, r3, deq_ptr, d + 0 * sd, mask, 0, SR, WRITE_DEQ)
+          | _code16h(x1, enc, sb, r0, r1, r2, r3, deq_ptr, d + 1 * sd, mask, 1, SR, WRITE_DEQ))
+    lo |= (_code16h(x2, enc, sb, r0, r1, r2, r3, deq_ptr, d + 2 * sd, mask, 2, SR, WRITE_DEQ)
+           | _code16h(x3, enc, sb, r0, r1, r2, r3, deq_ptr, d + 3 * sd, mask, 3, SR, WRITE_DEQ))
+    lo |= (_code16h(x4, enc, sb, r0, r1, r2, r3, deq_ptr, d + 4 * sd, mask, 4, SR, WRITE_DEQ)
+           | _code16h(x5, enc, sb, r0, r1, r2, r3, deq_ptr, d + 5 * sd, mask, 5, SR, WRITE_DEQ))
+    lo |= (_code16h(x6, enc, sb, r0, r1, r2, r3, deq_ptr, d + 6 * sd, mask, 6, SR, WRITE_DEQ)
+           | _code16h(x7, enc, sb, r0, r1, r2, r3, deq_ptr, d + 7 * sd, mask, 7, SR, WRITE_DEQ))
+    hi = (_code16h(x8, enc, sb, r0, r1, r2, r3, deq_ptr, d + 8 * sd, mask, 8, SR, WRITE_DEQ)
+          | _code16h(x9, enc, sb, r0, r1, r2, r3, deq_ptr, d + 9 * sd, mask, 9, SR, WRITE_DEQ))
+    hi |= (_code16h(x10, enc, sb, r0, r1, r2, r3, deq_ptr, d + 10 * sd, mask, 10, SR, WRITE_DEQ)
+           | _code16h(x11, enc, sb, r0, r1, r2, r3, deq_ptr, d + 11 * sd, mask, 11, SR, WRITE_DEQ))
+    hi |= (_code16h(x12, enc, sb, r0, r1, r2, r3, deq_ptr, d + 12 * sd, mask, 12, SR, WRITE_DEQ)
+           | _code16h(x13, enc, sb, r0, r1, r2, r3, deq_ptr, d + 13 * sd, mask, 13, SR, WRITE_DEQ))
+    hi |= (_code16h(x14, enc, sb, r0, r1, r2, r3, deq_ptr, d + 14 * sd, mask, 14, SR, WRITE_DEQ)
+           | _code16h(x15, enc, sb, r0, r1, r2, r3, deq_ptr, d + 15 * sd, mask, 15, SR, WRITE_DEQ))
+    w = _word32(lo, hi)
     tl.store(data_ptr + out, w, mask=mask)
     tl.store(scale_ptr + out, byte.to(tl.uint8), mask=mask)
 

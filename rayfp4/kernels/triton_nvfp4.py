@@ -55,12 +55,12 @@ LAUNCH = {  # H200, 2026-11-28 (BENCHMARKS.md): fastest bit-identical candidate 
     "rows": dict(BM=16, G=16, num_warps=4, PACK=0, RAND=0),
     "rows_sr": dict(BM=16, G=8, num_warps=4, PACK=1, RAND=0),
     "rows_tile": dict(BM=32, G=8, num_warps=4, PACK=1, RAND=0),
-    "groups": dict(BM=128, G=4, num_warps=4, PACK=1),
-    "groups_sr": dict(BM=64, G=4, num_warps=4, PACK=1),  # not swept: as groups_rht_sr
-    "groups_rht": dict(BM=128, G=8, num_warps=8, PACK=1),
-    "groups_rht_sr": dict(BM=64, G=4, num_warps=4, PACK=1),
+    "groups": dict(BM=128, G=4, num_warps=4),
+    "groups_sr": dict(BM=64, G=4, num_warps=4),  # not swept: as groups_rht_sr
+    "groups_rht": dict(BM=128, G=8, num_warps=8),
+    "groups_rht_sr": dict(BM=64, G=4, num_warps=4),
     # "groups" writing the BF16 operand too: the BM=128 tile spills registers then (sm_90 SASS).
-    "groups_deq": dict(BM=64, G=4, num_warps=4, PACK=1),
+    "groups_deq": dict(BM=64, G=4, num_warps=4),
     "dequant": dict(BM=16, G=16, num_warps=4),
 }
 #: The view of the int64 [M, K/16] word buffer each PACK variant of quant_rows_kernel stores to.
@@ -357,7 +357,7 @@ def gemm(a, b, out_dtype: torch.dtype, mode: str | None = None) -> torch.Tensor:
         # Interpreter/CPU path: FP32 products of exact BF16 values, FP32 accumulation.
         return (A.float() @ B.float().t() * _alpha(a, b)).to(out_dtype)
     nv = isinstance(a, NVFP4Tensor) and isinstance(b, NVFP4Tensor)
-    if not nv and not isinstance(a, NVFP4Tensor) and not isinstance(b, NVFP4Tensor):
+    if not isinstance(a, NVFP4Tensor) and not isinstance(b, NVFP4Tensor):
         # MXFP4: power-of-two scales only, alpha = 1: FP32 accumulation and output, one rounding.
         return torch.mm(A, B.t(), out_dtype=torch.float32).to(out_dtype)
     if mode == "device" and nv:

@@ -1,6 +1,7 @@
-"""Where GPU time goes: CUDA kernel time per step, grouped by what the kernel does.
+"""Timing and profiling shared by the bench scripts.
 
-Used by bench/step.py and bench/linear.py (``--profile``): run a callable under torch.profiler and
+:func:`time_ms`: the median of CUDA-event timings of a callable. :func:`breakdown` (bench/step.py
+and bench/linear.py ``--profile``): where GPU time goes -- run a callable under torch.profiler and
 sum the device time of its kernels into the categories below (first matching pattern wins).
 Profile only after every timing of the process: once the profiler has attached (CUPTI), later
 kernel launches in the same process are slower (measured: +50-80 ms per step of bench/step.py).
@@ -9,8 +10,25 @@ kernel launches in the same process are slower (measured: +50-80 ms per step of 
 from __future__ import annotations
 
 import re
+import statistics
 
 import torch
+
+
+def time_ms(fn, reps: int, warmup: int = 5) -> float:
+    """Median of ``reps`` CUDA-event timings of ``fn()`` (ms), after ``warmup`` untimed calls."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
 
 CATEGORIES = [
     ("dequantize", r"dequant_rows_kernel"),

@@ -33,25 +33,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _profile import time_ms  # noqa: E402
 from cutlass_kernels import binding  # noqa: E402
 from cutlass_kernels.specs import KERNELS  # noqa: E402
 
 SHAPES = [(16384, 4096, 4096), (16384, 11008, 4096), (16384, 4096, 11008)]  # (tokens, out, in)
-
-
-def time_ms(fn, reps: int, warmup: int = 5) -> float:
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
 
 
 def interleaved(fns: dict, reps: int, rounds: int) -> dict[str, tuple[float, float, float]]:

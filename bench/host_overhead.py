@@ -56,7 +56,6 @@ def pieces(layer, x, dy, calls: int) -> None:
     k = T._kernel_module()
     acc = torch.empty(x.shape[0], w.shape[0], device=x.device)
     out = torch.empty_like(acc, dtype=torch.bfloat16)
-    ctx_items = {}
 
     def fwd_only():
         with torch.no_grad():
@@ -105,7 +104,6 @@ def pieces(layer, x, dy, calls: int) -> None:
                                   device=x.device)
     except ImportError:
         pass
-    del ctx_items
     print(f"# host time of the pieces, called alone ({calls} calls each)")
     print(f"{'piece':36s} {'us/call':>9s}")
     for name, fn in cases:

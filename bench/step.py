@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import gc
-import statistics
 import sys
 from pathlib import Path
 
@@ -25,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import triton  # noqa: E402
 
-from _profile import breakdown, print_table  # noqa: E402
+from _profile import breakdown, print_table, time_ms  # noqa: E402
 
 from rayfp4.kernels import triton_nvfp4 as T  # noqa: E402
 from rayfp4.model import ModelConfig, build_model  # noqa: E402
@@ -53,7 +52,7 @@ def run(fmt: str, cfg: ModelConfig, batch: int, steps: int, policy_extra: dict,
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    for _ in range(3):
+    for _ in range(3):  # warm-up: compiles, allocator
         step()
     torch.cuda.synchronize()
     if profile is not None:
@@ -62,18 +61,11 @@ def run(fmt: str, cfg: ModelConfig, batch: int, steps: int, policy_extra: dict,
         torch.cuda.empty_cache()
         return 0.0, 0.0
     torch.cuda.reset_peak_memory_stats()
-    times = []
-    for _ in range(steps):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        step()
-        e.record()
-        e.synchronize()
-        times.append(s.elapsed_time(e))
+    ms = time_ms(step, steps, warmup=0)
     peak = torch.cuda.max_memory_allocated()
     del model, opt
     torch.cuda.empty_cache()
-    return statistics.median(times), peak
+    return ms, peak
 
 
 def main() -> None:

@@ -170,7 +170,7 @@ class _QuantizedLinearFn(torch.autograd.Function):
         if ctx.quantize_bwd:
             sr = pol.stochastic_rounding_grads
             rounding = "stochastic" if sr else "nearest"
-            dyt_src = _pad_tokens(dy, b).t()
+            dyt_src = _pad_tokens(dy, b).t() if ctx.needs_input_grad[1] else None
             am_dy = am_dyt = None
             if ctx.needs_input_grad[0] and ctx.needs_input_grad[1]:
                 am_dy, am_dyt = layer.amaxes(dyt_src)  # both operands of dy from one read
@@ -248,8 +248,6 @@ class QuantizedLinear(nn.Linear):
         """Quantize with the layer's backend; ``amax`` from :meth:`amaxes` (NVFP4 only) and
         ``bf16_operand`` (also write the BF16 GEMM operand) are hints a backend may use."""
         if self.format == "nvfp4":
-            if amax is None and bf16_operand is None:
-                return self.backend.quantize_nvfp4(t, tile, rounding, rht, generator, None)
             return self.backend.quantize_nvfp4(t, tile, rounding, rht, generator, amax, bf16_operand)
         return self.backend.quantize_mxfp4(t, tile, rounding, rht, generator, self.policy.mxfp4_scale_rule)
 

@@ -10,12 +10,13 @@ NVFP4 vs BF16) and are compared at the end against ``baseline``.
 from __future__ import annotations
 
 import copy
+import re
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .model import ModelConfig
 from .precision import PrecisionPolicy
@@ -24,6 +25,8 @@ from .precision.policy import format_validation_error, read_yaml_mapping
 
 class ConfigError(ValueError):
     """A config a user wrote that cannot run; the message names the key path."""
+
+    retry_cannot_help = True  # deterministic: the same input fails the same way again
 
 
 class _Strict(BaseModel):
@@ -78,6 +81,9 @@ class ScalingSection(_Strict):
     use_gpu: bool = False
     cpus_per_worker: float = Field(0.5, gt=0, description="fractional on small machines, so Ray Data can read")
     strategy: Literal["ddp", "fsdp2"] = "ddp"
+    rendezvous: Literal["auto", "loopback", "node"] = Field(
+        "auto", description="where torch.distributed listens: auto = 127.0.0.1 when all workers share a node, "
+        "else rank 0's node address; loopback = refuse several nodes; node = always the node address")
 
 
 class TrackingSection(_Strict):
@@ -86,23 +92,53 @@ class TrackingSection(_Strict):
     experiment: str = "rayfp4"
 
 
+class HookSpec(_Strict):
+    path: str = Field(pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$", description="package.module:Class (a rayfp4.train.hooks.TrainHook)")
+    args: dict[str, Any] = Field(default_factory=dict, description="keyword arguments of the hook's constructor")
+
+
 class DebugSection(_Strict):
     fail_at_step: int | None = Field(None, ge=0, description="raise in rank 0 at this step, once per run (tests)")
     nan_at_steps: list[int] = Field(default_factory=list, description="poison the loss at these steps (tests)")
+    hooks: list[HookSpec] = Field(default_factory=list, description="training-loop hooks by import path "
+                                  "(rayfp4.train.hooks), e.g. for fault-injection tests")
+
+
+_NAME_CHARS = re.compile(r"[A-Za-z0-9_.-]+")
+
+
+def check_run_name(value: str | None) -> str | None:
+    """A run or variant name is a single directory under ``output_dir``: letters, digits, ``_``,
+    ``-`` and ``.``, not starting with ``.`` (which excludes ``.``, ``..`` and hidden folders)."""
+    if value is None:
+        return value
+    if not _NAME_CHARS.fullmatch(value):
+        raise ValueError(f"{value!r} may only contain letters, digits, '_', '-' and '.'")
+    if value.startswith("."):
+        raise ValueError(f"{value!r} must not start with '.' (it names a folder under output_dir)")
+    return value
 
 
 class Variant(_Strict):
-    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    name: str = Field(min_length=1, max_length=100)
     set: dict[str, Any] = Field(default_factory=dict, description="key.path: value overrides for this variant")
+
+    @field_validator("name")
+    @classmethod
+    def _name_is_one_folder(cls, v):
+        return check_run_name(v)
 
 
 class RunConfig(_Strict):
-    name: str | None = Field(None, pattern=r"^[A-Za-z0-9_.-]+$",
+    name: str | None = Field(None, max_length=100,
                              description="run name; default: the config file's stem and the start time")
     output_dir: str = Field("runs", description="where runs keep checkpoints, ledgers and artifacts")
     resume: Literal["auto", "never", "must"] = Field(
         "auto", description="auto: continue a run of the same name if it has a checkpoint; never: refuse "
                             "an existing run; must: refuse to start fresh")
+    resume_changes: list[str] = Field(
+        default_factory=list, description="settings a resumed run may change from the run it continues, "
+        "e.g. [train.steps] or [optim] (a whole section); any other difference is refused")
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataSection = Field(default_factory=DataSection)
     precision: PrecisionPolicy = Field(default_factory=PrecisionPolicy)
@@ -114,6 +150,11 @@ class RunConfig(_Strict):
     debug: DebugSection = Field(default_factory=DebugSection)
     variants: list[Variant] = Field(default_factory=list)
     baseline: str | None = Field(None, description="the variant the others are compared with (default: the first)")
+
+    @field_validator("name")
+    @classmethod
+    def _name_is_one_folder(cls, v):
+        return check_run_name(v)
 
     @model_validator(mode="after")
     def _consistent(self):
@@ -135,7 +176,27 @@ class RunConfig(_Strict):
             raise ValueError(f"data.seq_len={seq} exceeds data.corpus_seq_len={self.data.corpus_seq_len}")
         if seq > self.model.seq_len:
             raise ValueError(f"data.seq_len={seq} exceeds model.seq_len={self.model.seq_len}")
+        keys = set(self.fingerprint())
+        for change in self.resume_changes:
+            if not any(_covers(change, k) for k in keys):
+                raise ValueError(f"resume_changes: {change!r} is not a setting that defines a run; those are "
+                                 f"{', '.join(DEFINING)} (and not {', '.join(NOT_DEFINING)})")
         return self
+
+    def fingerprint(self, data_identity: str | None = None) -> dict[str, str]:
+        """The settings that define what a run computes, flattened (``optim.lr: '0.003'``).
+
+        A checkpoint is resumed only by a run with the same fingerprint, except for the keys in
+        ``resume_changes``. Where output goes, tracking, logging and checkpoint cadence, the number
+        of workers and the GEMM backend (all backends are bit-identical) are not part of it.
+        ``data_identity`` stands for the token shards themselves (their checksums), not their path.
+        """
+        flat = flatten(self.model_dump(mode="json", exclude={"variants", "baseline"}))
+        out = {k: v for k, v in flat.items()
+               if any(_covers(d, k) for d in DEFINING) and not any(_covers(n, k) for n in NOT_DEFINING)}
+        if data_identity is not None:
+            out["data.identity"] = data_identity
+        return out
 
     @property
     def grad_accum(self) -> int:
@@ -155,6 +216,28 @@ class RunConfig(_Strict):
                 _set_path(data, key, value, f"variants[{v.name}].set")
             out.append((v.name, _validate(data, f"variant {v.name}: ")))
         return out
+
+
+#: What defines a run (prefixes of flattened config keys), and the exceptions among them.
+DEFINING = ("model", "optim", "precision", "train.steps", "train.seed", "train.dtype", "data.seed",
+            "data.global_batch_size", "data.seq_len", "data.val_sequences", "data.identity")
+NOT_DEFINING = ("precision.backend", "precision.telemetry_every")
+
+
+def _covers(prefix: str, key: str) -> bool:
+    return key == prefix or key.startswith(prefix + ".")
+
+
+def fingerprint_changes(old: dict[str, str], new: dict[str, str], allowed: list[str] = ()) -> list[str]:
+    """``key: old -> new`` for each defining setting that differs and is not in ``allowed``."""
+    out = []
+    for key in sorted(set(old) | set(new)):
+        if old.get(key) != new.get(key) and not any(_covers(a, key) for a in allowed):
+            if key == "data.identity":
+                out.append("data: the token shards are different (other files or checksums)")
+            else:
+                out.append(f"{key}: {old.get(key, '(unset)')} -> {new.get(key, '(unset)')}")
+    return out
 
 
 def _set_path(data: dict, key: str, value: Any, where: str) -> None:
@@ -190,13 +273,13 @@ def parse_override(text: str) -> tuple[str, Any]:
 
 def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
     """The validated run config of a YAML file (or the defaults) with ``--set`` overrides applied."""
-    data = read_yaml_mapping(path, "config", ConfigError) if path is not None else {}
+    data = read_yaml_mapping(path, "config", ConfigError, allow_empty=False) if path is not None else {}
     for text in overrides:
         key, value = parse_override(text)
         _set_path(data, key, value, "--set")
     cfg = _validate(data, f"{path}: " if path is not None else "")
     if cfg.name is None:
-        stem = Path(path).stem if path is not None else "run"
+        stem = re.sub(r"[^A-Za-z0-9_.-]+", "-", Path(path).stem if path is not None else "run").lstrip(".") or "run"
         cfg = cfg.model_copy(update={"name": f"{stem}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"})
     # Variants must validate too, before anything starts.
     cfg.variant_configs()

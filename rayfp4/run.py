@@ -2,7 +2,8 @@
 
 Runs locally (starting Ray on this machine) or inside ``ray job submit`` (joining that cluster).
 Exit codes: 0 when every variant finished, 1 when training failed, 2 for a bad config, policy,
-data path or shard (one readable line on stderr, no traceback), 130 when interrupted.
+data path, shard or output directory (one readable line on stderr, no traceback, before Ray
+starts), 130 on SIGINT (Ctrl-C) and 143 on SIGTERM (the MLflow runs end KILLED).
 """
 
 from __future__ import annotations
@@ -10,7 +11,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
+import threading
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -22,6 +25,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--check", action="store_true", help="validate the config (and data) and exit")
     p.add_argument("--verbose", action="store_true", help="show Ray's and the workers' own logs")
     return p
+
+
+def _raise_interrupted(signum, frame):
+    from .train.trainer import Interrupted
+
+    raise Interrupted(signum)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -41,24 +50,35 @@ def main(argv: list[str] | None = None) -> int:
 
     from .data.errors import DataError
     from .precision import PolicyError
+    from .train.trainer import Interrupted
 
+    # SIGINT and SIGTERM end the run as KILLED with one line, whatever the driver is doing (while
+    # Ray Train runs, its trainer aborts the workers first; see rayfp4.train.trainer).
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        previous = {s: signal.signal(s, _raise_interrupted) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         cfg = load_config(args.config, args.overrides)
-        if args.check:
-            from .train.launch import prepare_shards
+        from .train.launch import preflight
 
-            prepare_shards(cfg)
+        if args.check:
+            preflight(cfg)
             print(f"config OK: {cfg.name}, {len(cfg.variant_configs())} run(s)")
             return 0
         from .train.launch import run_experiment, say
 
-        result = run_experiment(cfg)
+        out_dir, data = preflight(cfg, create=True)
+        result = run_experiment(cfg, out_dir, data)
     except (ConfigError, PolicyError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("\ninterrupted", file=sys.stderr)
-        return 130
+    except (Interrupted, KeyboardInterrupt) as e:
+        signum = e.signum if isinstance(e, Interrupted) else signal.SIGINT
+        print(f"\ninterrupted ({signal.Signals(signum).name}): runs marked KILLED", file=sys.stderr, flush=True)
+        return 128 + signum
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
     say(f"{result.name}: done")
     print(result.table, flush=True)
     return 0 if all(r.status == "FINISHED" for r in result.results) else 1

@@ -12,3 +12,5 @@ from __future__ import annotations
 
 class DataError(ValueError):
     """A user-caused problem with data inputs; the message names the file and the problem."""
+
+    retry_cannot_help = True  # deterministic: the same input fails the same way again

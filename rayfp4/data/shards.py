@@ -32,6 +32,7 @@ worker.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import sys
@@ -96,6 +97,13 @@ class ShardManifest(BaseModel):
 
     def num_sequences(self, split: str = "train") -> int:
         return sum(s.num_sequences for s in self.splits.get(split, []))
+
+    def identity(self) -> str:
+        """A digest of what the shards hold (tokenizer, sequence length, every file's checksum), not
+        of where they are or when they were written: a run's record of which data it trained on."""
+        what = {"seq_len": self.seq_len, "tokenizer": self.tokenizer.model_dump(exclude={"file"}),
+                "splits": {k: [(f.num_sequences, f.sha256) for f in v] for k, v in sorted(self.splits.items())}}
+        return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
 
     def arrow_schema(self) -> pa.Schema:
         return shard_schema(np.dtype(self.token_dtype))
@@ -397,6 +405,13 @@ class ShardSet:
         return np.concatenate(tokens), np.concatenate(packed)
 
 
+def _inside(directory: Path, name: str, manifest_path: Path, field: str) -> None:
+    target = (directory / name).resolve()
+    if Path(name).is_absolute() or not target.is_relative_to(directory.resolve()):
+        raise DataError(f"{manifest_path}: {field} {name!r} points outside the shard directory {directory}; "
+                        f"a manifest may only name files inside its own directory")
+
+
 def open_shards(path: str | Path, verify_checksums: bool = True) -> ShardSet:
     """Open a shard directory, checking every file against the manifest.
 
@@ -421,6 +436,12 @@ def open_shards(path: str | Path, verify_checksums: bool = True) -> ShardSet:
         where = ".".join(str(p) for p in first["loc"])
         raise DataError(f"{manifest_path}: invalid manifest at {where or 'top level'}: "
                         f"{first['msg']}") from None
+    # Every file the manifest names must be a file inside this directory: a manifest must not make
+    # training read (or a tokenizer load) something elsewhere on the machine.
+    _inside(path, manifest.tokenizer.file, manifest_path, "tokenizer.file")
+    for split, shards in manifest.splits.items():
+        for i, shard in enumerate(shards):
+            _inside(path, shard.file, manifest_path, f"splits.{split}[{i}].file")
     expected_schema = manifest.arrow_schema()
     row_len = manifest.seq_len + 1
     for split, shards in manifest.splits.items():

@@ -11,6 +11,7 @@ import fnmatch
 import re
 from dataclasses import dataclass, field
 
+import torch
 from torch import nn
 
 from ..kernels import BackendUnavailable, resolve
@@ -90,7 +91,7 @@ def _decide(name: str, block_index: int | None, n_blocks: int, policy: Precision
 
 
 def apply_precision_policy(model: nn.Module, policy: PrecisionPolicy | dict, *, seed: int = 0, rank: int = 0,
-                           total_steps: int | None = None) -> PrecisionSummary:
+                           total_steps: int | None = None, device=None) -> PrecisionSummary:
     """Replace ``model``'s linears in place according to ``policy``; returns the summary.
 
     ``seed`` and ``rank`` make the stochastic-rounding streams reproducible per run and distinct
@@ -98,6 +99,8 @@ def apply_precision_policy(model: nn.Module, policy: PrecisionPolicy | dict, *, 
     also be set later on ``summary.runtime``). Raises PolicyError naming the field when the
     policy does not fit the model (a block rule or glob that selects nothing, a layer whose dims
     are not multiples of the block size, a backend that cannot run on the model's device).
+    ``device`` is where the backend must run when it is not the model's (a model built on the meta
+    device to check a policy before any worker starts).
     """
     if isinstance(policy, dict):
         policy = PrecisionPolicy.from_dict(policy)
@@ -125,8 +128,8 @@ def apply_precision_policy(model: nn.Module, policy: PrecisionPolicy | dict, *, 
             names = ", ".join(n for n, _ in linears[:8]) + (", ..." if len(linears) > 8 else "")
             raise PolicyError(f"precision.bf16_modules: {pat!r} matches no linear layer (they are: {names})")
 
-    device = next(model.parameters()).device
-    if policy.quantized:
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    if policy.quantized and device.type != "meta":
         try:
             summary.backend = resolve(policy.backend, device).name
         except BackendUnavailable as e:

@@ -241,7 +241,8 @@ class QuantizedLinear(nn.Linear):
         new = cls(linear.in_features, linear.out_features, linear.bias is not None, device="meta", **kwargs)
         new.weight = linear.weight
         new.bias = linear.bias
-        new.backend = resolve(new.policy.backend, linear.weight.device)
+        # On the meta device (a model built only to check a policy) there is no kernel to pick.
+        new.backend = resolve(new.policy.backend, linear.weight.device) if linear.weight.device.type != "meta" else None
         return new
 
     def quantize(self, t, tile, rounding, rht, generator, amax=None, bf16_operand=None):

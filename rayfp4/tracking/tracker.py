@@ -40,6 +40,41 @@ def _reachable(uri: str, timeout: float = 3.0) -> str | None:
         return f"cannot connect to {u.hostname}:{port} ({e.strerror or e})"
 
 
+HOST_TAG, PID_TAG, PID_START_TAG = "rayfp4.driver_host", "rayfp4.driver_pid", "rayfp4.driver_started"
+
+
+def _proc_stat(pid: int) -> list[str] | None:
+    """Fields of /proc/PID/stat after the command name (Linux): [0] state, [19] start time."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat[stat.rindex(")") + 2:].split()
+
+
+def owner_tags() -> dict[str, str]:
+    """Which driver process owns a run: so a later start can tell a run whose driver died. The
+    kernel's start time of the process tells a reused pid from the original."""
+    tags = {HOST_TAG: socket.gethostname(), PID_TAG: str(os.getpid())}
+    stat = _proc_stat(os.getpid())
+    if stat is not None:
+        tags[PID_START_TAG] = stat[19]
+    return tags
+
+
+def process_alive(pid: int, started: str | None) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # alive, another user's
+    stat = _proc_stat(pid)
+    if stat is None:
+        return True
+    return stat[0] != "Z" and (started is None or stat[19] == started)
+
+
 class Tracker:
     def __init__(self, uri: str, experiment: str = "rayfp4", enabled: bool = True, quiet: bool = False):
         self.uri = uri
@@ -84,7 +119,7 @@ class Tracker:
         exp = self.experiment_id()
         if exp is None:
             return None
-        t = dict(tags or {})
+        t = {**(tags or {}), **owner_tags()}
         if parent_run_id:
             t["mlflow.parentRunId"] = parent_run_id
         run = self._call("starting a run", lambda c: c.create_run(exp, run_name=name, tags=t))
@@ -124,8 +159,32 @@ class Tracker:
         if run_id is not None:
             self._call("ending the run", lambda c: c.set_terminated(run_id, status))
 
-    def run_status(self, run_id: str | None) -> str | None:
+    def reopen_run(self, run_id: str | None) -> None:
+        """A resumed run is RUNNING again, owned by this process."""
         if run_id is None:
-            return None
-        run = self._call("reading a run", lambda c: c.get_run(run_id))
-        return run.info.status if run is not None else None
+            return
+        def reopen(c):
+            c.update_run(run_id, status="RUNNING")
+            for k, v in {**owner_tags(), "rayfp4.resumed": "true"}.items():
+                c.set_tag(run_id, k, v)
+        self._call("reopening a run", reopen)
+
+    def mark_orphans(self) -> list[str]:
+        """End as KILLED every RUNNING run of this store started by a driver on this host that no
+        longer runs (killed with SIGKILL, or its machine rebooted); returns their names."""
+        def sweep(c):
+            host, found = socket.gethostname(), []
+            for exp in c.search_experiments():
+                runs = c.search_runs([exp.experiment_id], "attributes.status = 'RUNNING'", max_results=1000)
+                for run in runs:
+                    tags = run.data.tags
+                    if tags.get(HOST_TAG) != host or HOST_TAG not in tags or not tags.get(PID_TAG, "").isdigit():
+                        continue
+                    if process_alive(int(tags[PID_TAG]), tags.get(PID_START_TAG)):
+                        continue
+                    c.set_terminated(run.info.run_id, "KILLED")
+                    c.set_tag(run.info.run_id, "rayfp4.ended",
+                              f"marked KILLED by a later start: driver pid {tags[PID_TAG]} on {host} had gone")
+                    found.append(run.info.run_name)
+            return found
+        return self._call("marking orphaned runs", sweep) or []

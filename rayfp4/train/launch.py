@@ -1,28 +1,41 @@
-"""Driver side: one Ray ``TorchTrainer`` per variant, its MLflow run, and the comparison.
+"""Driver side: checks before Ray starts, one Ray Train run per variant, its MLflow run, the comparison.
 
 ``run_experiment(cfg)`` is what ``python -m rayfp4.run`` calls after validating the config:
-it prepares the data (tokenizing the embedded corpus on first use), makes sure Ray runs, then
-trains each variant in turn as a child MLflow run under one parent, and finally prints and logs
-the table of final/best validation loss with the gap to the baseline.
+
+1. :func:`preflight` catches what can be known before Ray starts (one line, exit 2): an output
+   directory that cannot be written, a policy that does not fit the model (built on the meta
+   device), a backend the machine cannot run, a hook that does not import, bad shards;
+2. it locks the run's directory (one driver per run), marks MLflow runs whose driver died as KILLED;
+3. it trains each variant in turn as a child MLflow run under one parent; a run directory that
+   already holds a run is continued only by the same settings (:meth:`RunConfig.fingerprint`);
+4. it prints and logs the table of final/best validation loss with the gap to the baseline.
+
+Every run ends with the status it really had: FINISHED, FAILED (with the error that ended it) or
+KILLED (SIGINT/SIGTERM here, or found orphaned by a later start).
 """
 
 from __future__ import annotations
 
+import fcntl
+import json
 import logging
 import os
+import shutil
 import sys
-import traceback
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
-from ..config import ConfigError, RunConfig, flatten
+from ..config import ConfigError, RunConfig, flatten, fingerprint_changes
 from ..tracking import Tracker, comparison_table, plot_loss_curves, resolve_tracking_uri
 from ..tracking.compare import VariantResult, result_from_metrics
 
 log = logging.getLogger("rayfp4")
-SNAPSHOT = "checkpoint_manager_snapshot.json"
+SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's record of a run's registered checkpoints
+FINGERPRINT = "fingerprint.json"
+LOCK = ".lock"
 
 
 @dataclass
@@ -37,7 +50,13 @@ def say(msg: str) -> None:
     print(f"[rayfp4] {msg}", flush=True)
 
 
-def prepare_shards(cfg: RunConfig) -> Path:
+@dataclass
+class PreparedData:
+    path: Path
+    identity: str  # what the shards hold (ShardManifest.identity), part of each run's fingerprint
+
+
+def prepare_shards(cfg: RunConfig) -> PreparedData:
     """The validated shard directory (tokenizing the embedded corpus on first use)."""
     from ..data import open_shards
     from ..data.corpus import shakespeare_shards
@@ -55,7 +74,73 @@ def prepare_shards(cfg: RunConfig) -> Path:
     seq = cfg.data.seq_len or shards.seq_len
     if seq > cfg.model.seq_len:
         raise ConfigError(f"model.seq_len={cfg.model.seq_len} is smaller than the data's sequence length {seq}")
-    return path
+    return PreparedData(path, shards.manifest.identity())
+
+
+def check_output_dir(output_dir: str, create: bool) -> Path:
+    """``output_dir`` resolved, after proving it can be written (a probe file, since permission bits
+    say nothing for root or a read-only mount); without ``create`` nothing is left behind."""
+    out = Path(output_dir).expanduser()
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"output_dir: {out} exists and is not a directory")
+    out = out.resolve()
+    probe_in = out
+    while not probe_in.exists():
+        probe_in = probe_in.parent
+    if not probe_in.is_dir():
+        raise ConfigError(f"output_dir: {probe_in} (a parent of {out}) is not a directory")
+    try:
+        with tempfile.NamedTemporaryFile(dir=probe_in, prefix=".rayfp4-write-probe-"):
+            pass
+        if create:
+            out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"output_dir: cannot write to {probe_in} ({e.strerror or e})") from None
+    return out
+
+
+def check_model_and_policy(cfg: RunConfig, label: str = "") -> None:
+    """Build the model on the meta device and apply the policy: a glob that matches nothing, a layer
+    that is not a multiple of the block, a backend this machine cannot run fail here, in a second."""
+    import torch
+
+    from ..model import build_model
+    from ..precision import PolicyError, apply_precision_policy
+
+    if cfg.scaling.use_gpu and not torch.cuda.is_available():
+        device = "meta"  # a GPU cluster driven from a CPU machine: the workers check the backend
+    else:
+        device = "cuda" if cfg.scaling.use_gpu else "cpu"
+    with torch.device("meta"):
+        model = build_model(cfg.model)
+    try:
+        apply_precision_policy(model, cfg.precision, seed=cfg.train.seed, total_steps=cfg.train.steps, device=device)
+    except PolicyError as e:
+        raise PolicyError(f"variant {label}: {e}" if label else str(e)) from None
+
+
+def check_hooks(cfg: RunConfig) -> None:
+    from .hooks import load_hook
+
+    for i, h in enumerate(cfg.debug.hooks):
+        try:
+            load_hook(h.path, h.args)
+        except Exception as e:
+            raise ConfigError(f"debug.hooks[{i}]: {h.path}: {type(e).__name__}: {e}") from None
+
+
+def preflight(cfg: RunConfig, create: bool = False) -> tuple[Path, PreparedData]:
+    """Everything that can be checked before Ray starts; raises ConfigError/PolicyError/DataError."""
+    out = check_output_dir(cfg.output_dir, create)
+    variants = cfg.variant_configs()
+    for label, vcfg in variants:
+        check_model_and_policy(vcfg, label if len(variants) > 1 else "")
+    for _, v in variants[1:]:
+        if v.data.shards != cfg.data.shards or v.data.corpus_tokenizer != cfg.data.corpus_tokenizer \
+                or v.data.corpus_seq_len != cfg.data.corpus_seq_len:
+            raise ConfigError("variants: all variants must read the same data (data.shards / data.corpus_*)")
+    check_hooks(cfg)
+    return out, prepare_shards(cfg)
 
 
 def ensure_ray(cfg: RunConfig) -> None:
@@ -77,48 +162,103 @@ def ensure_ray(cfg: RunConfig) -> None:
     logging.getLogger("ray.data").setLevel(logging.WARNING)
 
 
-def _check_resume(cfg: RunConfig, run_dir: Path) -> bool:
+def _inside(out_dir: Path, path: Path) -> Path:
+    """``path`` resolved (links followed), refused unless it stays inside ``out_dir``."""
+    real = path.resolve()
+    if not real.is_relative_to(out_dir):
+        raise ConfigError(f"name: {path} resolves to {real}, outside output_dir {out_dir}; a run may only "
+                          f"write inside output_dir")
+    return real
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _check_resume(cfg: RunConfig, run_dir: Path, fingerprint: dict[str, str]) -> tuple[bool, list[str]]:
+    """(resuming?, the accepted changes) for ``run_dir``; ConfigError when the directory holds a run
+    with other settings (naming each difference), or the ``resume`` mode forbids what is there."""
     exists = (run_dir / SNAPSHOT).exists()
     if exists and cfg.resume == "never":
         raise ConfigError(f"resume: run {run_dir} already exists and resume is 'never'; choose a new name "
                           f"(--set name=...) or resume: auto")
     if not exists and cfg.resume == "must":
         raise ConfigError(f"resume: 'must' but {run_dir} holds no run to resume")
-    return exists
+    old = None
+    if (run_dir / FINGERPRINT).exists():
+        try:
+            old = json.loads((run_dir / FINGERPRINT).read_text())["fingerprint"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise ConfigError(f"resume: {run_dir / FINGERPRINT} is unreadable ({type(e).__name__}); the run's "
+                              f"settings cannot be compared, choose a new name (--set name=...)") from None
+    elif (run_dir / "config.yaml").exists():  # a run written before fingerprints: its config says
+        try:
+            old = RunConfig.model_validate(yaml.safe_load((run_dir / "config.yaml").read_text())).fingerprint()
+            fingerprint = {k: v for k, v in fingerprint.items() if k != "data.identity"}
+        except Exception:
+            old = None
+    if old is None:
+        if exists:
+            raise ConfigError(f"resume: {run_dir} holds checkpoints but no record of the settings that wrote "
+                              f"them ({FINGERPRINT}); choose a new name (--set name=...)")
+        return exists, []
+    refused = fingerprint_changes(old, fingerprint, cfg.resume_changes)
+    if refused:
+        raise ConfigError(f"resume: {run_dir} holds a run with other settings: {'; '.join(refused)}. Choose a new "
+                          f"name (--set name=...), or continue it with the changes by listing them: "
+                          f"--set 'resume_changes=[{', '.join(sorted({c.split(':')[0] for c in refused}))}]'")
+    return exists, fingerprint_changes(old, fingerprint)
 
 
-def train_variant(cfg: RunConfig, label: str, run_dir: Path, shards: Path, tracker: Tracker,
+def clear_staging(run_dir: Path) -> None:
+    """Remove checkpoint files a killed worker left half-written (see loop.STAGING_DIR)."""
+    from .loop import STAGING_DIR
+
+    shutil.rmtree(run_dir / STAGING_DIR, ignore_errors=True)
+
+
+def train_variant(cfg: RunConfig, label: str, run_dir: Path, data: PreparedData, tracker: Tracker,
                   parent_run_id: str | None) -> VariantResult:
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig as RayRunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
 
     from .loop import train_loop_per_worker
     from .progress import ProgressBoard, ProgressPrinter
+    from .trainer import Interrupted, RendezvousConfig, Trainer
 
-    resuming = _check_resume(cfg, run_dir)
+    fingerprint = cfg.fingerprint(data.identity)
+    resuming, changes = _check_resume(cfg, run_dir, fingerprint)
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    clear_staging(run_dir)
+    _write_atomic(run_dir / "config.yaml", yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    _write_atomic(run_dir / FINGERPRINT, json.dumps({"fingerprint": fingerprint}, indent=1, sort_keys=True))
     id_file = run_dir / "mlflow_run_id"
     run_id = id_file.read_text().strip() if resuming and id_file.exists() else None
     if run_id is None:
         run_id = tracker.start_run(label or cfg.name, parent_run_id=parent_run_id,
                                    tags={"rayfp4.run_dir": str(run_dir), "rayfp4.variant": label})
         if run_id:
-            id_file.write_text(run_id)
+            _write_atomic(id_file, run_id)
             tracker.log_params(run_id, flatten(cfg.model_dump(mode="json", exclude={"variants"})))
             tracker.log_artifact(run_id, run_dir / "config.yaml")
     else:
-        tracker.set_tag(run_id, "rayfp4.resumed", "true")
+        tracker.reopen_run(run_id)
+    if changes:
+        say(f"{label or cfg.name}: continuing with changed settings (resume_changes): {'; '.join(changes)}")
+        tracker.set_tag(run_id, "rayfp4.resume_changes", "; ".join(changes)[:5000])
     say(f"{'resuming' if resuming else 'starting'} {label or cfg.name}: {cfg.precision.format}, "
         f"{cfg.model.num_params() / 1e6:.1f}M params, {cfg.train.steps} steps, "
         f"{cfg.scaling.num_workers} worker(s) on {'GPU' if cfg.scaling.use_gpu else 'CPU'} -> {run_dir}")
 
     board = ProgressBoard.remote()
-    trainer = TorchTrainer(
+    trainer = Trainer(
         train_loop_per_worker,
         train_loop_config={"config": cfg.model_dump(mode="json"), "run_dir": str(run_dir),
-                           "shards": str(shards), "mlflow_run_id": run_id, "board": board},
+                           "shards": str(data.path), "mlflow_run_id": run_id, "board": board,
+                           "fingerprint": fingerprint},
+        torch_config=RendezvousConfig(rendezvous=cfg.scaling.rendezvous),
         scaling_config=ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
                                      resources_per_worker={"CPU": cfg.scaling.cpus_per_worker,
                                                            **({"GPU": 1} if cfg.scaling.use_gpu else {})}),
@@ -131,80 +271,126 @@ def train_variant(cfg: RunConfig, label: str, run_dir: Path, shards: Path, track
         with ProgressPrinter(board, label):
             result = trainer.fit()
         if result.error is not None:
-            error = _describe(result.error)
+            error = describe(result.error)
         else:
             status = "FINISHED"
-    except KeyboardInterrupt:
-        status, error = "KILLED", "interrupted"
+    except (Interrupted, KeyboardInterrupt) as e:
+        status, error = "KILLED", f"interrupted ({e})" if isinstance(e, Interrupted) else "interrupted"
         raise
-    except Exception as e:  # the trainer itself crashed: the run still ends, as FAILED
-        error = _describe(e)
+    except Exception as e:  # training failed (Ray Train raises the workers' errors): the run ends FAILED
+        error = describe(e)
     finally:
+        clear_staging(run_dir)
         res = result_from_metrics(label or cfg.name, status, run_dir / "metrics.jsonl", error)
-        png = plot_loss_curves([res], run_dir / "loss_curve.png", title=f"{cfg.name} {label}".strip())
-        if png is not None:
-            tracker.log_artifact(run_id, png)
+        try:
+            png = plot_loss_curves([res], run_dir / "loss_curve.png", title=f"{cfg.name} {label}".strip())
+            if png is not None:
+                tracker.log_artifact(run_id, png)
+        except Exception as e:  # a full disk must not hide the error that ended the run
+            say(f"{label or cfg.name}: could not write the loss curve: {type(e).__name__}: {e}")
+        if error and status == "FAILED":
+            tracker.set_tag(run_id, "rayfp4.error", error[:5000])
         tracker.end_run(run_id, status)
-        ray.kill(board)
+        try:
+            ray.kill(board)
+        except Exception:
+            pass
     if error:
         say(f"{label or cfg.name} failed: {error}")
     return res
 
 
-def _describe(exc: BaseException) -> str:
-    """The innermost user-facing message of a (possibly wrapped) training error."""
-    text = str(exc)
-    for marker in ("NonFiniteTrainingError: ", "DataError: ", "PolicyError: ", "InjectedFailure: "):
-        if marker in text:
-            return marker[:-2] + ": " + text.split(marker)[-1].strip().splitlines()[0]
-    lines = [l for l in text.strip().splitlines() if l.strip()]
-    return f"{type(exc).__name__}: {lines[-1] if lines else ''}"
+def describe(exc: BaseException) -> str:
+    """The user-facing message of a training error: the workers' own exceptions, first line each."""
+    from .trainer import worker_exceptions
+
+    lines = []
+    for e in worker_exceptions(exc):
+        text = str(e).strip()
+        first = next((l for l in text.splitlines() if l.strip()), "")
+        line = f"{type(e).__name__}: {first}"
+        if line not in lines:
+            lines.append(line)
+    return "; ".join(lines)
 
 
-def run_experiment(cfg: RunConfig) -> ExperimentResult:
-    out_dir = Path(cfg.output_dir).expanduser().resolve()
+class RunLock:
+    """One driver per run: an exclusive ``flock`` on ``<run>/.lock`` (released when the process dies)."""
+
+    def __init__(self, root: Path):
+        self.path = root / LOCK
+        self.fd = None
+
+    def __enter__(self):
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            owner = os.pread(self.fd, 64, 0).decode(errors="replace").strip() or "?"
+            os.close(self.fd)
+            raise ConfigError(f"name: run {self.path.parent} is in use by another rayfp4 driver ({owner}); "
+                              f"wait for it or choose another name (--set name=...)") from None
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, f"pid {os.getpid()} on {os.uname().nodename}".encode(), 0)
+        return self
+
+    def __exit__(self, *exc):
+        os.close(self.fd)  # closing releases the lock
+
+
+def run_experiment(cfg: RunConfig, out_dir: Path | None = None, data: PreparedData | None = None) -> ExperimentResult:
+    if out_dir is None or data is None:
+        out_dir, data = preflight(cfg, create=True)
     variants = cfg.variant_configs()
     tracking_uri = resolve_tracking_uri(cfg.tracking.uri)
     cfg = cfg.model_copy(update={"tracking": cfg.tracking.model_copy(update={"uri": tracking_uri})})
-    tracker = Tracker(tracking_uri, cfg.tracking.experiment, enabled=cfg.tracking.enabled)
-    shards = prepare_shards(cfg)
-    for _, v in variants[1:]:
-        if v.data.shards != cfg.data.shards or v.data.corpus_tokenizer != cfg.data.corpus_tokenizer:
-            raise ConfigError("variants: all variants must read the same data (data.shards / data.corpus_*)")
-    ensure_ray(cfg)
-
     multi = len(variants) > 1
-    root = out_dir / cfg.name
+    root = _inside(out_dir, out_dir / cfg.name)
+    run_dirs = {label: _inside(out_dir, root / (label or "train")) for label, _ in variants}
+    with RunLock(root):
+        tracker = Tracker(tracking_uri, cfg.tracking.experiment, enabled=cfg.tracking.enabled)
+        orphans = tracker.mark_orphans()
+        if orphans:
+            say(f"MLflow: marked {len(orphans)} run(s) KILLED whose driver had died: {', '.join(orphans)}")
+        ensure_ray(cfg)
+        return _run_variants(cfg, variants, root, run_dirs, data, tracker, multi)
+
+
+def _run_variants(cfg, variants, root, run_dirs, data, tracker, multi) -> ExperimentResult:
     parent_id = None
     if multi:
         id_file = root / "mlflow_parent_run_id"
         if id_file.exists() and cfg.resume != "never":
             parent_id = id_file.read_text().strip()
+            tracker.reopen_run(parent_id)
         else:
             parent_id = tracker.start_run(cfg.name, tags={"rayfp4.run_dir": str(root)})
             if parent_id:
-                root.mkdir(parents=True, exist_ok=True)
-                id_file.write_text(parent_id)
+                _write_atomic(id_file, parent_id)
                 tracker.log_params(parent_id, {"variants": ",".join(n for n, _ in variants),
                                                "baseline": cfg.baseline or variants[0][0]})
     results = []
     try:
         for label, vcfg in variants:
             vcfg = vcfg.model_copy(update={"tracking": cfg.tracking, "name": cfg.name})
-            run_dir = root / (label or "train")
-            results.append(train_variant(vcfg, label, run_dir, shards, tracker, parent_id))
-    except BaseException:
-        tracker.end_run(parent_id, "KILLED" if sys.exc_info()[0] is KeyboardInterrupt else "FAILED")
+            results.append(train_variant(vcfg, label, run_dirs[label], data, tracker, parent_id))
+    except BaseException as e:
+        from .trainer import Interrupted
+
+        tracker.end_run(parent_id, "KILLED" if isinstance(e, (Interrupted, KeyboardInterrupt)) else "FAILED")
         raise
     baseline = cfg.baseline or variants[0][0]
     table = comparison_table(results, baseline if multi else None)
     if multi:
-        root.mkdir(parents=True, exist_ok=True)
-        (root / "comparison.md").write_text(table + "\n")
-        png = plot_loss_curves(results, root / "loss_curves.png", title=f"{cfg.name}: variants")
-        tracker.log_artifact(parent_id, root / "comparison.md")
-        if png is not None:
-            tracker.log_artifact(parent_id, png)
+        try:
+            _write_atomic(root / "comparison.md", table + "\n")
+            tracker.log_artifact(parent_id, root / "comparison.md")
+            png = plot_loss_curves(results, root / "loss_curves.png", title=f"{cfg.name}: variants")
+            if png is not None:
+                tracker.log_artifact(parent_id, png)
+        except Exception as e:
+            say(f"could not write the comparison files: {type(e).__name__}: {e}")
         base = next((r for r in results if r.name == baseline), None)
         for r in results:
             metrics = {f"{r.name}.final_val_loss": r.final_val_loss, f"{r.name}.best_val_loss": r.best_val_loss}
@@ -213,7 +399,3 @@ def run_experiment(cfg: RunConfig) -> ExperimentResult:
             tracker.log_metrics(parent_id, metrics, step=max(r.steps, 0))
         tracker.end_run(parent_id, "FINISHED" if all(r.status == "FINISHED" for r in results) else "FAILED")
     return ExperimentResult(cfg.name, results, table, parent_id)
-
-
-def format_exception_line(exc: BaseException) -> str:
-    return "".join(traceback.format_exception_only(type(exc), exc)).strip()

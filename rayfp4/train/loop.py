@@ -7,6 +7,7 @@ sit in small helpers beside the loop, so the loop itself reads like the algorith
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import math
 import os
@@ -17,19 +18,13 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from ..config import RunConfig
+from ..config import RunConfig, fingerprint_changes
 from ..model import build_model
 from ..precision import apply_precision_policy, collect_telemetry
-from .checkpoint import load_state, save_state
+from .checkpoint import load_latest, read_info, save_state
+from .errors import NonFiniteTrainingError, RunMismatchError, StorageError
+from .hooks import build_hooks
 from .schedule import lr_at
-
-
-class NonFiniteTrainingError(RuntimeError):
-    """Too many consecutive steps had a non-finite loss or gradient."""
-
-
-class InjectedFailure(RuntimeError):
-    """The failure ``debug.fail_at_step`` asked for (to test fault tolerance)."""
 
 
 # Dense BF16 tensor-core peak (TFLOP/s) by device name, for the MFU estimate.
@@ -108,18 +103,37 @@ class RankZeroLog:
             self.board.post.remote(progress)
 
 
-def _maybe_inject_failure(cfg: RunConfig, step: int, rank: int, run_dir: Path) -> None:
-    """Raise once per run at ``debug.fail_at_step`` on rank 0 (a marker file makes it once)."""
-    if cfg.debug.fail_at_step is None or step != cfg.debug.fail_at_step or rank != 0:
-        return
-    marker = run_dir / f".injected-failure-{step}"
-    if marker.exists():
-        return
-    marker.touch()
-    raise InjectedFailure(f"debug.fail_at_step={step}: injected worker failure")
+#: OS errors a restart cannot fix: the run's storage is full or read-only.
+_STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS}
+
+
+def _storage_error(exc: BaseException) -> OSError | None:
+    """The full-disk / read-only OSError in an exception's chain (Ray wraps some), if any."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in _STORAGE_ERRNOS:
+            return exc
+        exc = exc.__cause__ or exc.__context__
+    return None
 
 
 def train_loop_per_worker(loop_config: dict) -> None:
+    """One rank's training; OS errors of full or read-only storage become :class:`StorageError`
+    (not retried), naming what was being written."""
+    try:
+        _train(loop_config)
+    except StorageError:
+        raise
+    except Exception as e:
+        err = _storage_error(e)
+        if err is None:
+            raise
+        raise StorageError(f"writing the run's files: {err.strerror or err} "
+                           f"({err.filename or loop_config['run_dir']})") from e
+
+
+def _train(loop_config: dict) -> None:
     import ray.train
     from ray.train import Checkpoint
 
@@ -150,12 +164,23 @@ def train_loop_per_worker(loop_config: dict) -> None:
     opt = torch.optim.AdamW(_param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr,
                             betas=cfg.optim.betas, eps=cfg.optim.eps)
 
+    board = loop_config.get("board")
+    fingerprint = loop_config["fingerprint"]
+
     # -- resume -------------------------------------------------------------------------------
     step, skipped, in_a_row, stream_state = 0, 0, 0, None
     ckpt = ray.train.get_checkpoint()
     if ckpt is not None:
+        def warn(msg):
+            if rank == 0 and board is not None:
+                board.notice.remote(msg)
         with ckpt.as_directory() as d:
-            state = load_state(d)
+            state, used = load_latest(d, warn)
+            changes = fingerprint_changes(read_info(used).get("fingerprint") or fingerprint, fingerprint,
+                                          cfg.resume_changes)
+        if changes:
+            raise RunMismatchError(f"checkpoint {used.name} was written by a run with other settings: "
+                                   f"{'; '.join(changes)} (list intended changes in resume_changes)")
         _set_full_state(model, opt, state)
         step, skipped, in_a_row = state["step"], state["skipped_steps"], state["nonfinite_in_a_row"]
         stream_state = state["stream"]
@@ -177,7 +202,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     tracker = None
     if rank == 0 and loop_config.get("mlflow_run_id"):
         tracker = Tracker(cfg.tracking.uri, cfg.tracking.experiment, quiet=False)
-    log = RankZeroLog(rank, run_dir, tracker, loop_config.get("mlflow_run_id"), loop_config.get("board"))
+    log = RankZeroLog(rank, run_dir, tracker, loop_config.get("mlflow_run_id"), board)
+    hooks = build_hooks(cfg.debug, rank, run_dir)
     if tracker is not None:  # which layers run in 4 bits, as the policy resolved on this model
         tracker.log_params(loop_config["mlflow_run_id"], summary.to_params())
     tokens_per_step = cfg.data.global_batch_size * seq_len
@@ -189,7 +215,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     # -- the loop -------------------------------------------------------------------------------
     for batch in stream.batches(stream_state, max_steps=max(total - step, 0)):
         t0 = time.perf_counter()
-        _maybe_inject_failure(cfg, step, rank, run_dir)
+        hooks.on_step_start(step)
         summary.runtime.set_step(step)
         lr = lr_at(step, total, cfg.optim.lr, cfg.optim.warmup_steps, cfg.optim.schedule,
                    cfg.optim.min_lr_ratio, cfg.optim.decay_fraction)
@@ -202,9 +228,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             last = i == accum - 1
             no_sync = model.no_sync() if (not last and hasattr(model, "no_sync")) else contextlib.nullcontext()
             with no_sync, autocast():
-                loss = model(chunk[:, :-1], chunk[:, 1:])
-            if step in cfg.debug.nan_at_steps:
-                loss = loss * float("nan")
+                loss = hooks.on_loss(step, model(chunk[:, :-1], chunk[:, 1:]))
             (loss / accum).backward()
             loss_sum += loss.detach().float()
         train_loss = _all_mean(loss_sum / accum, world).item()
@@ -249,7 +273,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
             state = {"step": step, "skipped_steps": skipped, "nonfinite_in_a_row": in_a_row,
                      "stream": batch.next_state.to_dict(), "rng": {"torch": torch.get_rng_state()}}
             _report_with_checkpoint(model, opt, state, rank, {"step": step, "train_loss": train_loss,
-                                                              "val_loss": metrics.get("val_loss")}, Checkpoint)
+                                                              "val_loss": metrics.get("val_loss")},
+                                    run_dir, fingerprint, hooks, Checkpoint)
 
 
 def _full_state_dicts(model, opt) -> tuple[dict, dict]:
@@ -272,14 +297,32 @@ def _set_full_state(model, opt, state: dict) -> None:
         opt.load_state_dict(state["optimizer"])
 
 
-def _report_with_checkpoint(model, opt, state: dict, rank: int, metrics: dict, Checkpoint) -> None:
+#: Where ranks write a checkpoint before Ray Train copies it into the run's storage: inside the run
+#: directory (not /tmp), so that a process killed mid-write leaves nothing elsewhere; the driver
+#: empties it before and after each attempt.
+STAGING_DIR = ".staging"
+
+
+def _report_with_checkpoint(model, opt, state: dict, rank: int, metrics: dict, run_dir: Path, fingerprint: dict,
+                            hooks, Checkpoint) -> None:
     import ray.train
 
     model_sd, opt_sd = _full_state_dicts(model, opt)  # collective for FSDP: every rank calls it
-    with tempfile.TemporaryDirectory(prefix="rayfp4-ckpt-") as d:
+    staging = run_dir / STAGING_DIR
+    staging.mkdir(parents=True, exist_ok=True)
+    step = state["step"]
+    with tempfile.TemporaryDirectory(prefix=f"checkpoint_{step:08d}-rank{rank}-", dir=staging) as d:
         checkpoint = None
-        if rank == 0:
-            save_state(d, {"model": model_sd, "optimizer": opt_sd, **state})
-            checkpoint = Checkpoint.from_directory(d)
-        ray.train.report({k: v for k, v in metrics.items() if v is not None}, checkpoint=checkpoint,
-                         checkpoint_dir_name=f"checkpoint_{state['step']:08d}")
+        try:
+            if rank == 0:
+                save_state(d, {"model": model_sd, "optimizer": opt_sd, **state}, fingerprint)
+                checkpoint = Checkpoint.from_directory(d)
+            hooks.on_checkpoint_staged(step, Path(d))
+            ray.train.report({k: v for k, v in metrics.items() if v is not None}, checkpoint=checkpoint,
+                             checkpoint_dir_name=f"checkpoint_{step:08d}")
+        except Exception as e:
+            err = _storage_error(e)
+            if err is None:
+                raise
+            raise StorageError(f"writing the step-{step} checkpoint: {err.strerror or err} "
+                               f"({err.filename or run_dir})") from e

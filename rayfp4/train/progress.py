@@ -17,12 +17,17 @@ import ray
 class ProgressBoard:
     def __init__(self):
         self.latest: dict = {}
+        self.notices: list[str] = []
 
     def post(self, record: dict) -> None:
         self.latest = record
 
-    def get(self) -> dict:
-        return self.latest
+    def notice(self, message: str) -> None:
+        """Something the user must read (a checkpoint that did not load), printed on its own line."""
+        self.notices.append(message)
+
+    def get(self) -> tuple[dict, list[str]]:
+        return self.latest, self.notices
 
 
 def format_progress(rec: dict, label: str) -> str:
@@ -48,6 +53,7 @@ class ProgressPrinter:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._last_step, self._last_print = None, 0.0
+        self._notices_seen = 0
 
     def __enter__(self):
         self._thread.start()
@@ -62,9 +68,12 @@ class ProgressPrinter:
 
     def _poll(self, final: bool = False) -> None:
         try:
-            rec = ray.get(self.board.get.remote(), timeout=5)
+            rec, notices = ray.get(self.board.get.remote(), timeout=5)
         except Exception:
             return
+        for msg in notices[self._notices_seen:]:
+            print(("\n" if self.tty else "") + f"[rayfp4] {self.label + ': ' if self.label else ''}{msg}", flush=True)
+        self._notices_seen = len(notices)
         if not rec or rec.get("step") == self._last_step:
             return
         now = time.monotonic()

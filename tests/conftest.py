@@ -15,6 +15,11 @@ import pytest
 # Before anything imports Ray: make every Ray port listen on 127.0.0.1 (FIELD_NOTES).
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+# Ray workers import the test-only training hooks (tests/fault_hooks.py) by module name; workers
+# inherit this environment from the Ray instance the session starts.
+TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
+if TESTS_DIR not in os.environ.get("PYTHONPATH", "").split(os.pathsep):
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (TESTS_DIR, os.environ.get("PYTHONPATH")) if p)
 
 
 @pytest.fixture(scope="session")

@@ -117,9 +117,10 @@ def test_killed_run_resumes_where_it_stopped(ray_session, tmp_path):
     a = read_ledger(tmp_path / "runs" / "clean" / "train" / "ledger")
     b = read_ledger(tmp_path / "runs" / "crash" / "train" / "ledger")
     assert b.ordered() == a.ordered() and len(a.ordered()) == 10
-    # resume: auto on a finished run continues from its last checkpoint (nothing left to do);
-    # resume: never refuses to touch it.
-    assert _single(tmp_path, "clean", *steps, "train.steps=12") == 0
+    # resume: auto on a finished run continues from its last checkpoint, with more steps when that
+    # change is declared (resume_changes); resume: never refuses to touch it.
+    assert _single(tmp_path, "clean", *steps, "train.steps=12") == 2
+    assert _single(tmp_path, "clean", *steps, "train.steps=12", "resume_changes=[train.steps]") == 0
     assert list(read_metrics(tmp_path / "runs" / "clean" / "train" / "metrics.jsonl"))[-1] == 12
     assert _single(tmp_path, "clean", *steps, "resume=never") == 2
 
@@ -148,7 +149,7 @@ def test_non_finite_steps_in_a_row_stop_the_run_as_failed(ray_session, tmp_path,
     rc = main([TINY, *sets(*FAST, "variants=[]", f"output_dir={tmp_path / 'runs'}", "name=diverged",
                              f"tracking.uri=sqlite:///{tmp_path}/mlruns.db", "train.steps=8",
                              "debug.nan_at_steps=[1, 2, 3]", "train.max_nonfinite_in_a_row=3",
-                             "checkpoint.max_failures=0")])
+                             "checkpoint.every=2", "train.log_every=1", "checkpoint.max_failures=2")])
     assert rc == 1
     out = capsys.readouterr().out
     assert "3 consecutive steps (up to step 4) had a non-finite loss or gradient" in out
@@ -158,6 +159,10 @@ def test_non_finite_steps_in_a_row_stop_the_run_as_failed(ray_session, tmp_path,
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlruns.db")
     runs = client.search_runs([client.get_experiment_by_name("rayfp4").experiment_id])
     assert [r.info.status for r in runs] == ["FAILED"]
+    # A diverged run would diverge again: it is not retried from the step-2 checkpoint (which would
+    # replay steps 3 and 4 into the metrics).
+    raw = [json.loads(l)["step"] for l in (tmp_path / "runs" / "diverged" / "train" / "metrics.jsonl").read_text().splitlines()]
+    assert raw == [1, 2, 3, 4]
 
 
 def _cli(*args, cwd=ROOT):

@@ -183,7 +183,7 @@ class Tracker:
                     if process_alive(int(tags[PID_TAG]), tags.get(PID_START_TAG)):
                         continue
                     c.set_terminated(run.info.run_id, "KILLED")
-                    c.set_tag(run.info.run_id, "rayfp4.ended",
+                    c.set_tag(run.info.run_id, "rayfp4.orphaned",
                               f"marked KILLED by a later start: driver pid {tags[PID_TAG]} on {host} had gone")
                     found.append(run.info.run_name)
             return found

@@ -43,10 +43,17 @@ def _write_atomic(path: Path, write) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def _torch_save(obj, path: Path) -> None:
+    # Through a Python file object: a full disk then raises OSError(ENOSPC), which the loop reports
+    # as such, instead of the zip writer's opaque "unexpected pos" RuntimeError for a path.
+    with open(path, "wb") as f:
+        torch.save(obj, f)
+
+
 def save_state(directory: str | Path, state: dict, fingerprint: dict[str, str] | None = None) -> Path:
     d = Path(directory)
     final = d / STATE_FILE
-    _write_atomic(final, lambda tmp: torch.save({"format_version": FORMAT_VERSION, **state}, tmp))
+    _write_atomic(final, lambda tmp: _torch_save({"format_version": FORMAT_VERSION, **state}, tmp))
     info = {"format_version": FORMAT_VERSION, "step": state.get("step"), "size_bytes": final.stat().st_size,
             "sha256": _sha256(final), "fingerprint": fingerprint or {}}
     _write_atomic(d / INFO_FILE, lambda tmp: tmp.write_text(json.dumps(info, indent=1, sort_keys=True)))

@@ -220,7 +220,7 @@ def clear_staging(run_dir: Path) -> None:
 
 
 def train_variant(cfg: RunConfig, label: str, run_dir: Path, data: PreparedData, tracker: Tracker,
-                  parent_run_id: str | None) -> VariantResult:
+                  parent_run_id: str | None, resume: tuple[bool, list[str]]) -> VariantResult:
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig as RayRunConfig, ScalingConfig
 
@@ -229,7 +229,7 @@ def train_variant(cfg: RunConfig, label: str, run_dir: Path, data: PreparedData,
     from .trainer import Interrupted, RendezvousConfig, Trainer
 
     fingerprint = cfg.fingerprint(data.identity)
-    resuming, changes = _check_resume(cfg, run_dir, fingerprint)
+    resuming, changes = resume
     run_dir.mkdir(parents=True, exist_ok=True)
     clear_staging(run_dir)
     _write_atomic(run_dir / "config.yaml", yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
@@ -349,15 +349,19 @@ def run_experiment(cfg: RunConfig, out_dir: Path | None = None, data: PreparedDa
     root = _inside(out_dir, out_dir / cfg.name)
     run_dirs = {label: _inside(out_dir, root / (label or "train")) for label, _ in variants}
     with RunLock(root):
+        # Each variant's directory either is new or holds a run with the same settings: checked for
+        # all of them before anything is written or Ray starts.
+        resume = {label: _check_resume(vcfg, run_dirs[label], vcfg.fingerprint(data.identity))
+                  for label, vcfg in variants}
         tracker = Tracker(tracking_uri, cfg.tracking.experiment, enabled=cfg.tracking.enabled)
         orphans = tracker.mark_orphans()
         if orphans:
             say(f"MLflow: marked {len(orphans)} run(s) KILLED whose driver had died: {', '.join(orphans)}")
         ensure_ray(cfg)
-        return _run_variants(cfg, variants, root, run_dirs, data, tracker, multi)
+        return _run_variants(cfg, variants, root, run_dirs, resume, data, tracker, multi)
 
 
-def _run_variants(cfg, variants, root, run_dirs, data, tracker, multi) -> ExperimentResult:
+def _run_variants(cfg, variants, root, run_dirs, resume, data, tracker, multi) -> ExperimentResult:
     parent_id = None
     if multi:
         id_file = root / "mlflow_parent_run_id"
@@ -374,7 +378,7 @@ def _run_variants(cfg, variants, root, run_dirs, data, tracker, multi) -> Experi
     try:
         for label, vcfg in variants:
             vcfg = vcfg.model_copy(update={"tracking": cfg.tracking, "name": cfg.name})
-            results.append(train_variant(vcfg, label, run_dirs[label], data, tracker, parent_id))
+            results.append(train_variant(vcfg, label, run_dirs[label], data, tracker, parent_id, resume[label]))
     except BaseException as e:
         from .trainer import Interrupted
 

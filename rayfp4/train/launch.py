@@ -221,36 +221,74 @@ def clear_staging(run_dir: Path) -> None:
 
 def train_variant(cfg: RunConfig, label: str, run_dir: Path, data: PreparedData, tracker: Tracker,
                   parent_run_id: str | None, resume: tuple[bool, list[str]]) -> VariantResult:
-    import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig as RayRunConfig, ScalingConfig
+    """Train one variant with Ray Train; its MLflow run ends FINISHED, FAILED or KILLED as it did."""
+    from .trainer import Interrupted
 
-    from .loop import train_loop_per_worker
-    from .progress import ProgressBoard, ProgressPrinter
-    from .trainer import Interrupted, RendezvousConfig, Trainer
-
+    name = label or cfg.name
     fingerprint = cfg.fingerprint(data.identity)
     resuming, changes = resume
     run_dir.mkdir(parents=True, exist_ok=True)
     clear_staging(run_dir)
     _write_atomic(run_dir / "config.yaml", yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
     _write_atomic(run_dir / FINGERPRINT, json.dumps({"fingerprint": fingerprint}, indent=1, sort_keys=True))
+    run_id = _mlflow_run(cfg, label, run_dir, tracker, parent_run_id, resuming)
+    status, error = "FAILED", None
+    try:
+        if changes:
+            say(f"{name}: continuing with changed settings (resume_changes): {'; '.join(changes)}")
+            tracker.set_tag(run_id, "rayfp4.resume_changes", "; ".join(changes)[:5000])
+        say(f"{'resuming' if resuming else 'starting'} {name}: {cfg.precision.format}, "
+            f"{cfg.model.num_params() / 1e6:.1f}M params, {cfg.train.steps} steps, "
+            f"{cfg.scaling.num_workers} worker(s) on {'GPU' if cfg.scaling.use_gpu else 'CPU'} -> {run_dir}")
+        status, error = _fit(cfg, label, run_dir, data, run_id, fingerprint)
+    except (Interrupted, KeyboardInterrupt) as e:
+        status, error = "KILLED", f"interrupted ({e})" if isinstance(e, Interrupted) else "interrupted"
+        raise
+    except Exception as e:  # the driver's own machinery failed: the run still ends, as FAILED
+        error = f"{type(e).__name__}: {e}"
+    finally:
+        clear_staging(run_dir)
+        res = result_from_metrics(name, status, run_dir / "metrics.jsonl", error)
+        try:
+            png = plot_loss_curves([res], run_dir / "loss_curve.png", title=f"{cfg.name} {label}".strip())
+            if png is not None:
+                tracker.log_artifact(run_id, png)
+        except Exception as e:  # a full disk must not hide the error that ended the run
+            say(f"{name}: could not write the loss curve: {type(e).__name__}: {e}")
+        if error and status == "FAILED":
+            tracker.set_tag(run_id, "rayfp4.error", error[:5000])
+        tracker.end_run(run_id, status)
+    if error:
+        say(f"{name} failed: {error}")
+    return res
+
+
+def _mlflow_run(cfg: RunConfig, label: str, run_dir: Path, tracker: Tracker, parent_run_id: str | None,
+                resuming: bool) -> str | None:
+    """The variant's MLflow run: the one it had when resuming (RUNNING again), else a new one."""
     id_file = run_dir / "mlflow_run_id"
     run_id = id_file.read_text().strip() if resuming and id_file.exists() else None
-    if run_id is None:
-        run_id = tracker.start_run(label or cfg.name, parent_run_id=parent_run_id,
-                                   tags={"rayfp4.run_dir": str(run_dir), "rayfp4.variant": label})
-        if run_id:
-            _write_atomic(id_file, run_id)
-            tracker.log_params(run_id, flatten(cfg.model_dump(mode="json", exclude={"variants"})))
-            tracker.log_artifact(run_id, run_dir / "config.yaml")
-    else:
+    if run_id is not None:
         tracker.reopen_run(run_id)
-    if changes:
-        say(f"{label or cfg.name}: continuing with changed settings (resume_changes): {'; '.join(changes)}")
-        tracker.set_tag(run_id, "rayfp4.resume_changes", "; ".join(changes)[:5000])
-    say(f"{'resuming' if resuming else 'starting'} {label or cfg.name}: {cfg.precision.format}, "
-        f"{cfg.model.num_params() / 1e6:.1f}M params, {cfg.train.steps} steps, "
-        f"{cfg.scaling.num_workers} worker(s) on {'GPU' if cfg.scaling.use_gpu else 'CPU'} -> {run_dir}")
+        return run_id
+    run_id = tracker.start_run(label or cfg.name, parent_run_id=parent_run_id,
+                               tags={"rayfp4.run_dir": str(run_dir), "rayfp4.variant": label})
+    if run_id:
+        _write_atomic(id_file, run_id)
+        tracker.log_params(run_id, flatten(cfg.model_dump(mode="json", exclude={"variants"})))
+        tracker.log_artifact(run_id, run_dir / "config.yaml")
+    return run_id
+
+
+def _fit(cfg: RunConfig, label: str, run_dir: Path, data: PreparedData, run_id: str | None,
+         fingerprint: dict) -> tuple[str, str | None]:
+    """Run Ray Train; (status, error) of the training itself."""
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig as RayRunConfig, ScalingConfig
+
+    from .loop import train_loop_per_worker
+    from .progress import ProgressBoard, ProgressPrinter
+    from .trainer import RendezvousConfig, Trainer
 
     board = ProgressBoard.remote()
     trainer = Trainer(
@@ -266,38 +304,19 @@ def train_variant(cfg: RunConfig, label: str, run_dir: Path, data: PreparedData,
                                 checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep),
                                 failure_config=FailureConfig(max_failures=cfg.checkpoint.max_failures)),
     )
-    status, error = "FAILED", None
     try:
         with ProgressPrinter(board, label):
             result = trainer.fit()
         if result.error is not None:
-            error = describe(result.error)
-        else:
-            status = "FINISHED"
-    except (Interrupted, KeyboardInterrupt) as e:
-        status, error = "KILLED", f"interrupted ({e})" if isinstance(e, Interrupted) else "interrupted"
-        raise
-    except Exception as e:  # training failed (Ray Train raises the workers' errors): the run ends FAILED
-        error = describe(e)
+            return "FAILED", describe(result.error)
+        return "FINISHED", None
+    except ray.train.TrainingFailedError as e:  # the workers' errors, after any retries
+        return "FAILED", describe(e)
     finally:
-        clear_staging(run_dir)
-        res = result_from_metrics(label or cfg.name, status, run_dir / "metrics.jsonl", error)
-        try:
-            png = plot_loss_curves([res], run_dir / "loss_curve.png", title=f"{cfg.name} {label}".strip())
-            if png is not None:
-                tracker.log_artifact(run_id, png)
-        except Exception as e:  # a full disk must not hide the error that ended the run
-            say(f"{label or cfg.name}: could not write the loss curve: {type(e).__name__}: {e}")
-        if error and status == "FAILED":
-            tracker.set_tag(run_id, "rayfp4.error", error[:5000])
-        tracker.end_run(run_id, status)
         try:
             ray.kill(board)
         except Exception:
             pass
-    if error:
-        say(f"{label or cfg.name} failed: {error}")
-    return res
 
 
 def describe(exc: BaseException) -> str:

@@ -40,7 +40,8 @@ import pyarrow.parquet as pq
 
 from rayfp4.data.errors import DataError
 from rayfp4.data.stream import find_data_error, quiet_ray_data
-from rayfp4.data.shards import ProgressLine, ShardManifest, ShardWriter, prepare_output_dir
+from rayfp4.console import ProgressLine
+from rayfp4.data.shards import ShardManifest, ShardWriter, prepare_output_dir
 from rayfp4.data.tokenizer import Tokenizer, build_tokenizer, parse_tokenizer_spec
 
 TEXT_SUFFIXES = {".txt": "txt", ".jsonl": "jsonl", ".parquet": "parquet"}

@@ -18,9 +18,10 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from .data.order import StreamConfig
 from .model import ModelConfig
 from .precision import PrecisionPolicy
-from .precision.policy import format_validation_error, read_yaml_mapping
+from .yamlfile import format_validation_error, read_yaml_mapping
 
 
 class ConfigError(ValueError):
@@ -33,20 +34,20 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class DataSection(_Strict):
+class DataSection(StreamConfig):
+    """The run's data: where the shards are (or which embedded corpus), how the stream reads them
+    (the fields of :class:`rayfp4.data.StreamConfig`, defined once there), and how a step uses them."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
     shards: str | None = Field(None, description="token shard directory (pipelines.tokenize); "
                                "None: the embedded Shakespeare corpus, tokenized on first use")
     corpus_tokenizer: str = Field("bpe:8192", description="tokenizer of the embedded corpus: bpe:VOCAB or byte")
     corpus_seq_len: int = Field(256, gt=0, description="sequence length the embedded corpus is packed to")
-    seq_len: int | None = Field(None, gt=0, description="tokens per training sequence (default: the shards')")
-    global_batch_size: int = Field(32, gt=0, description="sequences per optimizer step, all workers together")
     micro_batch_size: int | None = Field(None, gt=0, description="sequences per forward/backward on one worker; "
                                          "smaller than its share of the batch means gradient accumulation")
-    seed: int = Field(0, ge=0, description="seed of the data order")
     val_sequences: int = Field(64, ge=0, description="held-out sequences evaluated at each validation")
     ledger: bool = Field(True, description="record the global ids of the sequences each step consumed")
-    window_steps: int | None = Field(None, gt=0)
-    read_num_cpus: float = Field(0.25, gt=0, description="CPUs reserved by each Ray Data read task")
 
 
 class OptimSection(_Strict):

@@ -106,7 +106,7 @@ def test_shorter_sequences_are_cropped_and_longer_ones_refused(ray_session, smal
 def test_validation_split_streams_too(ray_session, small_shards):
     shards = open_shards(small_shards)
     rows, _ = shards.read_split("val")
-    stream = TokenStream(shards, StreamConfig(global_batch_size=4, split="val", window_steps=8))
+    stream = TokenStream(shards, StreamConfig(global_batch_size=4, window_steps=8), split="val")
     batches = list(stream.batches(max_steps=stream.steps_per_epoch))
     ids = np.concatenate([b.ids for b in batches])
     assert len(set(ids.tolist())) == len(ids) == stream.steps_per_epoch * 4 == len(rows) // 4 * 4

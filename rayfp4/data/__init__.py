@@ -6,9 +6,9 @@ Ray is imported only by :mod:`rayfp4.data.stream`, which is loaded on first use 
 Main entry points::
 
     open_shards(path, verify_checksums=True) -> ShardSet
-    StreamConfig(global_batch_size, seed=0, split="train", seq_len=None, ...)
-    StreamState.start(config, num_sequences) / .to_dict() / StreamState.from_dict(d)
-    TokenStream(shards, config, rank, world_size, ledger_dir=None).batches(state) -> StreamBatch...
+    StreamConfig(global_batch_size=32, seed=0, seq_len=None, ...)   (the run config's data section extends it)
+    StreamState.start(config, num_sequences, split="train") / .to_dict() / StreamState.from_dict(d)
+    TokenStream(shards, config, rank, world_size, ledger_dir=None, split="train").batches(state) -> StreamBatch...
     read_ledger(ledger_dir) -> LedgerView
     shakespeare_shards(tokenizer="bpe:8192", seq_len=256) -> Path   (the embedded corpus, cached)
 """

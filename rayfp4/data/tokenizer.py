@@ -111,9 +111,6 @@ class HFTokenizer(Tokenizer):
         self._tok.save(str(Path(directory) / HF_TOKENIZER_FILE))
         return HF_TOKENIZER_FILE
 
-    def to_json(self) -> str:
-        return self._tok.to_str()
-
     def __getstate__(self):  # ship to Ray tasks as JSON text
         return {"json": self._tok.to_str(), "kind": self.kind, "eot_token": self.eot_token}
 

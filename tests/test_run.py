@@ -8,11 +8,8 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -165,12 +162,6 @@ def test_non_finite_steps_in_a_row_stop_the_run_as_failed(ray_session, tmp_path,
     assert raw == [1, 2, 3]  # step 4 raised before it was logged
 
 
-def _cli(*args, cwd=ROOT):
-    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
-    return subprocess.run([sys.executable, "-m", "rayfp4.run", *args], capture_output=True, text=True,
-                          cwd=cwd, env=env, timeout=120)
-
-
 @pytest.mark.parametrize(
     "args,message",
     [
@@ -184,19 +175,20 @@ def _cli(*args, cwd=ROOT):
         (["--set", "optim"], "expected key.path=value"),
     ],
 )
-def test_bad_config_prints_the_key_path_and_exits_2(args, message):
-    r = _cli(TINY, *args)
-    assert r.returncode == 2, r.stderr
-    assert message in r.stderr and "Traceback" not in r.stderr
-    assert len(r.stderr.strip().splitlines()) <= 3
+def test_bad_config_prints_the_key_path_and_exits_2(args, message, capsys):
+    # In-process (the CLI's error path is main()); tests/test_preflight.py runs one real subprocess.
+    assert main([TINY, *args]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) <= 3
 
 
-def test_cli_missing_file_schema_and_check(tmp_path):
-    r = _cli(str(tmp_path / "nope.yaml"))
-    assert r.returncode == 2 and "nope.yaml: no such config file" in r.stderr
-    r = _cli("--schema")
-    schema = json.loads(r.stdout)
-    assert r.returncode == 0 and {"model", "precision", "optim", "variants"} <= set(schema["properties"])
+def test_cli_missing_file_schema_and_check(tmp_path, capsys):
+    assert main([str(tmp_path / "nope.yaml")]) == 2
+    assert "nope.yaml: no such config file" in capsys.readouterr().err
+    assert main(["--schema"]) == 0
+    schema = json.loads(capsys.readouterr().out)
+    assert {"model", "precision", "optim", "variants"} <= set(schema["properties"])
 
 
 @pytest.mark.slow

@@ -12,7 +12,7 @@ import random
 
 import pytest
 
-# Before anything imports Ray: make every Ray port listen on 127.0.0.1 (FIELD_NOTES).
+# Before anything imports Ray: make every Ray port listen on 127.0.0.1 (docs/operations.md).
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 # Triton kernels: on a machine without a CUDA GPU they run through Triton's interpreter on CPU

@@ -1,4 +1,4 @@
-"""An independent implementation of the NVFP4 recipe, written from NVFP4_RECIPE.md in numpy.
+"""An independent implementation of the NVFP4 recipe, written from the recipe (docs/numerics.md) in numpy.
 
 It shares no code with ``rayfp4.formats``: E4M3 rounding by binade arithmetic instead of torch's
 float8 cast, E2M1 by nearest-value search with ties to the even code instead of threshold

@@ -15,7 +15,7 @@ Usage inside a Ray Train worker (or any process connected to Ray)::
 Why one Ray Data pipeline per rank instead of ``streaming_split``: Ray's split hands blocks to
 whichever consumer asks first, so the rank that gets a sequence is not reproducible; after a worker
 failure the controller restarts the dataset from row 0 and may swap the rank-to-split assignment
-(Ray issues #37633, #48224, #58658; FIELD_NOTES). With our own arithmetic (``rayfp4.data.order``)
+(Ray issues #37633, #48224, #58658; docs/operations.md). With our own arithmetic (``rayfp4.data.order``)
 each rank knows exactly which ids it owns at every step, for any number of workers, so it builds a
 dataset over just those: one Ray Data read task per *window* of ``window_steps`` steps reads this
 rank's lanes for those steps (whole parquet row groups, each read by one rank only) and emits them

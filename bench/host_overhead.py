@@ -43,7 +43,7 @@ def per_call_us(fn, calls: int) -> float:
 def pieces(layer, x, dy, calls: int) -> None:
     """Host time of each piece of the layer's forward+backward, called alone."""
     from rayfp4.kernels import triton_nvfp4 as T
-    from rayfp4.kernels.reference import gemm_alpha
+    from rayfp4.formats.quantized import gemm_alpha
     from rayfp4.precision.linear import _QuantizedLinearFn
 
     be, rt = layer.backend, layer.runtime

@@ -89,12 +89,12 @@ def main() -> None:
     def layer_x():  # what NVFP4Linear does with x: one amax pass for both of its operands
         a0, a1 = T.TritonBackend().amaxes(xt, True)
         T.quantize_nvfp4(x, amax=a0, trust_amax=True)
-        T.quantize_nvfp4(xt, rht=True, amax=a1, trust_amax=True, write_bf16=False)
+        T.quantize_nvfp4(xt, rht=True, amax=a1, trust_amax=True, write_gemm_operand=False)
 
     def layer_dy():  # and with dY (SR, the Wgrad operand written as BF16 too)
         a0, a1 = T.TritonBackend().amaxes(xt, True)
         T.quantize_nvfp4(x, rounding="stochastic", generator=g, amax=a0, trust_amax=True)
-        T.quantize_nvfp4(xt, rht=True, rounding="stochastic", generator=g, amax=a1, trust_amax=True, write_bf16=True)
+        T.quantize_nvfp4(xt, rht=True, rounding="stochastic", generator=g, amax=a1, trust_amax=True, write_gemm_operand=True)
     cases += [("layer: x -> x rows + x^T RHT (one amax)", layer_x, 3 * xb + 2 * xq + xb),
               ("layer: dY -> rows SR + dY^T RHT SR, both BF16", layer_dy, 3 * xb + 2 * xq + 2 * xb)]
     ref_ms = ms(lambda: nvfp4.quantize(x))

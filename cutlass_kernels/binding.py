@@ -8,13 +8,15 @@ What it offers:
   picks the kernel built for that memory order instead of copying (see ``specs.py``).
 * ``gemm_nvfp4_emulated(a, b)``: the exact emulation of the NVFP4 GEMM on Hopper (recipe section
   8): both operands dequantized without their tensor factor (E2M1 x E4M3, exact in BF16), then
-  ``gemm_bf16_alpha`` with ``alpha = (amax_a / 2688) * (amax_b / 2688)``.
+  ``gemm_bf16_alpha`` with ``alpha = rayfp4.formats.quantized.gemm_alpha(a, b)``.
 * ``gemm_nvfp4(a, b)``: the native block-scaled NVFP4 GEMM on Blackwell (sm_100a, compute
   capability 10.0 only). It is built and its argument preparation is tested on the CPU, but it
   has never run here: no Blackwell GPU was available. Treat it as untested until it has.
-* ``nvfp4_gemm(a, b)``: whichever of the two the device supports.
 * ``available(device)``: whether (and why not) CUTLASS can serve a device, so dispatch never
   picks sm_100a code on a non-Blackwell GPU and never anything on the CPU.
+
+What these GEMMs must compute is defined once, in ``rayfp4.formats.quantized`` (``gemm_alpha``,
+``fp32_gemm``, ``emulated_gemm``); the GPU tests check them against it.
 
 The libraries come from ``python -m cutlass_kernels.build`` (found through the cache index, see
 ``build.py``); nothing here needs nvcc, nvidia-cutlass, or torch's C++ ABI. ``alpha`` given as a
@@ -32,6 +34,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from rayfp4.formats.nvfp4 import NVFP4Tensor
+from rayfp4.formats.quantized import gemm_alpha
 
 from .build import cache_root, read_index
 from .specs import ARCH_MAJOR, BY_KEY, KERNELS, KernelSpec
@@ -219,19 +224,19 @@ def operand_order(a: torch.Tensor, b: torch.Tensor) -> tuple[str, bool, bool]:
     [K, M] / [K, N] tensor. A layout that is neither (general strides) needs a copy, which is
     then K-major; copy_a / copy_b say so.
     """
-    if _row_major(a):
-        oa, ca = "k", False
-    elif _col_major(a):
-        oa, ca = "m", False
-    else:
-        oa, ca = "k", True
-    if _row_major(b):
-        ob, cb = "k", False
-    elif _col_major(b):
-        ob, cb = "n", False
-    else:
-        ob, cb = "k", True
+    oa, ca = _memory_order(a, "m")
+    ob, cb = _memory_order(b, "n")
     return oa + ob, ca, cb
+
+
+def _memory_order(t: torch.Tensor, transposed: str) -> tuple[str, bool]:
+    """("k", False) for a K-major operand, (``transposed``, False) for the transpose view of a
+    contiguous tensor, ("k", True) for anything else: it is copied to K-major."""
+    if _row_major(t):
+        return "k", False
+    if _col_major(t):
+        return transposed, False
+    return "k", True
 
 
 def _shape(t) -> str:
@@ -291,9 +296,8 @@ def check_nvfp4_operands(a, b, what: str = "gemm_nvfp4") -> tuple[int, int, int]
     rows of E2M1); N % 8 == 0 (16-byte BF16 output rows).
     """
     for name, t in (("a", a), ("b", b)):
-        for attr in ("data", "scale", "amax", "shape"):
-            if not hasattr(t, attr):
-                raise ValueError(f"{what}: {name} must be an NVFP4Tensor (from rayfp4.formats.nvfp4.quantize), got {type(t).__name__}")
+        if not isinstance(t, NVFP4Tensor):
+            raise ValueError(f"{what}: {name} must be an NVFP4Tensor (from rayfp4.formats.nvfp4.quantize), got {type(t).__name__}")
         rows, kk = t.shape
         if tuple(t.data.shape) != (rows, kk // 2) or t.data.dtype != torch.uint8:
             raise ValueError(f"{what}: {name}.data must be uint8 [{rows}, {kk // 2}], got {t.data.dtype} {_shape(t.data)}")
@@ -308,11 +312,7 @@ def check_nvfp4_operands(a, b, what: str = "gemm_nvfp4") -> tuple[int, int, int]
         raise ValueError(f"{what}: a is [M, K] = {m}x{k} and b is [N, K] = {n}x{kb}: K differs")
     if a.data.device != b.data.device:
         raise ValueError(f"{what}: a is on {a.data.device} and b on {b.data.device}")
-    if bool(getattr(a, "rht", False)) != bool(getattr(b, "rht", False)):
-        raise ValueError(
-            f"{what}: a.rht={a.rht} but b.rht={b.rht}: both operands must be in the same (Hadamard or "
-            "plain) domain for the transform to cancel"
-        )
+    _check_same_domain(a, b, what)
     if k % 32:
         raise ValueError(f"{what}: K = {k} (a {m}x{k}, b {n}x{k}) must be a multiple of 32 for the FP4 TMA loads")
     if n % 8:
@@ -322,23 +322,12 @@ def check_nvfp4_operands(a, b, what: str = "gemm_nvfp4") -> tuple[int, int, int]
     return m, n, k
 
 
-def nvfp4_alpha(amax_a: torch.Tensor, amax_b: torch.Tensor) -> torch.Tensor:
-    """The FP32 epilogue factor ``(amax_a / 2688) * (amax_b / 2688)`` as a 1-element tensor.
-
-    Each factor is the operand's global decode scale exactly as ``NVFP4Tensor.dequantize``
-    rounds it (``nvfp4.global_decode_scale``); their product is one more FP32 rounding, the one
-    the hardware's alpha also carries. Stays on the amaxes' device: no host sync.
-    """
-    from rayfp4.formats import nvfp4
-
-    return (nvfp4.global_decode_scale(amax_a) * nvfp4.global_decode_scale(amax_b)).reshape(1)
-
-
-def blocked_scales(t) -> torch.Tensor:
-    """An NVFP4Tensor's scales in the 128x4 blocked layout the sm_100a kernel reads (flat)."""
-    from rayfp4.formats import nvfp4
-
-    return nvfp4.to_blocked(t.scale)
+def _check_same_domain(a, b, what: str) -> None:
+    if a.rht != b.rht:
+        raise ValueError(
+            f"{what}: a.rht={a.rht} but b.rht={b.rht}: both operands must be in the same (Hadamard or "
+            "plain) domain for the transform to cancel"
+        )
 
 
 def _alpha_args(alpha, device: torch.device, what: str) -> tuple[float, int | None, torch.Tensor | None]:
@@ -447,19 +436,25 @@ def gemm_bf16_alpha(
     return out
 
 
-def gemm_nvfp4_emulated(a, b, out: torch.Tensor | None = None) -> torch.Tensor:
+def gemm_nvfp4_emulated(
+    a, b, out: torch.Tensor | None = None, *, operands: tuple[torch.Tensor, torch.Tensor] | None = None, alpha=None
+) -> torch.Tensor:
     """The NVFP4 GEMM ``a @ b.T`` of two NVFP4Tensors, emulated exactly on Hopper.
 
     Both operands dequantized without their tensor factor (exact in BF16), one BF16 GEMM with
-    FP32 accumulation, ``alpha = nvfp4_alpha(a.amax, b.amax)`` in the epilogue: the same products
-    as Blackwell's block-scaled MMA; only the FP32 summation order may differ.
+    FP32 accumulation, ``alpha = gemm_alpha(a, b)`` in the epilogue: the same products as
+    Blackwell's block-scaled MMA; only the FP32 summation order may differ.
+
+    ``operands`` (a's and b's ``dequantize_unscaled(torch.bfloat16)``) and ``alpha`` (a 1-element
+    FP32 tensor on the device) are for callers that have them from faster kernels; they must be
+    those values.
     """
-    what = "gemm_nvfp4_emulated"
-    if bool(getattr(a, "rht", False)) != bool(getattr(b, "rht", False)):
-        raise ValueError(f"{what}: a.rht={a.rht} but b.rht={b.rht}: both operands must be in the same domain")
-    a16 = a.dequantize_unscaled(torch.bfloat16)
-    b16 = b.dequantize_unscaled(torch.bfloat16)
-    return gemm_bf16_alpha(a16, b16, nvfp4_alpha(a.amax, b.amax), out=out)
+    _check_same_domain(a, b, "gemm_nvfp4_emulated")
+    if operands is None:
+        operands = (a.dequantize_unscaled(torch.bfloat16), b.dequantize_unscaled(torch.bfloat16))
+    if alpha is None:
+        alpha = gemm_alpha(a, b).reshape(1)
+    return gemm_bf16_alpha(*operands, alpha, out=out)
 
 
 def gemm_nvfp4(a, b, kernel: str | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -478,8 +473,8 @@ def gemm_nvfp4(a, b, kernel: str | None = None, out: torch.Tensor | None = None)
     if BY_KEY.get(kernel) is None or BY_KEY[kernel].family != "nvfp4":
         raise ValueError(f"{what}: {kernel!r} is not an NVFP4 kernel; known: {[s.key for s in KERNELS if s.family == 'nvfp4']}")
     lib = load(kernel)
-    sfa, sfb = blocked_scales(a), blocked_scales(b)
-    alpha = nvfp4_alpha(a.amax.to(device), b.amax.to(device))
+    sfa, sfb = a.blocked_scale(), b.blocked_scale()
+    alpha = gemm_alpha(a, b).reshape(1).to(device)
     out = _check_out(out, m, n, device, what)
     err = ctypes.create_string_buffer(_ERR_LEN)
     with torch.cuda.device(device):
@@ -494,23 +489,6 @@ def gemm_nvfp4(a, b, kernel: str | None = None, out: torch.Tensor | None = None)
     return out
 
 
-def nvfp4_gemm(a, b, out: torch.Tensor | None = None) -> torch.Tensor:
-    """NVFP4 ``a @ b.T`` by the best CUTLASS path for the operands' device (see ``available``)."""
-    av = available(a.data.device)
-    if not av:
-        raise RuntimeError(f"nvfp4_gemm: CUTLASS backend unavailable: {av.reason}")
-    if av.family == "nvfp4":
-        return gemm_nvfp4(a, b, out=out)
-    return gemm_nvfp4_emulated(a, b, out=out)
-
-
-def reference_bf16_alpha(a: torch.Tensor, b: torch.Tensor, alpha) -> torch.Tensor:
-    """What ``gemm_bf16_alpha`` must equal when the FP32 sum is exact in any order:
-    ``bf16(fp32(a) @ fp32(b).T * alpha)`` (one FP32 product with alpha, one rounding)."""
-    alpha_t = alpha if isinstance(alpha, torch.Tensor) else torch.tensor(float(alpha), dtype=torch.float32)
-    return (a.float() @ b.float().T * alpha_t.to(a.device, torch.float32).reshape(())).to(torch.bfloat16)
-
-
 __all__ = [
     "Availability",
     "KernelNotBuilt",
@@ -521,11 +499,7 @@ __all__ = [
     "kernel_for",
     "check_bf16_operands",
     "check_nvfp4_operands",
-    "nvfp4_alpha",
-    "blocked_scales",
     "gemm_bf16_alpha",
     "gemm_nvfp4_emulated",
     "gemm_nvfp4",
-    "nvfp4_gemm",
-    "reference_bf16_alpha",
 ]

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
 from cutlass_kernels import binding
 from rayfp4.formats import nvfp4
+from rayfp4.formats.quantized import fp32_gemm, gemm_alpha
 
 
 def bf16(*shape):
@@ -120,11 +123,11 @@ def test_nvfp4_checks():
 
 def test_alpha_is_the_product_of_the_two_decode_factors_in_fp32():
     a, b = q(16, 64), q(16, 64)
-    alpha = binding.nvfp4_alpha(a.amax, b.amax)
+    alpha = gemm_alpha(a, b)
     expect = (a.amax.float() / 2688.0) * (b.amax.float() / 2688.0)
-    assert alpha.dtype == torch.float32 and alpha.shape == (1,)
-    assert torch.equal(alpha[0], expect)
-    zero = binding.nvfp4_alpha(torch.tensor(0.0), b.amax)
+    assert alpha.dtype == torch.float32 and alpha.shape == ()
+    assert torch.equal(alpha, expect)
+    zero = gemm_alpha(dataclasses.replace(a, amax=torch.tensor(0.0)), b)
     assert zero.item() == 0.0
 
 
@@ -135,7 +138,7 @@ def test_emulation_recipe_reproduces_dequantized_product():
     a, b = q(32, 128), q(24, 128)
     a16, b16 = a.dequantize_unscaled(torch.bfloat16), b.dequantize_unscaled(torch.bfloat16)
     assert torch.equal(a16.float(), a.dequantize_unscaled(torch.float32))  # exact in BF16
-    emulated = binding.reference_bf16_alpha(a16, b16, binding.nvfp4_alpha(a.amax, b.amax))
+    emulated = fp32_gemm(a16, b16, gemm_alpha(a, b), torch.bfloat16)
     full = (a.dequantize(torch.float64) @ b.dequantize(torch.float64).T).to(torch.bfloat16)
     assert emulated.dtype == torch.bfloat16
     torch.testing.assert_close(emulated.float(), full.float(), rtol=1e-2, atol=1e-2)
@@ -152,7 +155,7 @@ def _cutlass_sf_offset(r: int, c: int, kb: int) -> int:
 @pytest.mark.parametrize("rows,k", [(128, 64), (200, 96), (16, 1024)])
 def test_blocked_scales_match_cutlass_layout(rows, k):
     t = q(rows, k)
-    flat = binding.blocked_scales(t).view(torch.uint8)
+    flat = t.blocked_scale().view(torch.uint8)
     cols = k // 16
     kb = -(-cols // 4) * 4
     assert flat.numel() == (-(-rows // 128) * 128) * kb

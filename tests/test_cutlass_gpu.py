@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from cutlass_kernels import binding
+from rayfp4.formats.quantized import fp32_gemm, gemm_alpha
 
 pytestmark = pytest.mark.gpu
 
@@ -78,7 +79,7 @@ def test_bf16_alpha_is_bit_exact(order, mnk):
         out = torch.full((m, n), float("nan"), dtype=torch.bfloat16, device="cuda")  # poison
         y = binding.gemm_bf16_alpha(a, b, alpha, out=out)
         torch.cuda.synchronize()
-        ref = binding.reference_bf16_alpha(a, b, alpha)
+        ref = fp32_gemm(a, b, alpha, torch.bfloat16)
         a_t = alpha if isinstance(alpha, torch.Tensor) else torch.tensor([alpha], device="cuda")
         ref64 = ((a.double() @ b.double().T).float() * a_t.float().reshape(())).to(torch.bfloat16)
         assert bits_equal(ref, ref64)  # the reference itself is order-independent here
@@ -101,7 +102,7 @@ def test_bf16_alpha_general_inputs_close(order):
         a, b = a.t().contiguous().t(), b.t().contiguous().t()
     alpha = 0.03125 * 1.1
     y = binding.gemm_bf16_alpha(a, b, alpha).float()
-    ref = binding.reference_bf16_alpha(a, b, alpha).float()
+    ref = fp32_gemm(a, b, alpha, torch.bfloat16).float()
     ref64 = ((a.double() @ b.double().T) * alpha).float()
     diff = (y - ref).abs()
     n_diff = int((diff > 0).sum())
@@ -123,12 +124,28 @@ def test_nvfp4_emulation_matches_reference_backend():
     w = torch.randn(768, 1024, device="cuda", dtype=torch.bfloat16)
     qx, qw = nvfp4.quantize(x), nvfp4.quantize(w, tile=(16, 16))
     y = binding.gemm_nvfp4_emulated(qx, qw)
-    ref = binding.reference_bf16_alpha(
-        qx.dequantize_unscaled(torch.bfloat16), qw.dequantize_unscaled(torch.bfloat16), binding.nvfp4_alpha(qx.amax, qw.amax)
-    )
+    ref = fp32_gemm(qx.dequantize_unscaled(torch.bfloat16), qw.dequantize_unscaled(torch.bfloat16), gemm_alpha(qx, qw),
+                    torch.bfloat16)
     d = (y.float() - ref.float()).abs()
     print(f"nvfp4 emulation 512x768x1024 random: {int((d > 0).sum())} of {d.numel()} differ, max {d.max().item():.3g}")
     assert d.max().item() <= torch.finfo(torch.bfloat16).eps * ref.float().abs().max().item()
+
+
+@needs_sm90
+def test_cutlass_backend_is_the_binding_emulation_with_triton_operands():
+    """The backend hands gemm_nvfp4_emulated the Triton quantizers' BF16 operands and the on-device
+    alpha; both equal the defaults bit for bit, so the GEMM does too (same kernel, same layout)."""
+    pytest.importorskip("triton")
+    from rayfp4.formats import nvfp4
+    from rayfp4.kernels import resolve, triton_nvfp4
+
+    torch.manual_seed(4)
+    x = torch.randn(512, 1024, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(768, 1024, device="cuda")
+    a, b = triton_nvfp4.quantize_nvfp4(x), triton_nvfp4.quantize_nvfp4(w, tile=(16, 16))
+    assert a.gemm_operand is not None and b.gemm_operand is not None  # written while quantizing
+    y = resolve("cutlass", "cuda").gemm(a, b, torch.bfloat16)
+    assert bits_equal(y, binding.gemm_nvfp4_emulated(nvfp4.quantize(x), nvfp4.quantize(w, tile=(16, 16))))
 
 
 @needs_sm90
@@ -150,7 +167,7 @@ def test_native_nvfp4_matches_emulation_exactly():  # pragma: no cover - no Blac
     qa, qb = nvfp4.quantize(a16), nvfp4.quantize(b16)
     ea, eb = qa.dequantize_unscaled(torch.bfloat16), qb.dequantize_unscaled(torch.bfloat16)
     assert_exact_sums(ea, eb)
-    ref = binding.reference_bf16_alpha(ea, eb, binding.nvfp4_alpha(qa.amax, qb.amax))
+    ref = fp32_gemm(ea, eb, gemm_alpha(qa, qb), torch.bfloat16)
     for kernel in ("sm100a_nvfp4_256x256", "sm100a_nvfp4_128x128"):
         if binding.is_built(kernel):
             assert bits_equal(binding.gemm_nvfp4(qa, qb, kernel=kernel), ref), kernel

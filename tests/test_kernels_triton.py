@@ -23,9 +23,9 @@ import triton.language as tl  # noqa: E402
 
 from rayfp4 import kernels  # noqa: E402
 from rayfp4.formats import nvfp4  # noqa: E402
+from rayfp4.formats.quantized import emulated_gemm  # noqa: E402
 from rayfp4.kernels import _triton_nvfp4_kernels as K  # noqa: E402
 from rayfp4.kernels import triton_nvfp4 as T  # noqa: E402
-from rayfp4.kernels.reference import emulated_gemm  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))
 from test_formats_nvfp4 import SCALE_ORDER_CASES, random_matrix  # noqa: E402
@@ -55,7 +55,8 @@ def assert_same(x, tile=(1, 16), rht=False, amax=None):
     deq = T.dequantize_unscaled(got)
     assert torch.equal(deq.view(torch.int16), want.view(torch.int16))  # -0.0 included
     if tile == (16, 16):
-        rt, gt = ref.transpose(), T.transpose(got)
+        assert got.transposed is not None  # written by the quantizer, returned by transpose()
+        rt, gt = ref.transpose(), got.transpose()
         assert torch.equal(gt.data, rt.data) and torch.equal(gt.scale.view(torch.uint8), rt.scale.view(torch.uint8))
         assert torch.equal(T.dequantize_unscaled(gt), rt.dequantize_unscaled(torch.bfloat16))
     return got
@@ -227,13 +228,15 @@ def test_stochastic_rounding_only_moves_to_neighbours(gen):
 
 def test_gemm_matches_reference_emulation(gen):
     a = T.quantize_nvfp4(torch.randn(32, 64, generator=gen).to(torch.bfloat16))
-    b = T.quantize_nvfp4(torch.randn(48, 64, generator=gen), tile=(16, 16))
+    w = torch.randn(48, 64, generator=gen)
+    b = T.quantize_nvfp4(w, tile=(16, 16))
     # On the CPU both multiply the same exact FP32 operands with the same matmul: equal.
     assert torch.equal(T.gemm(a, b, torch.float32), emulated_gemm(a, b, torch.float32))
     assert torch.equal(T.gemm(a, b, torch.bfloat16), emulated_gemm(a, b, torch.bfloat16))
-    # The transposed weight (Dgrad operand) from the quantizer's cache.
+    # The transposed weight (Dgrad operand) the quantizer wrote, against the reference's transpose.
     dy = T.quantize_nvfp4(torch.randn(32, 48, generator=gen))
-    assert torch.allclose(T.gemm(dy, T.transpose(b), torch.float32), emulated_gemm(dy, b.transpose(), torch.float32),
+    wt_ref = nvfp4.quantize(w, tile=(16, 16)).transpose()
+    assert torch.allclose(T.gemm(dy, b.transpose(), torch.float32), emulated_gemm(dy, wt_ref, torch.float32),
                           rtol=1e-6, atol=0)
 
 
@@ -259,19 +262,19 @@ def test_one_amax_pass_and_column_operand_written_in_place(dtype, gen):
     assert torch.equal(am[0], ref_rows.amax) and torch.equal(am[1], ref_cols.amax)
     rows = T.quantize_nvfp4(x, amax=am[0], trust_amax=True)
     assert torch.equal(rows.data, ref_rows.data) and torch.equal(rows.scale.view(torch.uint8), ref_rows.scale.view(torch.uint8))
-    cols = T.quantize_nvfp4(xt, rht=True, amax=am[1], trust_amax=True, write_bf16=True)
+    cols = T.quantize_nvfp4(xt, rht=True, amax=am[1], trust_amax=True, write_gemm_operand=True)
     assert torch.equal(cols.data, ref_cols.data) and torch.equal(cols.amax, ref_cols.amax)
     assert torch.equal(cols.scale.view(torch.uint8), ref_cols.scale.view(torch.uint8))
-    op = cols._bf16
+    op = cols.gemm_operand
     assert op.shape == (64, 48) and op.stride() == xt.stride()  # x's memory order, a view
     want = ref_cols.dequantize_unscaled(torch.bfloat16)
     assert torch.equal(op.contiguous().view(torch.int16), want.view(torch.int16))
     for rht in (False, True):
-        sr = T.quantize_nvfp4(xt, rht=rht, rounding="stochastic", generator=gen, write_bf16=True)
+        sr = T.quantize_nvfp4(xt, rht=rht, rounding="stochastic", generator=gen, write_gemm_operand=True)
         own = T.dequantize_words(sr.data, sr.scale, sr.shape)
-        assert torch.equal(sr._bf16.contiguous().view(torch.int16), own.view(torch.int16))
+        assert torch.equal(sr.gemm_operand.contiguous().view(torch.int16), own.view(torch.int16))
     # Without the hint nothing extra is written for the (saved, packed) column operand.
-    assert getattr(T.quantize_nvfp4(xt, rht=True), "_bf16", None) is None
+    assert T.quantize_nvfp4(xt, rht=True).gemm_operand is None
 
 
 @pytest.mark.parametrize("tokens", [64, 40])

@@ -20,8 +20,8 @@ pytest.importorskip("triton")
 
 from rayfp4 import kernels  # noqa: E402
 from rayfp4.formats import nvfp4  # noqa: E402
+from rayfp4.formats.quantized import emulated_gemm, gemm_alpha  # noqa: E402
 from rayfp4.kernels import triton_nvfp4 as T  # noqa: E402
-from rayfp4.kernels.reference import emulated_gemm  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))
 from test_formats_nvfp4 import random_matrix  # noqa: E402
@@ -38,7 +38,8 @@ def check(x, tile=(1, 16), rht=False, amax=None):
     assert nb == 0 and nc == 0, f"{nb} scales and {nc} code bytes differ"
     assert torch.equal(T.dequantize_unscaled(got).view(torch.int16), ref.dequantize_unscaled(torch.bfloat16).view(torch.int16))
     if tile == (16, 16):
-        rt, gt = ref.transpose(), T.transpose(got)
+        assert got.transposed is not None  # written by the quantizer, returned by transpose()
+        rt, gt = ref.transpose(), got.transpose()
         assert torch.equal(gt.data, rt.data) and torch.equal(gt.scale.view(torch.uint8), rt.scale.view(torch.uint8))
     return got
 
@@ -126,10 +127,8 @@ def test_registry_picks_triton_on_cuda_and_linear_agrees():
 
 
 def test_in_kernel_alpha_equals_the_reference_factor():
-    """The epilogue computes alpha from both amaxes on the GPU: bit for bit reference.gemm_alpha
+    """The epilogue computes alpha from both amaxes on the GPU: bit for bit formats' gemm_alpha
     (torch's CUDA arithmetic), over amaxes spanning the FP32 range, zero included."""
-    from rayfp4.kernels.reference import gemm_alpha
-
     x = T.quantize_nvfp4(torch.randn(32, 64, device=DEV))
     e = torch.randint(-120, 120, (2000, 2), device=DEV).float()
     amaxes = torch.rand(2000, 2, device=DEV) * torch.exp2(e)

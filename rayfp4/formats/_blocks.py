@@ -1,8 +1,11 @@
-"""Input validation and block bookkeeping shared by the NVFP4 and MXFP4 quantizers."""
+"""Input validation, block bookkeeping and the steps shared by the NVFP4 and MXFP4 quantizers."""
 
 from __future__ import annotations
 
 import torch
+
+from . import e2m1
+from .hadamard import rht as _rht
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 ROUNDINGS = ("nearest", "stochastic")
@@ -87,3 +90,22 @@ def scale_rows(xf: torch.Tensor, factors: torch.Tensor, tw: int) -> torch.Tensor
     """Multiply each block of ``tw`` elements of FP32 [M, K] by its factor in [M, K // tw]."""
     m, k = xf.shape
     return (xf.reshape(m, k // tw, tw) * factors.unsqueeze(-1)).reshape(m, k)
+
+
+def to_fp32(x: torch.Tensor, rht: bool, rht_signs: torch.Tensor | None) -> torch.Tensor:
+    """x in FP32, Hadamard-transformed along K first when ``rht``; the transformed values are
+    rounded back to x's dtype when that is BF16/FP16, as Transformer Engine does."""
+    xf = x.to(torch.float32)
+    if rht:
+        xf = _rht(xf, rht_signs)
+        if x.dtype != torch.float32:
+            xf = xf.to(x.dtype).to(torch.float32)
+    return xf
+
+
+def encode(y: torch.Tensor, rounding: str, generator: torch.Generator | None) -> torch.Tensor:
+    """E2M1 codes of the scaled FP32 values ``y``: RTNE, or stochastic rounding with 8 random bits
+    per element drawn from ``generator``."""
+    if rounding == "nearest":
+        return e2m1.encode_rne(y)
+    return e2m1.encode_stochastic(y, e2m1.random_bits(y.shape, generator=generator, device=y.device))

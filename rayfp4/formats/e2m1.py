@@ -12,7 +12,6 @@ import torch
 
 #: The eight E2M1 magnitudes, indexed by code (the sign is bit 3).
 E2M1_MAGNITUDES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
-E2M1_MAX = 6.0
 SIGN_BIT = 8
 
 # Round-to-nearest-even as a count of thresholds passed. Between two neighbours the midpoint goes

@@ -11,7 +11,6 @@ from __future__ import annotations
 import torch
 
 E4M3_MAX = 448.0
-E4M3_MIN_SUBNORMAL = 2.0 ** -9
 
 
 def to_e4m3_satfinite(v: torch.Tensor) -> torch.Tensor:

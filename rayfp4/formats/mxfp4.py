@@ -16,13 +16,14 @@ stored as uint8 biased exponents ``e + 127`` (255, the E8M0 NaN, never occurs).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
 from . import e2m1
-from ._blocks import block_amax, check_input, check_rounding, check_tile, per_row, scale_rows
+from ._blocks import block_amax, check_input, check_rounding, check_tile, encode, per_row, scale_rows, to_fp32
 from .blocked import blocked_size, from_blocked, to_blocked  # noqa: F401  (public API)
-from .hadamard import rht as _rht
+from .quantized import QuantizedTensor
 
 BLOCK = 32
 TILES = ((1, 32), (32, 32))
@@ -52,65 +53,30 @@ def _pow2(e: torch.Tensor) -> torch.Tensor:
     return torch.ldexp(torch.ones_like(e, dtype=torch.float32), e)
 
 
-@dataclass
-class MXFP4Tensor:
-    """A quantized [M, K] tensor.
+@dataclass(kw_only=True)
+class MXFP4Tensor(QuantizedTensor):
+    """A quantized [M, K] tensor (the fields of :class:`QuantizedTensor`, and):
 
-    data:  uint8 [M, K // 2], E2M1 codes, element 2j in the low nibble
-    scale: uint8 [M, K // 32], UE8M0 biased exponents (for 32x32 tiles each row holds its tile's)
+    scale:      uint8 [M, K // 32], UE8M0 biased exponents
+    scale_rule: "ceil" or "floor", the rule the exponents were chosen by
+
+    No tensor scale: the decode factor is 1 (None), and the values are exact in BF16 in the normal
+    range.
     """
 
-    data: torch.Tensor
-    scale: torch.Tensor
-    shape: tuple[int, int]
+    block: ClassVar[int] = BLOCK
+
     tile: tuple[int, int] = (1, 32)
     scale_rule: str = "ceil"
-    rounding: str = "nearest"
-    rht: bool = False
-    orig_dtype: torch.dtype = torch.float32
-
-    @property
-    def device(self) -> torch.device:
-        return self.data.device
-
-    def codes(self) -> torch.Tensor:
-        return e2m1.unpack(self.data)
 
     def scale_exponents(self) -> torch.Tensor:
         return self.scale.to(torch.int32) - E8M0_BIAS
 
-    def dequantize_unscaled(self, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
-        """Same as :meth:`dequantize` (MXFP4 has no tensor factor); exact in BF16 in the normal range."""
-        return self.dequantize(dtype)
+    def block_scales(self) -> torch.Tensor:
+        return _pow2(self.scale_exponents())
 
-    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        v = scale_rows(e2m1.decode(self.codes()), _pow2(self.scale_exponents()), BLOCK)
-        return v.to(dtype)
-
-    def nbytes(self) -> int:
-        return self.data.numel() + self.scale.numel()
-
-    def transpose(self) -> "MXFP4Tensor":
-        """The quantized transpose [K, M] without requantizing: only for 32x32 tiles."""
-        if self.tile != (32, 32):
-            raise ValueError(f"transpose() needs 32x32 tiles; got tile {self.tile}")
-        if self.rht:
-            raise ValueError("transpose() of a Hadamard-transformed tensor is not the transform of the transpose")
-        m, k = self.shape
-        tiles_t = self.scale[::32].t().contiguous()
-        return MXFP4Tensor(
-            data=e2m1.pack(self.codes().t().contiguous()),
-            scale=per_row(tiles_t, 32),
-            shape=(k, m),
-            tile=self.tile,
-            scale_rule=self.scale_rule,
-            rounding=self.rounding,
-            rht=False,
-            orig_dtype=self.orig_dtype,
-        )
-
-    def blocked_scale(self) -> torch.Tensor:
-        return to_blocked(self.scale)
+    def decode_factor(self) -> None:
+        return None
 
 
 def quantize(
@@ -135,17 +101,10 @@ def quantize(
     m, k = x.shape
     th, tw = tile
 
-    xf = x.to(torch.float32)
-    if rht:
-        xf = _rht(xf, rht_signs)
-        if x.dtype != torch.float32:
-            xf = xf.to(x.dtype).to(torch.float32)
+    xf = to_fp32(x, rht, rht_signs)
     e = scale_exponents(block_amax(xf, tile), scale_rule)
     y = scale_rows(xf, per_row(_pow2(-e), th), tw)  # multiplying by 2^-e is exact in FP32
-    if rounding == "nearest":
-        codes = e2m1.encode_rne(y)
-    else:
-        codes = e2m1.encode_stochastic(y, e2m1.random_bits(y.shape, generator=generator, device=y.device))
+    codes = encode(y, rounding, generator)
     return MXFP4Tensor(
         data=e2m1.pack(codes),
         scale=per_row((e + E8M0_BIAS).to(torch.uint8), th),

@@ -25,6 +25,7 @@ after it, and ``dequantize`` returns values in the transformed domain.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -36,12 +37,14 @@ from ._blocks import (
     check_input,
     check_rounding,
     check_tile,
+    encode,
     per_row,
     scale_rows,
+    to_fp32,
 )
 from .blocked import blocked_size, from_blocked, to_blocked  # noqa: F401  (public API)
 from .e4m3 import E4M3_MAX, to_e4m3_satfinite
-from .hadamard import rht as _rht
+from .quantized import QuantizedTensor
 
 BLOCK = 16
 TILES = ((1, 16), (16, 16))
@@ -72,90 +75,28 @@ def global_decode_scale(amax: torch.Tensor) -> torch.Tensor:
     return amax.to(torch.float32) / FP4_FP8_MAX
 
 
-@dataclass
-class NVFP4Tensor:
-    """A quantized [M, K] tensor.
+@dataclass(kw_only=True)
+class NVFP4Tensor(QuantizedTensor):
+    """A quantized [M, K] tensor (the fields of :class:`QuantizedTensor`, and):
 
-    data:    uint8 [M, K // 2], two E2M1 codes a byte (element 2j in the low nibble)
-    scale:   float8_e4m3fn [M, K // 16], block decode scales (for 16x16 tiles each row holds
-             its tile's scale)
+    scale:   float8_e4m3fn [M, K // 16], block decode scales
     amax:    float32 0-dim tensor amax the scales were computed from (after RHT if applied)
-    shape:   (M, K)
-    tile:    (1, 16) or (16, 16)
-    rht:     whether the values were Hadamard-transformed along K before quantizing
-    rounding: "nearest" or "stochastic"
-    orig_dtype: dtype of the quantized input (the default dtype to dequantize into)
     """
 
-    data: torch.Tensor
-    scale: torch.Tensor
+    block: ClassVar[int] = BLOCK
+
     amax: torch.Tensor
-    shape: tuple[int, int]
     tile: tuple[int, int] = (1, 16)
-    rht: bool = False
-    rounding: str = "nearest"
-    orig_dtype: torch.dtype = torch.float32
 
-    @property
-    def device(self) -> torch.device:
-        return self.data.device
+    def block_scales(self) -> torch.Tensor:
+        return self.scale.to(torch.float32)
 
-    def codes(self) -> torch.Tensor:
-        """E2M1 codes (uint8 0..15) as [M, K]."""
-        return e2m1.unpack(self.data)
-
-    def tile_scales(self) -> torch.Tensor:
-        """One scale per block/tile: [M // th, K // 16] (float8_e4m3fn)."""
-        return self.scale[:: self.tile[0]]
-
-    def dequantize_unscaled(self, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
-        """E2M1 value x block scale, without the tensor factor: exact in BF16, FP16 and FP32.
-
-        This is what an exact emulation of the block-scaled GEMM multiplies; the tensor factors
-        of both operands are applied afterwards as one FP32 ``alpha``.
-        """
-        v = scale_rows(e2m1.decode(self.codes()), self.scale.to(torch.float32), BLOCK)
-        return v.to(dtype)
-
-    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """Values ``(e2m1 * s_b) * (amax / 2688)`` computed in FP32, then cast to ``dtype``."""
-        v = self.dequantize_unscaled(torch.float32) * global_decode_scale(self.amax)
-        return v.to(dtype)
-
-    def transpose(self) -> "NVFP4Tensor":
-        """The quantized transpose [K, M] without requantizing: only for 16x16 tiles.
-
-        With one scale per 16x16 tile, quantizing W^T gives exactly codes(W)^T and the transposed
-        tile scales, so the Dgrad GEMM reuses the Fprop weight codes (recipe section 5).
-        """
-        if self.tile != (16, 16):
-            raise ValueError(
-                f"transpose() needs 16x16 tiles (1x16 blocks of W^T are different blocks); got tile {self.tile}"
-            )
-        if self.rht:
-            raise ValueError("transpose() of a Hadamard-transformed tensor is not the transform of the transpose")
-        m, k = self.shape
-        codes_t = self.codes().t().contiguous()
-        tiles_t = self.tile_scales().view(torch.uint8).t().contiguous()
-        scale_t = per_row(tiles_t, 16).view(torch.float8_e4m3fn)
-        return NVFP4Tensor(
-            data=e2m1.pack(codes_t),
-            scale=scale_t,
-            amax=self.amax,
-            shape=(k, m),
-            tile=self.tile,
-            rht=False,
-            rounding=self.rounding,
-            orig_dtype=self.orig_dtype,
-        )
+    def decode_factor(self) -> torch.Tensor:
+        """amax / 2688 (:func:`global_decode_scale`)."""
+        return global_decode_scale(self.amax)
 
     def nbytes(self) -> int:
-        """Bytes held (codes + scales + amax): what saving this instead of the input costs."""
-        return self.data.numel() + self.scale.numel() + 4
-
-    def blocked_scale(self) -> torch.Tensor:
-        """The scales in the 128x4 blocked layout of Blackwell GEMMs (flat)."""
-        return to_blocked(self.scale)
+        return super().nbytes() + 4  # and the FP32 amax
 
 
 def quantize(
@@ -186,11 +127,7 @@ def quantize(
     m, k = x.shape
     th, tw = tile
 
-    xf = x.to(torch.float32)
-    if rht:
-        xf = _rht(xf, rht_signs)
-        if x.dtype != torch.float32:
-            xf = xf.to(x.dtype).to(torch.float32)
+    xf = to_fp32(x, rht, rht_signs)
     tensor_amax = xf.abs().amax() if amax is None else check_amax(amax, x.device, what)
 
     s_enc = encode_scale(tensor_amax)
@@ -199,11 +136,7 @@ def quantize(
     s_b = to_e4m3_satfinite(block_amax(xf, tile) * block_enc)
     enc_b = torch.clamp(1.0 / (s_b.to(torch.float32) * s_dec), max=FLT_MAX)
 
-    y = scale_rows(xf, per_row(enc_b, th), tw)
-    if rounding == "nearest":
-        codes = e2m1.encode_rne(y)
-    else:
-        codes = e2m1.encode_stochastic(y, e2m1.random_bits(y.shape, generator=generator, device=y.device))
+    codes = encode(scale_rows(xf, per_row(enc_b, th), tw), rounding, generator)
 
     return NVFP4Tensor(
         data=e2m1.pack(codes),

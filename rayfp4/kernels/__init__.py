@@ -1,11 +1,15 @@
 """Fast implementations of the ``formats`` operations, and the registry that picks one per device.
 
-A backend provides three operations with the exact semantics of :mod:`rayfp4.formats`:
+A backend (the :class:`Backend` protocol says exactly what the quantized linear layer calls) has
+the exact semantics of :mod:`rayfp4.formats`:
 
-- ``quantize_nvfp4(x, tile, rounding, rht, generator, amax) -> NVFP4Tensor``
-- ``quantize_mxfp4(x, tile, rounding, rht, generator, scale_rule) -> MXFP4Tensor``
+- ``quantize_nvfp4(x, tile, rounding, rht, generator, amax, write_gemm_operand) -> NVFP4Tensor``
+  and ``amaxes(xt, rht)``, the tensor amaxes of x and of x^T's Wgrad operand from one read;
+- ``quantize_mxfp4(x, tile, rounding, rht, generator, scale_rule) -> MXFP4Tensor``;
 - ``gemm(a, b, out_dtype) -> Tensor``: ``a @ b.T`` of two quantized operands quantized along the
-  same K, FP32 accumulation, the tensor factors applied once in FP32, one rounding to out_dtype.
+  same K, FP32 accumulation, the tensor factors applied once in FP32, one rounding to out_dtype
+  (:func:`rayfp4.formats.quantized.emulated_gemm` up to the FP32 summation order);
+- ``propagates_nonfinite``: whether NaN/Inf input gives NaN out instead of an error.
 
 ``reference`` (pure torch, any device) is always there; faster backends (``triton``,
 ``cutlass``) register themselves when their module imports and say per device whether they can
@@ -24,7 +28,7 @@ from .registry import (
     resolve,
 )
 from .cutlass import CutlassBackend
-from .reference import ReferenceBackend, emulated_gemm
+from .reference import ReferenceBackend
 from .triton_nvfp4 import TritonBackend
 
 # Importing triton_nvfp4 does not import triton (that happens at the first kernel launch), so the
@@ -41,7 +45,6 @@ __all__ = [
     "ReferenceBackend",
     "TritonBackend",
     "available_backends",
-    "emulated_gemm",
     "register",
     "resolve",
 ]

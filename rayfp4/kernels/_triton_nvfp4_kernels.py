@@ -19,7 +19,8 @@ the arithmetic ourselves:
 Packed codes are written as one int64 word per block of 16: code j of the block in nibble j.
 Little-endian, that is byte j//2 with element 2i in the low nibble -- the reference's packing --
 so the host views the int64 [M, K/16] buffer as uint8 [M, K/2]. Some kernels build the same bytes
-another way (PACK: as int32 halves or as bytes), which is cheaper on the GPU; the buffer is the same.
+another way (as int32 halves, or as bytes: PACK=1), which is cheaper on the GPU; the buffer is the
+same.
 
 Whether these are compiled or interpreted is fixed when triton is imported (TRITON_INTERPRET).
 """
@@ -498,7 +499,7 @@ def quant_rows_kernel(x_ptr, data_ptr, scale_ptr, deq_ptr, amax_ptr, datat_ptr, 
                       M, K, stride_m, seed, one_sixth,
                       TILE_ROWS: tl.constexpr, SR: tl.constexpr, WRITE_DEQ: tl.constexpr,
                       WRITE_T: tl.constexpr, BM: tl.constexpr, G: tl.constexpr,
-                      PACK: tl.constexpr = 0, RAND: tl.constexpr = 0):
+                      PACK: tl.constexpr = 0):
     """Quantization along a contiguous K with 1x16 blocks (TILE_ROWS=1) or 16x16 tiles (16).
 
     Writes packed int64 words and E4M3 bytes [M, K/16]; with WRITE_DEQ also the unscaled
@@ -507,11 +508,10 @@ def quant_rows_kernel(x_ptr, data_ptr, scale_ptr, deq_ptr, amax_ptr, datat_ptr, 
     transpose [K, M] -- the same codes, as the recipe's Dgrad reuses them -- so W^T is never
     requantized or repacked on the host.
 
-    PACK picks how the codes are packed (the bytes written are the same): 0, one int64 word per
-    block by a 64-bit sum over the block (data_ptr: int64 [M, K/16]); 1, bytes from the pairs of
-    neighbours (data_ptr: uint8 [M, K/2]); 2, int32 half-words by three rounds of pairing
-    (data_ptr: int32 [M, K/8]). RAND picks how the SR bytes are spread over the block (same bits):
-    0, selects; 1, joins.
+    PACK picks how the codes are packed (the bytes written are the same; each is the faster one
+    for some of the launches in ``triton_nvfp4.LAUNCH``): 0, one int64 word per block by a 64-bit
+    sum over the block (data_ptr: int64 [M, K/16]); 1, bytes from the pairs of neighbours
+    (data_ptr: uint8 [M, K/2]).
     """
     rows = tl.program_id(0) * BM + tl.arange(0, BM)
     grp = tl.program_id(1) * G + tl.arange(0, G)
@@ -534,17 +534,11 @@ def quant_rows_kernel(x_ptr, data_ptr, scale_ptr, deq_ptr, amax_ptr, datat_ptr, 
     if SR:
         out0 = (rows[:, None].to(tl.int64) * nb + grp[None, :]).to(tl.uint32, bitcast=False)
         r0, r1, r2, r3 = tl.randint4x(seed, out0)
-        if RAND == 0:
-            q = j[None, None, :] // 4
-            r = tl.where(q == 0, r0[:, :, None], tl.where(q == 1, r1[:, :, None],
-                         tl.where(q == 2, r2[:, :, None], r3[:, :, None])))
-            r8 = ((r >> (8 * (j[None, None, :] % 4)).to(tl.uint32)) & 0xFF).to(tl.int32)
-        else:
-            # join stacks on a new last axis, so join(join(a, c), join(b, d)) flattens to a, b, c, d:
-            # [BM, G, 4] words (r_q at q), then [BM, G, 4, 2, 2] bytes (byte b of r_q at 4q + b).
-            rr = tl.reshape(tl.join(tl.join(r0, r2), tl.join(r1, r3)), [BM, G, 4]).to(tl.int32, bitcast=True)
-            rb = tl.join(tl.join(rr & 0xFF, (rr >> 16) & 0xFF), tl.join((rr >> 8) & 0xFF, (rr >> 24) & 0xFF))
-            r8 = tl.reshape(rb, [BM, G, 16])
+        # Byte j % 4 of Philox output j // 4 for element j (as _rand8 does per element).
+        q = j[None, None, :] // 4
+        r = tl.where(q == 0, r0[:, :, None], tl.where(q == 1, r1[:, :, None],
+                     tl.where(q == 2, r2[:, :, None], r3[:, :, None])))
+        r8 = ((r >> (8 * (j[None, None, :] % 4)).to(tl.uint32)) & 0xFF).to(tl.int32)
         m = _e2m1_sr_m(y, r8)
     else:
         m = _e2m1_rne_m(y)
@@ -557,18 +551,9 @@ def quant_rows_kernel(x_ptr, data_ptr, scale_ptr, deq_ptr, amax_ptr, datat_ptr, 
     else:
         lo, hi = tl.split(tl.reshape(code, [BM, G, 8, 2]))
         p = lo | (hi << 4)  # byte i of the block: elements 2i (low nibble) and 2i + 1
-        if PACK == 1:
-            i8 = tl.arange(0, 8)
-            poffs = rows[:, None, None].to(tl.int64) * (K // 2) + (grp[None, :, None] * 8 + i8[None, None, :]).to(tl.int64)
-            tl.store(data_ptr + poffs, p.to(tl.uint8), mask=mask3)
-        else:
-            lo, hi = tl.split(tl.reshape(p, [BM, G, 4, 2]))
-            p = lo | (hi << 8)
-            lo, hi = tl.split(tl.reshape(p, [BM, G, 2, 2]))
-            p = lo | (hi << 16)  # int32 half-word h: bytes 4h .. 4h + 3
-            i2 = tl.arange(0, 2)
-            poffs = rows[:, None, None].to(tl.int64) * (K // 8) + (grp[None, :, None] * 2 + i2[None, None, :]).to(tl.int64)
-            tl.store(data_ptr + poffs, p, mask=mask3)
+        i8 = tl.arange(0, 8)
+        poffs = rows[:, None, None].to(tl.int64) * (K // 2) + (grp[None, :, None] * 8 + i8[None, None, :]).to(tl.int64)
+        tl.store(data_ptr + poffs, p.to(tl.uint8), mask=mask3)
     tl.store(scale_ptr + out, byte.to(tl.uint8), mask=mask2)
     if WRITE_DEQ:
         deq = _dequant_m(m, code, sb[:, :, None])
@@ -611,7 +596,8 @@ def dequant_rows_kernel(data_ptr, scale_ptr, deq_ptr, M, K, BM: tl.constexpr, G:
 def _alpha(amax_a_ptr, amax_b_ptr, inv):
     """The GEMM's FP32 factor from both tensor amaxes: (amax_a / 2688) * (amax_b / 2688), each
     quotient computed as torch computes a CUDA tensor divided by a Python scalar -- a product with
-    the FP32 reciprocal ``inv`` -- so it equals ``reference.gemm_alpha`` on the GPU bit for bit."""
+    the FP32 reciprocal ``inv`` -- so it equals ``formats.quantized.gemm_alpha`` on the GPU bit
+    for bit."""
     return (tl.load(amax_a_ptr) * inv) * (tl.load(amax_b_ptr) * inv)
 
 

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import torch
+
+from ..formats.mxfp4 import MXFP4Tensor
+from ..formats.nvfp4 import NVFP4Tensor
+from ..formats.quantized import QuantizedTensor
 
 #: Order in which ``auto`` tries backends: fastest first, the reference always last.
 PREFERENCE = ("cutlass", "triton", "reference")
@@ -15,21 +19,38 @@ class BackendUnavailable(ValueError):
     """A backend was asked for on a device (or installation) where it cannot run."""
 
 
+@runtime_checkable
 class Backend(Protocol):
+    """Everything the quantized linear layer asks of a backend. A backend implements all of it,
+    the fast paths it does not have included (saying so, e.g. ``amaxes`` returning None)."""
+
     name: str
+
+    #: True when NaN/Inf input yields NaN scales and outputs instead of an error (no host sync);
+    #: False when the quantizers raise on it, so that callers must check finiteness first.
+    propagates_nonfinite: bool
 
     def unavailable_reason(self, device: torch.device) -> str | None:
         """None when the backend can run on ``device``, else a sentence saying why not."""
 
-    def quantize_nvfp4(self, x, tile, rounding, rht, generator, amax, bf16_operand=None):
-        """``bf16_operand`` asks a fast backend to write the BF16 GEMM operand in the same pass."""
+    def amaxes(self, xt: torch.Tensor, rht: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """For ``xt`` = x^T: (NVFP4 tensor amax of x, of x^T's Wgrad operand -- after the RHT when
+        ``rht``) from one read of x, as device tensors ``quantize_nvfp4`` accepts as ``amax``
+        without a host sync; (None, None) when the backend has no such pass."""
 
-    # Optional: ``amaxes(xt, rht) -> (amax of x, amax of the Wgrad operand of x^T)`` from one read
-    # of x, as device tensors that ``quantize_nvfp4`` accepts as ``amax`` without a host sync.
+    def quantize_nvfp4(self, x, tile, rounding, rht, generator, amax=None,
+                       write_gemm_operand: bool | None = None) -> NVFP4Tensor:
+        """:func:`rayfp4.formats.nvfp4.quantize` (bit for bit; SR streams may differ).
+        ``write_gemm_operand`` asks a fast quantizer to also write the BF16 GEMM operand
+        (``gemm_operand``) in the same pass: True / False, or None for the backend's default."""
 
-    def quantize_mxfp4(self, x, tile, rounding, rht, generator, scale_rule): ...
+    def quantize_mxfp4(self, x, tile, rounding, rht, generator, scale_rule: str = "ceil") -> MXFP4Tensor:
+        """:func:`rayfp4.formats.mxfp4.quantize`."""
 
-    def gemm(self, a, b, out_dtype: torch.dtype) -> torch.Tensor: ...
+    def gemm(self, a: QuantizedTensor, b: QuantizedTensor, out_dtype: torch.dtype) -> torch.Tensor:
+        """``a @ b.T`` of two operands quantized along the same K: FP32 accumulation, the tensor
+        factors applied once in FP32, one rounding to ``out_dtype``
+        (:func:`rayfp4.formats.quantized.emulated_gemm` up to the FP32 summation order)."""
 
 
 _BACKENDS: dict[str, Backend] = {}
@@ -38,6 +59,10 @@ _BACKENDS: dict[str, Backend] = {}
 def register(backend: Backend) -> None:
     if backend.name not in KNOWN:
         raise ValueError(f"unknown backend name {backend.name!r}; expected one of {sorted(KNOWN)}")
+    if not isinstance(backend, Backend):
+        members = [m for m in (*Backend.__annotations__, *vars(Backend)) if not m.startswith("_")]
+        missing = ", ".join(m for m in members if not hasattr(backend, m))
+        raise TypeError(f"backend {backend.name!r} does not implement the Backend protocol: no {missing}")
     _BACKENDS[backend.name] = backend
 
 

@@ -6,10 +6,11 @@ accumulation and apply ``alpha = amax_a * amax_b / 2688^2`` once in FP32 before 
 
 The quantizers here produce the reference's :class:`NVFP4Tensor` bit for bit (codes, scales, amax),
 two passes over memory each: a tensor-amax pass (an integer atomic max, exact) and a quantize pass.
-The row-wise quantizer can write the BF16 GEMM operand in the same pass; it is cached on the
-returned tensor (attribute ``_bf16``) so the GEMM needs no separate dequantization. The column-wise
-quantization of a transposed view (the Wgrad operands, with the RHT fused) reads the original
-tensor with coalesced loads and never materialises the transpose.
+The quantizers can write the BF16 GEMM operand in the same pass (the tensor's ``gemm_operand``),
+so the GEMM needs no separate dequantization, and the 16x16 quantizer the quantized transpose
+(``transposed``, which ``transpose()`` returns). The column-wise quantization of a transposed
+view (the Wgrad operands, with the RHT fused) reads the original tensor with coalesced loads and
+never materialises the transpose.
 
 Kernels run compiled on CUDA tensors, or on CPU tensors through the Triton interpreter when
 TRITON_INTERPRET=1 is set before triton is first imported (the CPU test suite does this), so CI
@@ -35,13 +36,13 @@ from ..formats import mxfp4, nvfp4
 from ..formats._blocks import check_amax, check_input, check_rounding, check_tile
 from ..formats.hadamard import DEFAULT_SIGNS
 from ..formats.nvfp4 import NVFP4Tensor
+from ..formats.quantized import check_gemm_operands, fp32_gemm, gemm_alpha
 
 #: The FP32 value of the constant 1/6 the reference multiplies S_enc by (rounded once, RNE).
 ONE_SIXTH_F32 = float(torch.tensor(1.0 / 6.0, dtype=torch.float32))
 #: The recipe's RHT sign vector as a bit mask (bit j set: sign j is -1), a compile-time constant.
 DEFAULT_SIGN_MASK = sum(1 << j for j, s in enumerate(DEFAULT_SIGNS) if s < 0)
 _ROUND_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
-_CACHE_ATTR = "_bf16"
 
 #: Launch parameters of each kernel (tile, warps, packing variant); none of them changes a bit of
 #: the output. Keys: "amax"; "amax_rht" (amax + amax of the RHT, one read); "rows", "rows_sr"
@@ -52,9 +53,9 @@ _CACHE_ATTR = "_bf16"
 LAUNCH = {  # H200, 2026-11-28 (BENCHMARKS.md): fastest bit-identical candidate of bench/tune_quantize.py
     "amax": dict(BM=32, BK=256, num_warps=4),
     "amax_rht": dict(BM=64, G=4, num_warps=4),
-    "rows": dict(BM=16, G=16, num_warps=4, PACK=0, RAND=0),
-    "rows_sr": dict(BM=16, G=8, num_warps=4, PACK=1, RAND=0),
-    "rows_tile": dict(BM=32, G=8, num_warps=4, PACK=1, RAND=0),
+    "rows": dict(BM=16, G=16, num_warps=4, PACK=0),
+    "rows_sr": dict(BM=16, G=8, num_warps=4, PACK=1),
+    "rows_tile": dict(BM=32, G=8, num_warps=4, PACK=1),
     "groups": dict(BM=128, G=4, num_warps=4),
     "groups_sr": dict(BM=64, G=4, num_warps=4),  # not swept: as groups_rht_sr
     "groups_rht": dict(BM=128, G=8, num_warps=8),
@@ -64,7 +65,7 @@ LAUNCH = {  # H200, 2026-11-28 (BENCHMARKS.md): fastest bit-identical candidate 
     "dequant": dict(BM=16, G=16, num_warps=4),
 }
 #: The view of the int64 [M, K/16] word buffer each PACK variant of quant_rows_kernel stores to.
-_PACK_DTYPE = {0: torch.int64, 1: torch.uint8, 2: torch.int32}
+_PACK_DTYPE = {0: torch.int64, 1: torch.uint8}
 
 _kernels = None
 
@@ -87,21 +88,8 @@ def _kernel_module():
     return _kernels
 
 
-def interpreting() -> bool:
-    """Whether kernels run in Triton's interpreter (TRITON_INTERPRET=1 when triton was imported)."""
-    _kernel_module()
-    import triton
-
-    return bool(triton.knobs.runtime.interpret) if hasattr(triton, "knobs") else os.environ.get(
-        "TRITON_INTERPRET", "0") not in ("", "0")
-
-
 def triton_installed() -> bool:
     return importlib.util.find_spec("triton") is not None
-
-
-def _k(device: torch.device):
-    return _kernel_module()
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -128,7 +116,7 @@ def tensor_amax(x: torch.Tensor, rht: bool = False, signs: int = DEFAULT_SIGN_MA
     x, _ = _layout(x)
     m, k = x.shape
     out = torch.zeros(2, dtype=torch.int32, device=x.device)
-    kern = _k(x.device)
+    kern = _kernel_module()
     if rht:
         cfg = LAUNCH["amax_rht"]
         grid = (_cdiv(m, cfg["BM"]), _cdiv(k // 16, cfg["G"]))
@@ -153,7 +141,7 @@ def launch_quant_rows(x, words, scale, deq, am, words_t, scale_t, seed, tile_row
     m, k = x.shape
     write_t = words_t is not None
     grid = (_cdiv(m, cfg["BM"]), _cdiv(k // 16, cfg["G"]))
-    _k(x.device).quant_rows_kernel[grid](
+    _kernel_module().quant_rows_kernel[grid](
         x, words.view(_PACK_DTYPE[cfg.get("PACK", 0)]), scale, deq if deq is not None else words, am,
         words_t if write_t else words, scale_t if write_t else scale,
         m, k, x.stride(0), seed, ONE_SIXTH_F32,
@@ -169,7 +157,7 @@ def launch_quant_groups(x, words, scale, am, seed, rht, sr, signs=DEFAULT_SIGN_M
         cfg = LAUNCH["groups_deq" if key == "groups" and write_deq else key]
     m, k = x.shape
     grid = (_cdiv(m, cfg["BM"]), _cdiv(k // 16, cfg["G"]))
-    _k(x.device).quant_groups_kernel[grid](
+    _kernel_module().quant_groups_kernel[grid](
         x, words, scale, am, deq if write_deq else words, m, k, x.stride(0), x.stride(1),
         deq.stride(0) if write_deq else 0, deq.stride(1) if write_deq else 0, seed, ONE_SIXTH_F32,
         RHT=bool(rht), SIGNS=signs, ROUND=_ROUND_CODE[x.dtype], SR=sr, WRITE_DEQ=write_deq, **cfg)
@@ -205,15 +193,15 @@ def _check(x: torch.Tensor, tile: tuple[int, int], what: str) -> None:
 
 def quantize_nvfp4(x: torch.Tensor, tile=(1, 16), rounding: str = "nearest", rht: bool = False,
                    generator: torch.Generator | None = None, amax=None, *, rht_signs: torch.Tensor | None = None,
-                   write_bf16: bool | None = None, check_finite: bool = False,
+                   write_gemm_operand: bool | None = None, check_finite: bool = False,
                    trust_amax: bool = False) -> NVFP4Tensor:
     """:func:`rayfp4.formats.nvfp4.quantize` with Triton kernels (same arguments, same result).
 
     x may be any 2-D view whose K or M dimension is contiguous; a transposed view (M contiguous)
-    is quantized along its K without copying. ``write_bf16`` (default: for K-contiguous input
-    without RHT) also writes the BF16 GEMM operand in the same pass and caches it on the result
-    (for a transposed view it is written in x's memory order and cached as a view);
-    16x16 tiles additionally cache the quantized transpose for :func:`transpose`.
+    is quantized along its K without copying. ``write_gemm_operand`` (default: for K-contiguous
+    input without RHT) also writes the BF16 GEMM operand in the same pass, as the result's
+    ``gemm_operand`` (for a transposed view it is written in x's memory order and kept as a view);
+    16x16 tiles also write the quantized transpose, the result's ``transposed``.
     ``trust_amax``: ``amax`` is an FP32 device tensor from :func:`tensor_amax` of this very tensor,
     used as it is (the checks of a caller-supplied amax would synchronise with the host).
     SR streams come from ``generator`` (a seed drawn from it) and differ from the reference's.
@@ -247,13 +235,13 @@ def quantize_nvfp4(x: torch.Tensor, tile=(1, 16), rounding: str = "nearest", rht
 
     words = torch.empty(m, k // 16, dtype=torch.int64, device=dev)
     scale = torch.empty(m, k // 16, dtype=torch.uint8, device=dev)
-    if write_bf16 is None:
-        write_bf16 = orient == "rows" and not rht
+    if write_gemm_operand is None:
+        write_gemm_operand = orient == "rows" and not rht
     deq = None
     transposed = None
     if orient == "rows" and not rht:
         write_t = tile == (16, 16)
-        if write_bf16:
+        if write_gemm_operand:
             deq = torch.empty(m, k, dtype=torch.bfloat16, device=dev)
         if write_t:
             words_t = torch.empty(k, m // 16, dtype=torch.int64, device=dev)
@@ -265,9 +253,9 @@ def quantize_nvfp4(x: torch.Tensor, tile=(1, 16), rounding: str = "nearest", rht
                 data=words_t.view(torch.uint8), scale=scale_t.view(torch.float8_e4m3fn), amax=am,
                 shape=(k, m), tile=tile, rht=False, rounding=rounding, orig_dtype=x.dtype)
             if deq is not None:
-                setattr(transposed, _CACHE_ATTR, deq.t())
+                transposed.gemm_operand = deq.t()
     else:
-        if write_bf16:
+        if write_gemm_operand:
             # The operand in x's memory order (a transposed view stays one): coalesced stores.
             phys = x.t() if orient == "cols" else x
             deq = torch.empty(phys.shape, dtype=torch.bfloat16, device=dev)
@@ -275,17 +263,9 @@ def quantize_nvfp4(x: torch.Tensor, tile=(1, 16), rounding: str = "nearest", rht
         launch_quant_groups(x, words, scale, am, seed, rht, sr, signs, deq=deq)
     t = NVFP4Tensor(data=words.view(torch.uint8), scale=scale.view(torch.float8_e4m3fn), amax=am,
                     shape=(m, k), tile=tile, rht=bool(rht), rounding=rounding, orig_dtype=x.dtype)
-    if deq is not None:
-        setattr(t, _CACHE_ATTR, deq)
-    if transposed is not None:
-        t._transposed = transposed
+    t.gemm_operand = deq
+    t.transposed = transposed
     return t
-
-
-def transpose(t: NVFP4Tensor) -> NVFP4Tensor:
-    """``t.transpose()``, taken from what the 16x16 quantizer already wrote when it is there."""
-    cached = getattr(t, "_transposed", None)
-    return cached if cached is not None else t.transpose()
 
 
 # ---------------------------------------------------------------------------------- dequantize
@@ -298,16 +278,15 @@ def dequantize_words(data: torch.Tensor, scale: torch.Tensor, shape, dtype=torch
     scale = scale.contiguous().view(torch.uint8)
     out = torch.empty(m, k, dtype=dtype, device=data.device)
     cfg = LAUNCH["dequant"]
-    _k(data.device).dequant_rows_kernel[(_cdiv(m, cfg["BM"]), _cdiv(k // 16, cfg["G"]))](
+    _kernel_module().dequant_rows_kernel[(_cdiv(m, cfg["BM"]), _cdiv(k // 16, cfg["G"]))](
         data, scale, out, m, k, **cfg)
     return out
 
 
 def dequantize_unscaled(t: NVFP4Tensor, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
-    """``t.dequantize_unscaled(dtype)``: the cached GEMM operand if the quantizer wrote one."""
-    cached = getattr(t, _CACHE_ATTR, None)
-    if cached is not None and cached.dtype == dtype:
-        return cached
+    """``t.dequantize_unscaled(dtype)``: the quantizer's ``gemm_operand`` if it wrote one."""
+    if t.gemm_operand is not None and t.gemm_operand.dtype == dtype:
+        return t.gemm_operand
     return dequantize_words(t.data, t.scale, t.shape, dtype)
 
 
@@ -324,16 +303,11 @@ gemm_mode = os.environ.get("RAYFP4_TRITON_GEMM", "device")
 INV_FP4_FP8_MAX = float(torch.tensor(1.0, dtype=torch.float32) / torch.tensor(nvfp4.FP4_FP8_MAX, dtype=torch.float32))
 
 
-def _alpha(a, b) -> torch.Tensor:
-    from .reference import gemm_alpha
-
-    return gemm_alpha(a, b).reshape(1).to(torch.float32)
-
-
 def alpha(a: NVFP4Tensor, b: NVFP4Tensor) -> torch.Tensor:
-    """``reference.gemm_alpha(a, b)`` as a 1-element FP32 CUDA tensor, in one kernel launch."""
+    """:func:`rayfp4.formats.quantized.gemm_alpha` as a 1-element FP32 CUDA tensor, in one kernel
+    launch instead of three tiny torch kernels (bit for bit: tests/test_kernels_triton_gpu.py)."""
     out = torch.empty(1, dtype=torch.float32, device=a.amax.device)
-    _k(out.device).alpha_kernel[(1,)](a.amax, b.amax, out, INV_FP4_FP8_MAX)
+    _kernel_module().alpha_kernel[(1,)](a.amax, b.amax, out, INV_FP4_FP8_MAX)
     return out
 
 
@@ -347,15 +321,14 @@ def gemm(a, b, out_dtype: torch.dtype, mode: str | None = None) -> torch.Tensor:
     """``a @ b.T`` of two operands quantized along the same K: BF16 products (exact), FP32
     accumulation, alpha applied once in FP32, one rounding to ``out_dtype``.
 
-    Agrees with :func:`rayfp4.kernels.reference.emulated_gemm` up to the FP32 summation order.
+    Agrees with :func:`rayfp4.formats.quantized.emulated_gemm` up to the FP32 summation order.
     """
-    if a.shape[1] != b.shape[1]:
-        raise ValueError(f"GEMM operands disagree on K: a is {tuple(a.shape)}, b is {tuple(b.shape)}")
+    check_gemm_operands(a, b)
     A, B = _operand(a), _operand(b)
     mode = mode or gemm_mode
     if A.device.type != "cuda":
-        # Interpreter/CPU path: FP32 products of exact BF16 values, FP32 accumulation.
-        return (A.float() @ B.float().t() * _alpha(a, b)).to(out_dtype)
+        # Interpreter/CPU path: the definition itself, on the (exact) BF16 operands.
+        return fp32_gemm(A, B, gemm_alpha(a, b), out_dtype)
     nv = isinstance(a, NVFP4Tensor) and isinstance(b, NVFP4Tensor)
     if not isinstance(a, NVFP4Tensor) and not isinstance(b, NVFP4Tensor):
         # MXFP4: power-of-two scales only, alpha = 1: FP32 accumulation and output, one rounding.
@@ -365,13 +338,13 @@ def gemm(a, b, out_dtype: torch.dtype, mode: str | None = None) -> torch.Tensor:
         acc = torch.mm(A, B.t(), out_dtype=torch.float32)
         out = acc if out_dtype == torch.float32 else torch.empty_like(acc, dtype=out_dtype)
         n = acc.numel()
-        _k(A.device).scale_cast_kernel[(_cdiv(n, 4096),)](acc, out, a.amax, b.amax, INV_FP4_FP8_MAX, n,
-                                                          BLOCK=4096, num_warps=8)
+        _kernel_module().scale_cast_kernel[(_cdiv(n, 4096),)](acc, out, a.amax, b.amax, INV_FP4_FP8_MAX, n,
+                                                              BLOCK=4096, num_warps=8)
         return out
-    alpha = _alpha(a, b)  # raises for an NVFP4 operand with an MXFP4 one, as the reference does
+    alpha_t = gemm_alpha(a, b).reshape(1)  # raises for an NVFP4 operand with an MXFP4 one
     if mode == "host":
         out = torch.empty(A.shape[0], B.shape[0], dtype=out_dtype, device=A.device)
-        al = float(alpha)  # host sync
+        al = float(alpha_t)  # host sync
         if out_dtype == torch.float32:
             acc = torch.mm(A, B.t(), out_dtype=torch.float32)
             return acc.mul_(al)
@@ -381,8 +354,8 @@ def gemm(a, b, out_dtype: torch.dtype, mode: str | None = None) -> torch.Tensor:
         out = torch.empty(m, n, dtype=out_dtype, device=A.device)
         bm, bn, bk = 128, 256, 64
         grid = (_cdiv(m, bm) * _cdiv(n, bn),)
-        _k(A.device).gemm_alpha_kernel[grid](
-            A, B, out, alpha, m, n, A.shape[1], A.stride(0), A.stride(1), B.stride(0), B.stride(1),
+        _kernel_module().gemm_alpha_kernel[grid](
+            A, B, out, alpha_t, m, n, A.shape[1], A.stride(0), A.stride(1), B.stride(0), B.stride(1),
             out.stride(0), out.stride(1), BM=bm, BN=bn, BK=bk, GROUP_M=8, num_warps=8, num_stages=3)
         return out
     raise ValueError(f"unknown GEMM mode {mode!r}; expected one of {GEMM_MODES}")
@@ -404,11 +377,11 @@ class TritonBackend:
             return "no CUDA device"
         return None
 
-    def quantize_nvfp4(self, x, tile, rounding, rht, generator, amax=None, bf16_operand=None):
-        """``bf16_operand``: also write the BF16 GEMM operand (default: K-contiguous, no RHT);
-        an ``amax`` tensor from :meth:`amaxes` is used without host-side checks."""
+    def quantize_nvfp4(self, x, tile, rounding, rht, generator, amax=None, write_gemm_operand=None):
+        """``write_gemm_operand``: also write the BF16 GEMM operand (default: K-contiguous, no
+        RHT); an ``amax`` tensor from :meth:`amaxes` is used without host-side checks."""
         return quantize_nvfp4(x, tile=tile, rounding=rounding, rht=rht, generator=generator, amax=amax,
-                              write_bf16=bf16_operand, trust_amax=True)
+                              write_gemm_operand=write_gemm_operand, trust_amax=True)
 
     def amaxes(self, xt, rht: bool):
         """(amax of x, amax of x^T's Wgrad operand) for ``xt`` = x^T, from one read of x: the
@@ -421,6 +394,3 @@ class TritonBackend:
 
     def gemm(self, a, b, out_dtype: torch.dtype) -> torch.Tensor:
         return gemm(a, b, out_dtype)
-
-    def transpose(self, t):
-        return transpose(t) if isinstance(t, NVFP4Tensor) else t.transpose()

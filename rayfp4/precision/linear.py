@@ -15,7 +15,9 @@ FP32 (the backend's ``gemm``); outputs come back in the input's dtype, weight gr
 weight's dtype (FP32 master weights). Every switch of the policy changes exactly its operand:
 ``weight_2d_scaling`` the weight tiles (and whether Dgrad reuses the Fprop codes),
 ``stochastic_rounding_grads`` the rounding of both dY operands, ``rht_wgrad`` the transform of
-both Wgrad operands.
+both Wgrad operands. The table is data: :class:`OperandRoles`, one :class:`OperandRole` per
+operand (``fprop.x``, ``fprop.w``, ``dgrad.dy``, ``dgrad.w``, ``wgrad.dy``, ``wgrad.x``), built
+once from the policy.
 
 What backward needs is saved quantized: the Wgrad operand x^T (packed, ~0.28x of BF16) and, with
 2-D weight scaling, the packed weight (its transpose is Dgrad's operand). No high-precision copy
@@ -28,42 +30,96 @@ detect the step and skip it.
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..formats.mxfp4 import MXFP4Tensor
-from ..formats.nvfp4 import NVFP4Tensor
 from ..kernels import resolve
 from .policy import PolicyError, PrecisionPolicy
 from .runtime import PrecisionRuntime
 from .telemetry import operand_stats
 
-_QUANT_FIELDS = {NVFP4Tensor: ("data", "scale", "amax"), MXFP4Tensor: ("data", "scale")}
+
+@dataclass(frozen=True)
+class OperandRole:
+    """How one operand of one GEMM is quantized: a row of the table above.
+
+    name:       "<gemm>.<operand>", e.g. "dgrad.dy": the key of ``capture`` and of telemetry
+    tile:       (1, block) blocks or (block, block) tiles along the GEMM's K
+    stochastic: whether stochastic rounding applies (else RTNE); its stream is the GEMM's name
+    rht:        whether the 16x16 random Hadamard transform applies first
+    write_gemm_operand: whether a fast quantizer should also write the BF16 GEMM operand in the
+                same pass (True: the GEMM uses it at once; False: the operand is saved packed
+                for later; None: the backend's default)
+    """
+
+    name: str
+    tile: tuple[int, int]
+    stochastic: bool = False
+    rht: bool = False
+    write_gemm_operand: bool | None = None
+
+    @property
+    def gemm(self) -> str:
+        """"fprop", "dgrad" or "wgrad"."""
+        return self.name.partition(".")[0]
+
+    @property
+    def rounding(self) -> str:
+        return "stochastic" if self.stochastic else "nearest"
 
 
-#: A fast backend may cache the BF16 GEMM operand on a quantized tensor under this attribute.
-#: Kept across save_for_backward only for weight operands (weight-sized, not activation memory).
-_OPERAND_CACHE = "_bf16"
-_KEEP_CACHE = frozenset({"wq_t"})
+@dataclass(frozen=True)
+class OperandRoles:
+    """The six operand roles of a layer's three GEMMs, from its policy."""
+
+    fprop_x: OperandRole
+    fprop_w: OperandRole
+    dgrad_dy: OperandRole
+    dgrad_w: OperandRole
+    wgrad_dy: OperandRole
+    wgrad_x: OperandRole
+
+    @classmethod
+    def from_policy(cls, policy: PrecisionPolicy) -> OperandRoles:
+        blocks = (1, policy.block)
+        sr, rht = policy.stochastic_rounding_grads, policy.rht_wgrad
+        return cls(
+            fprop_x=OperandRole("fprop.x", blocks),
+            fprop_w=OperandRole("fprop.w", policy.weight_tile),
+            dgrad_dy=OperandRole("dgrad.dy", blocks, stochastic=sr),
+            # W^T in the weight's tiles. With 2-D tiles those codes are Fprop's, transposed: the
+            # layer reuses them instead of quantizing W^T (recipe section 5).
+            dgrad_w=OperandRole("dgrad.w", policy.weight_tile),
+            wgrad_dy=OperandRole("wgrad.dy", blocks, stochastic=sr, rht=rht, write_gemm_operand=True),
+            # Saved packed for backward: a BF16 operand would be activation memory meanwhile.
+            wgrad_x=OperandRole("wgrad.x", blocks, rht=rht, write_gemm_operand=False),
+        )
+
+
+#: Saved quantized tensors whose BF16 GEMM operand (``gemm_operand``) is kept across
+#: save_for_backward: only the weight's (weight-sized, not activation memory).
+_KEEP_GEMM_OPERAND = frozenset({"wq_t"})
 
 
 def _save(ctx, items: dict) -> None:
-    """save_for_backward every tensor in ``items``, including the fields of quantized tensors."""
+    """save_for_backward every tensor in ``items``, including the tensors of quantized tensors."""
     tensors, layout = [], {}
     for key, val in items.items():
         if isinstance(val, torch.Tensor):
             layout[key] = ("tensor", len(tensors))
             tensors.append(val)
         else:
-            fields = _QUANT_FIELDS[type(val)]
-            cache = getattr(val, _OPERAND_CACHE, None) if key in _KEEP_CACHE else None
-            if isinstance(cache, torch.Tensor):
-                fields = (*fields, _OPERAND_CACHE)
-            template = dataclasses.replace(val, **{f: None for f in _QUANT_FIELDS[type(val)]})
-            layout[key] = ("quantized", template, len(tensors), fields)
-            tensors.extend(getattr(val, f) for f in fields)
+            parts = val.tensor_fields()
+            operand = val.gemm_operand if key in _KEEP_GEMM_OPERAND else None
+            # The tensors travel through save_for_backward, the rest as a template without them.
+            template = dataclasses.replace(val, **dict.fromkeys(parts, None))
+            layout[key] = ("quantized", template, len(tensors), tuple(parts), operand is not None)
+            tensors.extend(parts.values())
+            if operand is not None:
+                tensors.append(operand)
     ctx.layout = layout
     ctx.save_for_backward(*tensors)
 
@@ -75,11 +131,10 @@ def _load(ctx) -> dict:
         if entry[0] == "tensor":
             out[key] = saved[entry[1]]
         else:
-            _, template, start, fields = entry
-            base = [f for f in fields if f != _OPERAND_CACHE]
-            q = dataclasses.replace(template, **{f: saved[start + i] for i, f in enumerate(base)})
-            if _OPERAND_CACHE in fields:
-                setattr(q, _OPERAND_CACHE, saved[start + len(base)])
+            _, template, start, names, has_operand = entry
+            q = dataclasses.replace(template, **{n: saved[start + i] for i, n in enumerate(names)})
+            if has_operand:
+                q.gemm_operand = saved[start + len(names)]
             out[key] = q
     return out
 
@@ -96,21 +151,15 @@ def _finite(backend, *tensors: torch.Tensor) -> bool:
     Fast backends propagate NaN/Inf through their scales instead (NaN out), which needs no host
     synchronisation; the reference raises, so its inputs are checked here first.
     """
-    if getattr(backend, "propagates_nonfinite", False):
+    if backend.propagates_nonfinite:
         return True
     return all(bool(torch.isfinite(t).all()) for t in tensors)
-
-
-def _transpose(backend, q):
-    """The quantized transpose of a 2-D-tiled weight (a backend may have it already)."""
-    fn = getattr(backend, "transpose", None)
-    return fn(q) if fn is not None else q.transpose()
 
 
 class _QuantizedLinearFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, layer):
-        pol, rt, be = layer.policy, layer.runtime, layer.backend
+        pol, rt, be, roles = layer.policy, layer.runtime, layer.backend, layer.roles
         b = pol.block
         quantize_fwd, quantize_bwd = not rt.forward_bf16, not rt.backward_bf16
         finite = _finite(be, x, weight)
@@ -121,11 +170,11 @@ class _QuantizedLinearFn(torch.autograd.Function):
         elif quantize_fwd:
             # One read of x gives the tensor amax of both of its operands (x and x^T's RHT).
             xt_src = _pad_tokens(x, b).t() if quantize_bwd else None
-            am_x, am_xt = layer.amaxes(xt_src) if quantize_bwd else (None, None)
-            xq = layer.quantize(x, (1, b), "nearest", False, None, amax=am_x)
-            wq = layer.quantize(weight, pol.weight_tile, "nearest", False, None)
-            layer.record("fprop.x", x, xq)
-            layer.record("fprop.w", weight, wq)
+            am_x, am_xt = layer.amaxes(xt_src, roles.wgrad_x) if quantize_bwd else (None, None)
+            xq = layer.quantize(x, roles.fprop_x, amax=am_x)
+            wq = layer.quantize(weight, roles.fprop_w)
+            layer.record(roles.fprop_x, x, xq)
+            layer.record(roles.fprop_w, weight, wq)
             # Without a bias the GEMM rounds straight to the output dtype (one rounding either way).
             y = be.gemm(xq, wq, torch.float32 if bias is not None else x.dtype)
         else:
@@ -137,14 +186,12 @@ class _QuantizedLinearFn(torch.autograd.Function):
         if quantize_bwd:
             if not quantize_fwd:
                 xt_src = _pad_tokens(x, b).t()
-            # Saved packed (the Wgrad GEMM dequantizes it): no BF16 operand kept alive meanwhile.
-            saved["xt"] = layer.quantize(xt_src, (1, b), "nearest", pol.rht_wgrad, None,
-                                         amax=am_xt if quantize_fwd else None, bf16_operand=False)
-            layer.record("wgrad.x", xt_src, saved["xt"])
+            saved["xt"] = layer.quantize(xt_src, roles.wgrad_x, amax=am_xt if quantize_fwd else None)
+            layer.record(roles.wgrad_x, xt_src, saved["xt"])
             if pol.weight_2d_scaling:
                 if wq is None:
-                    wq = layer.quantize(weight, pol.weight_tile, "nearest", False, None)
-                saved["wq_t"] = _transpose(be, wq)  # Dgrad's operand: the Fprop codes, transposed
+                    wq = layer.quantize(weight, roles.fprop_w)
+                saved["wq_t"] = wq.transpose()  # Dgrad's operand: the Fprop codes, transposed
         else:
             saved["x"] = x
         _save(ctx, saved)
@@ -155,7 +202,7 @@ class _QuantizedLinearFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         layer = ctx.layer
-        pol, rt, be = layer.policy, layer.runtime, layer.backend
+        pol, be, roles = layer.policy, layer.backend, layer.roles
         b = pol.block
         s = _load(ctx)
         weight = s["weight"]
@@ -168,28 +215,20 @@ class _QuantizedLinearFn(torch.autograd.Function):
             db = torch.full((weight.shape[0],), nan, device=dy.device) if ctx.has_bias else None
             return dx, dw, db, None
         if ctx.quantize_bwd:
-            sr = pol.stochastic_rounding_grads
-            rounding = "stochastic" if sr else "nearest"
             dyt_src = _pad_tokens(dy, b).t() if ctx.needs_input_grad[1] else None
             am_dy = am_dyt = None
             if ctx.needs_input_grad[0] and ctx.needs_input_grad[1]:
-                am_dy, am_dyt = layer.amaxes(dyt_src)  # both operands of dy from one read
+                am_dy, am_dyt = layer.amaxes(dyt_src, roles.wgrad_dy)  # both operands of dy from one read
             if ctx.needs_input_grad[0]:
-                gen = rt.generator(layer.layer_index, "dgrad", dy.device) if sr else None
-                dyq = layer.quantize(dy, (1, b), rounding, False, gen, amax=am_dy)
-                if pol.weight_2d_scaling:
-                    wt, wt_src = s["wq_t"], None
-                else:
-                    wt_src = weight.t()
-                    wt = layer.quantize(wt_src, (1, b), "nearest", False, None)
-                layer.record("dgrad.dy", dy, dyq)
-                layer.record("dgrad.w", weight.t() if wt_src is None else wt_src, wt)
+                dyq = layer.quantize(dy, roles.dgrad_dy, amax=am_dy)
+                wt_src = weight.t()
+                wt = s["wq_t"] if pol.weight_2d_scaling else layer.quantize(wt_src, roles.dgrad_w)
+                layer.record(roles.dgrad_dy, dy, dyq)
+                layer.record(roles.dgrad_w, wt_src, wt)
                 dx = be.gemm(dyq, wt, ctx.x_dtype)
             if ctx.needs_input_grad[1]:
-                gen = rt.generator(layer.layer_index, "wgrad", dy.device) if sr else None
-                # Used at once: the quantizer may write its BF16 GEMM operand in the same pass.
-                dyt = layer.quantize(dyt_src, (1, b), rounding, pol.rht_wgrad, gen, amax=am_dyt, bf16_operand=True)
-                layer.record("wgrad.dy", dyt_src, dyt)
+                dyt = layer.quantize(dyt_src, roles.wgrad_dy, amax=am_dyt)
+                layer.record(roles.wgrad_dy, dyt_src, dyt)
                 dw = be.gemm(dyt, s["xt"], torch.float32).to(weight.dtype)
         else:
             x = s["x"]
@@ -228,6 +267,7 @@ class QuantizedLinear(nn.Linear):
                     f"with precision.bf16_modules"
                 )
         self.policy = policy
+        self.roles = OperandRoles.from_policy(policy)
         self.runtime = runtime if runtime is not None else PrecisionRuntime(policy)
         self.layer_index = layer_index
         self.layer_name = name
@@ -245,26 +285,29 @@ class QuantizedLinear(nn.Linear):
         new.backend = resolve(new.policy.backend, linear.weight.device) if linear.weight.device.type != "meta" else None
         return new
 
-    def quantize(self, t, tile, rounding, rht, generator, amax=None, bf16_operand=None):
-        """Quantize with the layer's backend; ``amax`` from :meth:`amaxes` (NVFP4 only) and
-        ``bf16_operand`` (also write the BF16 GEMM operand) are hints a backend may use."""
+    def quantize(self, t: torch.Tensor, role: OperandRole, amax=None):
+        """Quantize ``t`` as ``role`` says with the layer's backend; ``amax`` (NVFP4 only) comes
+        from :meth:`amaxes`. SR draws from this layer's stream of the role's GEMM for the step."""
+        generator = self.runtime.generator(self.layer_index, role.gemm, t.device) if role.stochastic else None
         if self.format == "nvfp4":
-            return self.backend.quantize_nvfp4(t, tile, rounding, rht, generator, amax, bf16_operand)
-        return self.backend.quantize_mxfp4(t, tile, rounding, rht, generator, self.policy.mxfp4_scale_rule)
+            return self.backend.quantize_nvfp4(t, role.tile, role.rounding, role.rht, generator, amax,
+                                               role.write_gemm_operand)
+        return self.backend.quantize_mxfp4(t, role.tile, role.rounding, role.rht, generator,
+                                           self.policy.mxfp4_scale_rule)
 
-    def amaxes(self, xt):
-        """(amax of x, amax of the Wgrad operand of ``xt`` = x^T) from one read, when the backend
-        can (NVFP4 on a fast backend); else (None, None) and each quantization measures its own."""
-        fn = getattr(self.backend, "amaxes", None)
-        if self.format != "nvfp4" or fn is None:
+    def amaxes(self, xt: torch.Tensor, role: OperandRole):
+        """(amax of x, amax of ``xt`` = x^T quantized as ``role``) from one read of x where the
+        backend has such a pass (NVFP4 on a fast backend); else (None, None) and each quantization
+        measures its own (MXFP4 has no tensor amax)."""
+        if self.format != "nvfp4":
             return None, None
-        return fn(xt, self.policy.rht_wgrad)
+        return self.backend.amaxes(xt, role.rht)
 
-    def record(self, operand: str, src: torch.Tensor, q) -> None:
+    def record(self, role: OperandRole, src: torch.Tensor, q) -> None:
         if self.capture is not None:
-            self.capture[operand] = q
+            self.capture[role.name] = q
         if self.runtime.telemetry_due:
-            self.telemetry[operand] = operand_stats(src, q)
+            self.telemetry[role.name] = operand_stats(src, q)
 
     def _apply(self, fn, *args, **kwargs):
         out = super()._apply(fn, *args, **kwargs)

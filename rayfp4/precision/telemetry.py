@@ -18,7 +18,7 @@ from torch import nn
 
 from ..formats import hadamard
 from ..formats.mxfp4 import MXFP4Tensor
-from ..formats.nvfp4 import encode_scale, global_decode_scale
+from ..formats.nvfp4 import encode_scale
 
 
 def _per_element(q, blocks: torch.Tensor) -> torch.Tensor:
@@ -26,11 +26,11 @@ def _per_element(q, blocks: torch.Tensor) -> torch.Tensor:
 
 
 def _element_unit(q) -> torch.Tensor:
-    """Value of one E2M1 unit per element (block scale times tensor factor), FP32 [M, K]."""
-    if isinstance(q, MXFP4Tensor):
-        unit = torch.ldexp(torch.ones_like(q.scale, dtype=torch.float32), q.scale_exponents())
-    else:
-        unit = q.scale.to(torch.float32) * global_decode_scale(q.amax)
+    """Value of one E2M1 unit per element (block scale times decode factor), FP32 [M, K]."""
+    unit = q.block_scales()
+    factor = q.decode_factor()
+    if factor is not None:
+        unit = unit * factor
     return _per_element(q, unit)
 
 

@@ -8,8 +8,6 @@ else uses a fake ``nvcc`` script and runs in a second.
 from __future__ import annotations
 
 import ctypes
-import os
-import shutil
 import stat
 import sys
 import time

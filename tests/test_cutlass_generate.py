@@ -99,7 +99,7 @@ def test_emitted_source_has_kernel_and_c_entry_points(selected):
         assert f"struct {name} :" in src
         assert f"GemmUniversalAdapter<{name}>" in src
         for suffix in ("_run(", "_workspace_size(", "_name()"):
-            assert f'RAYFP4_EXPORT' in src and f"{spec.symbol}{suffix}" in src
+            assert 'RAYFP4_EXPORT' in src and f"{spec.symbol}{suffix}" in src
         assert "alpha_ptr" in src
         assert "torch" not in src and "ATen" not in src  # no torch C++ ABI in the library
         if spec.family == "bf16_alpha":

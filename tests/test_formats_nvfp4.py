@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import independent_nvfp4 as ind
-from rayfp4.formats import e2m1, hadamard, nvfp4
+from rayfp4.formats import hadamard, nvfp4
 
 FLT_MAX = torch.finfo(torch.float32).max
 

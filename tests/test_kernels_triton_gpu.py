@@ -1,12 +1,11 @@
 """The Triton NVFP4 kernels compiled on a CUDA GPU: bit for bit against the reference at scale.
 
-Run in its own pytest process (``pytest -m gpu tests/test_kernels_triton_gpu.py``): the CPU module
-test_kernels_triton.py switches triton to its interpreter for the whole process.
+On a GPU machine conftest leaves TRITON_INTERPRET unset, so these run with the whole suite (or
+alone: ``pytest -m gpu tests``); with the interpreter forced (RAYFP4_TEST_INTERPRET=1) they skip.
 """
 
 import dataclasses
 import os
-import sys
 
 import pytest
 import torch
@@ -23,7 +22,6 @@ from rayfp4.formats import nvfp4  # noqa: E402
 from rayfp4.formats.quantized import emulated_gemm, gemm_alpha  # noqa: E402
 from rayfp4.kernels import triton_nvfp4 as T  # noqa: E402
 
-sys.path.insert(0, os.path.dirname(__file__))
 from test_formats_nvfp4 import random_matrix  # noqa: E402
 
 DEV = torch.device("cuda")

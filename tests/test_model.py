@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from rayfp4.model import ModelConfig, build_model
-from rayfp4.precision import QuantizedLinear, apply_precision_policy
+from rayfp4.precision import apply_precision_policy
 
 TINY = dict(vocab_size=128, seq_len=32, n_layers=2, d_model=64, n_heads=4, n_kv_heads=2)
 

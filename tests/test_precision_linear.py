@@ -1,6 +1,5 @@
 """The quantized linear: its three GEMMs equal the recipe's construction, switch by switch."""
 
-import math
 
 import pytest
 import torch

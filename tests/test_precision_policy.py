@@ -1,7 +1,6 @@
 """The precision policy: defaults, YAML, validation messages, and applying it to a model."""
 
 import pytest
-import torch
 
 from rayfp4.model import ModelConfig, build_model
 from rayfp4.precision import NVFP4Linear, PolicyError, PrecisionPolicy, apply_precision_policy

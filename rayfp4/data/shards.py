@@ -38,7 +38,7 @@ import shutil
 import time
 import uuid
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import pyarrow as pa
@@ -47,6 +47,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from rayfp4.data.errors import DataError
 from rayfp4.data.tokenizer import Tokenizer, load_saved_tokenizer, token_dtype
+
+if TYPE_CHECKING:
+    from rayfp4.console import ProgressLine
 
 MANIFEST_FILE = "manifest.json"
 FORMAT_NAME = "rayfp4.token_shards"
@@ -148,7 +151,7 @@ class ShardWriter:
     def __init__(self, out_dir: str | Path, *, seq_len: int, tokenizer: Tokenizer,
                  val_fraction: float = 0.0, rows_per_group: int = 256,
                  shard_sequences: int = 8192, overwrite: bool = False, source: str = "",
-                 progress: "ProgressLine | None" = None):  # rayfp4.console.ProgressLine
+                 progress: "ProgressLine | None" = None):
         if seq_len < 1:
             raise DataError(f"sequence length must be positive, got {seq_len}")
         if not 0.0 <= val_fraction < 1.0:

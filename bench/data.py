@@ -1,6 +1,6 @@
 """How fast the token stream feeds one consumer: sequences/s and tokens/s, against a plain read.
 
-    python bench/data.py [--shards DIR] [--global-batch 32] [--epochs 2]
+    python -m bench.data [--shards DIR] [--global-batch 32] [--epochs 2]
 
 Default data: the embedded Shakespeare corpus (bpe:8192, seq_len 256, tokenized into the cache on
 first use). The baseline is the same ids read in the same order in this process with no Ray
@@ -16,16 +16,13 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from rayfp4.data import StreamConfig, open_shards  # noqa: E402
-from rayfp4.data.order import batch_ids, epoch_order, rank_lanes  # noqa: E402
+from rayfp4.data import StreamConfig, open_shards
+from rayfp4.data.order import batch_ids, epoch_order, rank_lanes
 
 
 def plain_read(shards, cfg: StreamConfig, epochs: int) -> tuple[float, float, int]:

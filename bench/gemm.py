@@ -1,6 +1,6 @@
 """CUTLASS sm_90a BF16+alpha GEMM vs cuBLAS (``torch.mm``, BF16) on the linear layers' shapes.
 
-    python bench/gemm.py [--reps 30] [--rounds 3] [--json OUT.json] [--variants] [--with-dequant]
+    python -m bench.gemm [--reps 30] [--rounds 3] [--json OUT.json] [--variants] [--with-dequant]
 
 For each (tokens, out, in) of bench/linear.py's shapes it times the three GEMMs of a linear
 layer, each in the memory order training has (no transposes materialised):
@@ -31,13 +31,9 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from _profile import time_ms  # noqa: E402
-from cutlass_kernels import binding  # noqa: E402
-from cutlass_kernels.specs import KERNELS  # noqa: E402
+from bench.common import time_ms
+from cutlass_kernels import binding
+from cutlass_kernels.specs import KERNELS
 
 SHAPES = [(16384, 4096, 4096), (16384, 11008, 4096), (16384, 4096, 11008)]  # (tokens, out, in)
 

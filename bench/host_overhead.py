@@ -1,6 +1,6 @@
 """Host (CPU) time of one NVFP4Linear forward+backward, and where it goes.
 
-    python bench/host_overhead.py [--tokens 512] [--features 1024] [--calls 200]
+    python -m bench.host_overhead [--tokens 512] [--features 1024] [--calls 200]
 
 On a shape so small that the GPU finishes every kernel before the next is launched, the time of
 a forward+backward is the host's: Python, argument checks, tensor allocation and kernel
@@ -13,20 +13,14 @@ from __future__ import annotations
 
 import argparse
 import cProfile
-import datetime as dt
 import io
 import pstats
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import triton  # noqa: E402
-
-from rayfp4.precision import NVFP4Linear, PrecisionPolicy  # noqa: E402
+from bench.common import header
+from rayfp4.precision import NVFP4Linear, PrecisionPolicy
 
 
 def per_call_us(fn, calls: int) -> float:
@@ -42,8 +36,8 @@ def per_call_us(fn, calls: int) -> float:
 
 def pieces(layer, x, dy, calls: int) -> None:
     """Host time of each piece of the layer's forward+backward, called alone."""
-    from rayfp4.kernels import triton_nvfp4 as T
     from rayfp4.formats.quantized import gemm_alpha
+    from rayfp4.kernels import triton_nvfp4 as T
     from rayfp4.precision.linear import _QuantizedLinearFn
 
     be, rt = layer.backend, layer.runtime
@@ -118,7 +112,7 @@ def main() -> None:
     p.add_argument("--top", type=int, default=25)
     a = p.parse_args()
     t, f = a.tokens, a.features
-    print(f"# {dt.date.today()} {torch.cuda.get_device_name()} torch {torch.__version__} triton {triton.__version__}")
+    print(header())
     x = torch.randn(t, f, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     dy = torch.randn(t, f, device="cuda", dtype=torch.bfloat16)
 

@@ -1,6 +1,6 @@
 """NVFP4Linear forward+backward (full recipe, Triton backend) against nn.Linear in BF16.
 
-    python bench/linear.py [--modes device,host,triton] [--reps 20]
+    python -m bench.linear [--modes device,host,triton] [--reps 20]
 
 For (tokens, out, in) in the issue's three shapes: median time of one forward+backward
 (triton.testing.do_bench) and the peak memory allocated during it (above what the parameters
@@ -15,28 +15,20 @@ and inputs already hold), for
   any GEMM -- where the rest goes.
 
 ``--profile`` prints, instead of times, the device time of each variant's kernels by category
-(bench/_profile.py): which kernels the NVFP4 layer spends its time in.
+(bench/common.py): which kernels the NVFP4 layer spends its time in.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime as dt
-import sys
-from pathlib import Path
+import copy
 
 import torch
+from triton.testing import do_bench
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import triton  # noqa: E402
-from triton.testing import do_bench  # noqa: E402
-
-from _profile import breakdown, print_table  # noqa: E402
-
-from rayfp4.kernels import triton_nvfp4 as T  # noqa: E402
-from rayfp4.precision import NVFP4Linear, PrecisionPolicy  # noqa: E402
+from bench.common import breakdown, header, in_gemm_mode, print_table
+from rayfp4.kernels import triton_nvfp4 as T
+from rayfp4.precision import NVFP4Linear, PrecisionPolicy
 
 SHAPES = [(16384, 4096, 4096), (16384, 11008, 4096), (16384, 4096, 11008)]
 
@@ -69,7 +61,7 @@ def main() -> None:
                    help="instead of timing, print the device time per kernel category of each variant "
                         "(a separate run: the profiler slows every later launch of its process)")
     a = p.parse_args()
-    print(f"# {dt.date.today()} {torch.cuda.get_device_name()} torch {torch.__version__} triton {triton.__version__}")
+    print(header())
     if not a.profile:
         print(f"{'shape (T,out,in)':22s} {'variant':16s} {'ms':>8s} {'x bf16':>7s} {'peak MB':>8s} {'x bf16':>7s}")
     for t, n, k in SHAPES:
@@ -79,25 +71,19 @@ def main() -> None:
         base = torch.nn.Linear(k, n, bias=False, device="cuda", dtype=torch.bfloat16)
         layer = NVFP4Linear(k, n, bias=False, policy=PrecisionPolicy(backend="triton"), device="cuda")
         torch.nn.init.normal_(layer.weight, 0, 0.02)
-        variants = [("bf16", fwd_bwd(base, x, dy), None)]
-        variants += [(f"nvfp4[{mode}]", fwd_bwd(layer, x, dy), mode) for mode in a.modes.split(",")]
+        # One layer object per GEMM mode, sharing the weight: each has its own backend instance.
+        variants = [("bf16", fwd_bwd(base, x, dy))]
+        variants += [(f"nvfp4[{mode}]", fwd_bwd(in_gemm_mode(copy.copy(layer), mode), x, dy))
+                     for mode in a.modes.split(",")]
         if a.cutlass:
             lc = NVFP4Linear(k, n, bias=False, policy=PrecisionPolicy(backend="cutlass"), device="cuda")
             lc.weight.data.copy_(layer.weight.data)
-            variants.append(("nvfp4[cutlass]", fwd_bwd(lc, x, dy), "device"))
+            variants.append(("nvfp4[cutlass]", fwd_bwd(lc, x, dy)))
         if a.profile:
-            prof = {}
-            for name, fn, mode in variants:
-                T.gemm_mode = mode or "device"
-                prof[name] = breakdown(fn, steps=5)
-            T.gemm_mode = "device"
+            prof = {name: breakdown(fn, steps=5) for name, fn in variants}
             print_table(prof, f"forward+backward of {(t, n, k)}")
             continue
-        rows = []
-        for name, fn, mode in variants:
-            T.gemm_mode = mode or "device"
-            rows.append((name, *measure(fn, a.reps)))
-        T.gemm_mode = "device"
+        rows = [(name, *measure(fn, a.reps)) for name, fn in variants]
         t0, m0 = rows[0][1], rows[0][2]
         A = torch.randn(t, k, device="cuda", dtype=torch.bfloat16)
         W = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)

@@ -1,6 +1,6 @@
 """Achieved bandwidth of the Triton NVFP4 kernels against a device-to-device copy of the same bytes.
 
-    python bench/quantize.py [--tokens 16384] [--features 4096]
+    python -m bench.quantize [--tokens 16384] [--features 4096]
 
 For each kernel: bytes it must move (each input read once, each output written once), its median
 time (triton.testing.do_bench), GB/s, and the ratio to a plain copy (``torch.Tensor.copy_``) of a
@@ -13,19 +13,13 @@ are what NVFP4Linear runs per activation and per gradient (several kernels, byte
 from __future__ import annotations
 
 import argparse
-import datetime as dt
-import sys
-from pathlib import Path
 
 import torch
+from triton.testing import do_bench
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import triton  # noqa: E402
-from triton.testing import do_bench  # noqa: E402
-
-from rayfp4.formats import nvfp4  # noqa: E402
-from rayfp4.kernels import triton_nvfp4 as T  # noqa: E402
+from bench.common import header
+from rayfp4.formats import nvfp4
+from rayfp4.kernels import triton_nvfp4 as T
 
 
 def ms(fn) -> float:
@@ -45,12 +39,11 @@ def main() -> None:
     p.add_argument("--features", type=int, default=4096)
     a = p.parse_args()
     t, f = a.tokens, a.features
-    print(f"# {dt.date.today()} {torch.cuda.get_device_name()} torch {torch.__version__} triton {triton.__version__}")
+    print(header())
     x = torch.randn(t, f, device="cuda", dtype=torch.bfloat16)
     w = torch.randn(f, f, device="cuda") * 0.02
     xb, xq = x.numel() * 2, x.numel() // 2 + x.numel() // 16  # BF16 bytes; packed codes + scales
     wb, wq = w.numel() * 4, w.numel() // 2 + w.numel() // 16
-    k = T._kernel_module()
     am = T.tensor_amax(x)[0:1]
     words = torch.empty(t, f // 16, dtype=torch.int64, device="cuda")
     sc = torch.empty(t, f // 16, dtype=torch.uint8, device="cuda")

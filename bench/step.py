@@ -1,6 +1,6 @@
 """A training step of a ~350M-parameter rayfp4.model transformer: NVFP4 (Triton backend) vs BF16.
 
-    python bench/step.py [--batch 8] [--seq 2048] [--steps 10] [--layers 24] [--d-model 1024]
+    python -m bench.step [--batch 8] [--seq 2048] [--steps 10] [--layers 24] [--d-model 1024]
 
 Both runs use FP32 master weights, AdamW and ``torch.autocast(bfloat16)``; ``bf16`` keeps every
 linear as nn.Linear, ``nvfp4`` applies the default recipe policy (every block linear in NVFP4, the
@@ -12,27 +12,18 @@ memory of each.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import gc
-import sys
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import triton  # noqa: E402
-
-from _profile import breakdown, print_table, time_ms  # noqa: E402
-
-from rayfp4.kernels import triton_nvfp4 as T  # noqa: E402
-from rayfp4.model import ModelConfig, build_model  # noqa: E402
-from rayfp4.precision import apply_precision_policy  # noqa: E402
+from bench.common import breakdown, header, in_gemm_mode, print_table, time_ms
+from rayfp4.model import ModelConfig, build_model
+from rayfp4.precision import apply_precision_policy
 
 
 def run(fmt: str, cfg: ModelConfig, batch: int, steps: int, policy_extra: dict,
-        backend: str = "triton", profile: dict | None = None, label: str = "") -> tuple[float, float]:
+        backend: str = "triton", profile: dict | None = None, label: str = "",
+        gemm_mode: str = "device") -> tuple[float, float]:
     """Median ms/step and peak bytes; with ``profile`` (a dict), only the kernel breakdown of one
     step is taken instead (under label) and (0, 0) returned."""
     gc.collect()  # the previous variant's model and graph: freed before this one is timed
@@ -41,6 +32,7 @@ def run(fmt: str, cfg: ModelConfig, batch: int, steps: int, policy_extra: dict,
     model = build_model(cfg, device="cuda")
     if fmt != "bf16":
         apply_precision_policy(model, {"format": fmt, "backend": backend, **policy_extra})
+        in_gemm_mode(model, gemm_mode)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     tokens = torch.randint(0, cfg.vocab_size, (batch, cfg.seq_len + 1), device="cuda")
     inp, tgt = tokens[:, :-1], tokens[:, 1:]
@@ -85,24 +77,21 @@ def main() -> None:
     cfg = ModelConfig(vocab_size=32768, seq_len=a.seq, n_layers=a.layers, d_model=a.d_model,
                       n_heads=a.d_model // 64, tie_embeddings=True)
     ntok = a.batch * a.seq
-    print(f"# {dt.date.today()} {torch.cuda.get_device_name()} torch {torch.__version__} triton {triton.__version__}")
+    print(header())
     print(f"# model: {cfg.num_params() / 1e6:.0f}M parameters, {a.layers} layers, d_model {a.d_model}, "
           f"d_ff {cfg.ffn_dim}; {ntok} tokens/step")
     t_bf16, m_bf16 = run("bf16", cfg, a.batch, a.steps, {})
     print(f"{'variant':22s} {'ms/step':>8s} {'tok/s':>10s} {'x bf16':>7s} {'peak GB':>8s} {'x bf16':>7s}")
     print(f"{'bf16':22s} {t_bf16:8.1f} {ntok / t_bf16 * 1e3:10.0f} {1.0:7.2f} {m_bf16 / 2**30:8.2f} {1.0:7.2f}")
     for mode in a.modes.split(","):
-        T.gemm_mode = mode
-        t, m = run("nvfp4", cfg, a.batch, a.steps, {})
+        t, m = run("nvfp4", cfg, a.batch, a.steps, {}, gemm_mode=mode)
         print(f"{'nvfp4[' + mode + ']':22s} {t:8.1f} {ntok / t * 1e3:10.0f} {t_bf16 / t:7.2f} {m / 2**30:8.2f} "
               f"{m / m_bf16:7.2f}")
     if a.cutlass:
-        T.gemm_mode = "device"
         t, m = run("nvfp4", cfg, a.batch, a.steps, {}, backend="cutlass")
         print(f"{'nvfp4[cutlass]':22s} {t:8.1f} {ntok / t * 1e3:10.0f} {t_bf16 / t:7.2f} {m / 2**30:8.2f} "
               f"{m / m_bf16:7.2f}")
     if a.ablate:
-        T.gemm_mode = "device"
         backend = "cutlass" if a.cutlass else "triton"
         for label, extra in [("no SR", {"stochastic_rounding_grads": False}), ("no RHT", {"rht_wgrad": False}),
                              ("1x16 weights", {"weight_2d_scaling": False})]:
@@ -116,9 +105,7 @@ def main() -> None:
         prof: dict = {}
         run("bf16", cfg, a.batch, a.steps, {}, profile=prof)
         for mode in a.modes.split(","):
-            T.gemm_mode = mode
-            run("nvfp4", cfg, a.batch, a.steps, {}, profile=prof, label=f"nvfp4[{mode}]")
-        T.gemm_mode = "device"
+            run("nvfp4", cfg, a.batch, a.steps, {}, profile=prof, label=f"nvfp4[{mode}]", gemm_mode=mode)
         if a.cutlass:
             run("nvfp4", cfg, a.batch, a.steps, {}, backend="cutlass", profile=prof, label="nvfp4[cutlass]")
         print_table(prof, f"one training step, {ntok} tokens")

@@ -28,7 +28,6 @@ MXFP4 is not accelerated: ``quantize_mxfp4`` delegates to the reference.
 from __future__ import annotations
 
 import importlib.util
-import os
 
 import torch
 
@@ -293,10 +292,10 @@ def dequantize_unscaled(t: NVFP4Tensor, dtype: torch.dtype = torch.bfloat16) -> 
 # ---------------------------------------------------------------------------------- GEMM
 
 #: How :func:`gemm` applies alpha on CUDA: "device" (cuBLAS FP32-output GEMM, alpha from device
-#: memory in a fused scale-and-cast; no sync), "host" (cuBLAS with alpha as a host float in its
-#: epilogue; one sync per GEMM) or "triton" (a Triton GEMM with the alpha epilogue; no sync).
+#: memory in a fused scale-and-cast; no sync; the default), "host" (cuBLAS with alpha as a host
+#: float in its epilogue; one sync per GEMM) or "triton" (a Triton GEMM with the alpha epilogue;
+#: no sync). The other two are kept for comparison (bench/linear.py, bench/step.py --gemm-modes).
 GEMM_MODES = ("device", "host", "triton")
-gemm_mode = os.environ.get("RAYFP4_TRITON_GEMM", "device")
 
 
 #: FP32 1/2688: torch divides a CUDA tensor by a Python scalar as a product with the reciprocal.
@@ -317,7 +316,7 @@ def _operand(t) -> torch.Tensor:
     return t.dequantize_unscaled(torch.bfloat16)  # MXFP4: power-of-two scales, exact in BF16
 
 
-def gemm(a, b, out_dtype: torch.dtype, mode: str | None = None) -> torch.Tensor:
+def gemm(a, b, out_dtype: torch.dtype, mode: str = "device") -> torch.Tensor:
     """``a @ b.T`` of two operands quantized along the same K: BF16 products (exact), FP32
     accumulation, alpha applied once in FP32, one rounding to ``out_dtype``.
 
@@ -325,7 +324,6 @@ def gemm(a, b, out_dtype: torch.dtype, mode: str | None = None) -> torch.Tensor:
     """
     check_gemm_operands(a, b)
     A, B = _operand(a), _operand(b)
-    mode = mode or gemm_mode
     if A.device.type != "cuda":
         # Interpreter/CPU path: the definition itself, on the (exact) BF16 operands.
         return fp32_gemm(A, B, gemm_alpha(a, b), out_dtype)
@@ -370,6 +368,11 @@ class TritonBackend:
     name = "triton"
     propagates_nonfinite = True  # NaN/Inf input gives NaN amax and scales, hence NaN out, no sync
 
+    def __init__(self, gemm_mode: str = "device"):
+        if gemm_mode not in GEMM_MODES:
+            raise ValueError(f"gemm_mode must be one of {GEMM_MODES}, got {gemm_mode!r}")
+        self.gemm_mode = gemm_mode
+
     def unavailable_reason(self, device: torch.device) -> str | None:
         if not triton_installed():
             return "triton not installed"
@@ -393,4 +396,4 @@ class TritonBackend:
         return mxfp4.quantize(x, tile=tile, rounding=rounding, rht=rht, generator=generator, scale_rule=scale_rule)
 
     def gemm(self, a, b, out_dtype: torch.dtype) -> torch.Tensor:
-        return gemm(a, b, out_dtype)
+        return gemm(a, b, out_dtype, self.gemm_mode)

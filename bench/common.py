@@ -1,4 +1,4 @@
-"""Timing and profiling shared by the bench scripts.
+"""Timing, profiling and setup shared by the bench scripts.
 
 :func:`time_ms`: the median of CUDA-event timings of a callable. :func:`breakdown` (bench/step.py
 and bench/linear.py ``--profile``): where GPU time goes -- run a callable under torch.profiler and
@@ -9,10 +9,30 @@ kernel launches in the same process are slower (measured: +50-80 ms per step of 
 
 from __future__ import annotations
 
+import datetime
 import re
 import statistics
 
 import torch
+
+
+def header() -> str:
+    """The line each bench output starts with: date, device and the versions that matter."""
+    import triton
+
+    return f"# {datetime.date.today()} {torch.cuda.get_device_name()} torch {torch.__version__} triton {triton.__version__}"
+
+
+def in_gemm_mode(module: torch.nn.Module, mode: str) -> torch.nn.Module:
+    """``module`` with every Triton-backed quantized linear applying alpha by ``mode`` (see
+    ``rayfp4.kernels.triton_nvfp4.GEMM_MODES``): a backend instance per layer, no global switch."""
+    from rayfp4.kernels.triton_nvfp4 import TritonBackend
+    from rayfp4.precision import QuantizedLinear
+
+    for m in module.modules():
+        if isinstance(m, QuantizedLinear) and m.backend.name == "triton":
+            m.backend = TritonBackend(gemm_mode=mode)
+    return module
 
 
 def time_ms(fn, reps: int, warmup: int = 5) -> float:

@@ -15,7 +15,8 @@ import pytest
 from conftest import synthetic_documents, write_byte_shards
 from rayfp4.data import DataError, open_shards
 from rayfp4.data.corpus import shakespeare_shards, strip_markdown
-from rayfp4.data.shards import MANIFEST_FILE, ShardWriter, _sha256
+from rayfp4.data.shards import MANIFEST_FILE, ShardWriter
+from rayfp4.fileio import sha256_file
 from rayfp4.data.tokenizer import ByteTokenizer, build_tokenizer, load_tokenizer_file
 
 
@@ -145,7 +146,7 @@ def test_schema_mismatch_is_reported(small_shards, tmp_path):
 
     def fix_checksum(m):
         entry = m["splits"]["train"][0]
-        entry["size_bytes"], entry["sha256"] = victim.stat().st_size, _sha256(victim)
+        entry["size_bytes"], entry["sha256"] = victim.stat().st_size, sha256_file(victim)
     _rewrite_manifest(d, fix_checksum)
     with pytest.raises(DataError, match=r"train-00000\.parquet: schema .* does not match"):
         open_shards(d)

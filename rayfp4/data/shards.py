@@ -47,6 +47,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from rayfp4.data.errors import DataError
 from rayfp4.data.tokenizer import Tokenizer, load_saved_tokenizer, token_dtype
+from rayfp4.fileio import sha256_file
 
 if TYPE_CHECKING:
     from rayfp4.console import ProgressLine
@@ -116,14 +117,6 @@ def shard_schema(dtype: np.dtype) -> pa.Schema:
         pa.field("tokens", pa.list_(pa.from_numpy_dtype(dtype)), nullable=False),
         pa.field("packed_index", pa.int64(), nullable=False),
     ])
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 # --------------------------------------------------------------------------------------------
@@ -243,7 +236,7 @@ class ShardWriter:
         pq.write_table(table, path, row_group_size=self.rows_per_group, compression="zstd")
         self._shards[split].append(ShardFile(
             file=name, first_id=self._next_id[split], num_sequences=n,
-            num_tokens=n * self.row_len, size_bytes=path.stat().st_size, sha256=_sha256(path)))
+            num_tokens=n * self.row_len, size_bytes=path.stat().st_size, sha256=sha256_file(path)))
         self._next_id[split] += n
 
     def finish(self) -> ShardManifest:
@@ -423,7 +416,7 @@ def open_shards(path: str | Path, verify_checksums: bool = True) -> ShardSet:
             if size != shard.size_bytes:
                 raise DataError(f"{fpath}: size {size} bytes does not match the manifest "
                                 f"({shard.size_bytes}); the shard is truncated or was replaced")
-            if verify_checksums and _sha256(fpath) != shard.sha256:
+            if verify_checksums and sha256_file(fpath) != shard.sha256:
                 raise DataError(f"{fpath}: SHA-256 checksum does not match the manifest; "
                                 f"the shard is corrupt or was modified")
             try:

@@ -12,35 +12,17 @@ the latest good one; :func:`load_latest` falls back to an older one when the lat
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 from pathlib import Path
 
 import torch
 
+from ..fileio import sha256_file, write_atomic
 from .errors import CheckpointError
 
 STATE_FILE = "state.pt"
 INFO_FILE = "state.json"
 FORMAT_VERSION = 1
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _write_atomic(path: Path, write) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _torch_save(obj, path: Path) -> None:
@@ -53,10 +35,10 @@ def _torch_save(obj, path: Path) -> None:
 def save_state(directory: str | Path, state: dict, fingerprint: dict[str, str] | None = None) -> Path:
     d = Path(directory)
     final = d / STATE_FILE
-    _write_atomic(final, lambda tmp: _torch_save({"format_version": FORMAT_VERSION, **state}, tmp))
+    write_atomic(final, lambda tmp: _torch_save({"format_version": FORMAT_VERSION, **state}, tmp))
     info = {"format_version": FORMAT_VERSION, "step": state.get("step"), "size_bytes": final.stat().st_size,
-            "sha256": _sha256(final), "fingerprint": fingerprint or {}}
-    _write_atomic(d / INFO_FILE, lambda tmp: tmp.write_text(json.dumps(info, indent=1, sort_keys=True)))
+            "sha256": sha256_file(final), "fingerprint": fingerprint or {}}
+    write_atomic(d / INFO_FILE, lambda tmp: tmp.write_text(json.dumps(info, indent=1, sort_keys=True)))
     return final
 
 
@@ -80,7 +62,7 @@ def load_state(directory: str | Path) -> dict:
             size = path.stat().st_size
             if size != info["size_bytes"]:
                 raise CheckpointError(f"{path}: {size} bytes, {INFO_FILE} says {info['size_bytes']} (truncated?)")
-            if _sha256(path) != info["sha256"]:
+            if sha256_file(path) != info["sha256"]:
                 raise CheckpointError(f"{path}: SHA-256 does not match {INFO_FILE} (the file is damaged)")
         state = torch.load(path, map_location="cpu", weights_only=True)
     except CheckpointError:

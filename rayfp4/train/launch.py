@@ -27,7 +27,8 @@ from pathlib import Path
 
 import yaml
 
-from ..config import ConfigError, RunConfig, flatten, fingerprint_changes
+from ..config import ConfigError, RunConfig, fingerprint_changes, flatten
+from ..fileio import write_atomic
 from ..tracking import Tracker, comparison_table, plot_loss_curves, resolve_tracking_uri
 from ..tracking.compare import VariantResult, result_from_metrics
 
@@ -170,12 +171,6 @@ def _inside(out_dir: Path, path: Path) -> Path:
     return real
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def _check_resume(cfg: RunConfig, run_dir: Path, fingerprint: dict[str, str]) -> tuple[bool, list[str]]:
     """(resuming?, the accepted changes) for ``run_dir``; ConfigError when the directory holds a run
     with other settings (naming each difference), or the ``resume`` mode forbids what is there."""
@@ -228,8 +223,8 @@ def train_variant(cfg: RunConfig, label: str, run_dir: Path, data: PreparedData,
     resuming, changes = resume
     run_dir.mkdir(parents=True, exist_ok=True)
     clear_staging(run_dir)
-    _write_atomic(run_dir / "config.yaml", yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
-    _write_atomic(run_dir / FINGERPRINT, json.dumps({"fingerprint": fingerprint}, indent=1, sort_keys=True))
+    write_atomic(run_dir / "config.yaml", yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    write_atomic(run_dir / FINGERPRINT, json.dumps({"fingerprint": fingerprint}, indent=1, sort_keys=True))
     run_id = _mlflow_run(cfg, label, run_dir, tracker, parent_run_id, resuming)
     status, error = "FAILED", None
     try:
@@ -273,7 +268,7 @@ def _mlflow_run(cfg: RunConfig, label: str, run_dir: Path, tracker: Tracker, par
     run_id = tracker.start_run(label or cfg.name, parent_run_id=parent_run_id,
                                tags={"rayfp4.run_dir": str(run_dir), "rayfp4.variant": label})
     if run_id:
-        _write_atomic(id_file, run_id)
+        write_atomic(id_file, run_id)
         tracker.log_params(run_id, flatten(cfg.model_dump(mode="json", exclude={"variants"})))
         tracker.log_artifact(run_id, run_dir / "config.yaml")
     return run_id
@@ -283,7 +278,8 @@ def _fit(cfg: RunConfig, label: str, run_dir: Path, data: PreparedData, run_id: 
          fingerprint: dict) -> tuple[str, str | None]:
     """Run Ray Train; (status, error) of the training itself."""
     import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig as RayRunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, ScalingConfig
+    from ray.train import RunConfig as RayRunConfig
 
     from .loop import train_loop_per_worker
     from .progress import ProgressBoard, ProgressPrinter
@@ -389,7 +385,7 @@ def _run_variants(cfg, variants, root, run_dirs, resume, data, tracker, multi) -
         else:
             parent_id = tracker.start_run(cfg.name, tags={"rayfp4.run_dir": str(root)})
             if parent_id:
-                _write_atomic(id_file, parent_id)
+                write_atomic(id_file, parent_id)
                 tracker.log_params(parent_id, {"variants": ",".join(n for n, _ in variants),
                                                "baseline": cfg.baseline or variants[0][0]})
     results = []
@@ -406,7 +402,7 @@ def _run_variants(cfg, variants, root, run_dirs, resume, data, tracker, multi) -
     table = comparison_table(results, baseline if multi else None)
     if multi:
         try:
-            _write_atomic(root / "comparison.md", table + "\n")
+            write_atomic(root / "comparison.md", table + "\n")
             tracker.log_artifact(parent_id, root / "comparison.md")
             png = plot_loss_curves(results, root / "loss_curves.png", title=f"{cfg.name}: variants")
             if png is not None:

@@ -42,16 +42,8 @@ _STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS}
 def train_loop_per_worker(loop_config: dict) -> None:
     """One rank's training; OS errors of full or read-only storage become :class:`StorageError`
     (not retried), naming what was being written."""
-    try:
+    with storage_errors_are_fatal("writing the run's files", loop_config["run_dir"]):
         _train(loop_config)
-    except StorageError:
-        raise
-    except Exception as e:
-        err = _storage_error(e)
-        if err is None:
-            raise
-        raise StorageError(f"writing the run's files: {err.strerror or err} "
-                           f"({err.filename or loop_config['run_dir']})") from e
 
 
 def _train(loop_config: dict) -> None:
@@ -284,7 +276,7 @@ class Checkpointer:
         staging.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(prefix=f"checkpoint_{step:08d}-rank{self.rank}-", dir=staging) as d:
             checkpoint = None
-            try:
+            with storage_errors_are_fatal(f"writing the step-{step} checkpoint", self.run_dir):
                 if self.rank == 0:
                     save_state(d, {"model": model_sd, "optimizer": opt_sd, **progress.to_state(),
                                    "rng": {"torch": torch.get_rng_state()}}, self.fingerprint)
@@ -292,12 +284,6 @@ class Checkpointer:
                 self.hooks.on_checkpoint_staged(step, Path(d))
                 ray.train.report({k: v for k, v in metrics.items() if v is not None}, checkpoint=checkpoint,
                                  checkpoint_dir_name=f"checkpoint_{step:08d}")
-            except Exception as e:
-                err = _storage_error(e)
-                if err is None:
-                    raise
-                raise StorageError(f"writing the step-{step} checkpoint: {err.strerror or err} "
-                                   f"({err.filename or self.run_dir})") from e
 
 
 def _full_state_dicts(model, opt) -> tuple[dict, dict]:
@@ -349,12 +335,20 @@ def _all_mean(t: torch.Tensor, world: int) -> torch.Tensor:
     return t
 
 
-def _storage_error(exc: BaseException) -> OSError | None:
-    """The full-disk / read-only OSError in an exception's chain (Ray wraps some), if any."""
-    seen = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        if isinstance(exc, OSError) and exc.errno in _STORAGE_ERRNOS:
-            return exc
-        exc = exc.__cause__ or exc.__context__
-    return None
+@contextlib.contextmanager
+def storage_errors_are_fatal(what: str, where):
+    """A full or read-only disk (an OSError anywhere in the chain: Ray wraps some) raised inside
+    becomes :class:`StorageError` naming ``what`` was being written, so it is not retried."""
+    try:
+        yield
+    except StorageError:
+        raise
+    except Exception as e:
+        err = e
+        seen = set()
+        while err is not None and id(err) not in seen:
+            seen.add(id(err))
+            if isinstance(err, OSError) and err.errno in _STORAGE_ERRNOS:
+                raise StorageError(f"{what}: {err.strerror or err} ({err.filename or where})") from e
+            err = err.__cause__ or err.__context__
+        raise

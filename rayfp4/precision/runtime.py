@@ -1,7 +1,8 @@
 """Per-model mutable state of the recipe: the step, the run length, the seed and the rank.
 
 The training loop owns one :class:`PrecisionRuntime` per model (``apply_precision_policy``
-returns it) and calls :meth:`PrecisionRuntime.set_step` before each optimizer step. The quantized
+returns it) and calls :meth:`PrecisionRuntime.set_step` before each optimizer step and
+:meth:`PrecisionRuntime.set_micro_batch` before each micro-batch of it. The quantized
 linears read it to decide the late switch to BF16, to derive their stochastic-rounding streams
 and to know when to record telemetry.
 """
@@ -23,11 +24,19 @@ class PrecisionRuntime:
     rank: int = 0
     step: int = 0
     total_steps: int | None = None
+    micro_batch: int = 0
 
     def set_step(self, step: int, total_steps: int | None = None) -> None:
         self.step = int(step)
+        self.micro_batch = 0
         if total_steps is not None:
             self.total_steps = int(total_steps)
+
+    def set_micro_batch(self, index: int) -> None:
+        """The micro-batch of the step in progress (gradient accumulation): each gets its own
+        stochastic-rounding streams, so SR noise is independent across the micro-batches whose
+        gradients are summed."""
+        self.micro_batch = int(index)
 
     def _switched(self, scope: str) -> bool:
         ls = self.policy.late_switch
@@ -53,12 +62,15 @@ class PrecisionRuntime:
         return n > 0 and (self.step + 1) % n == 0
 
     def sr_seed(self, layer_index: int, stream: str) -> int:
-        """A 63-bit seed unique to (run seed, step, layer, data-parallel rank, stream).
+        """A 63-bit seed unique to (run seed, step, micro-batch, layer, data-parallel rank, stream).
 
         A hash, not a sum, so that neighbouring steps, layers and ranks never share or shift
-        random streams; reproducible across processes and restarts.
+        random streams; reproducible across processes and restarts. The first micro-batch of a step
+        keeps the key it had before micro-batches were part of it (runs without gradient
+        accumulation draw the same bits as before).
         """
-        key = f"{self.seed}/{self.step}/{layer_index}/{self.rank}/{stream}".encode()
+        mb = f"/mb{self.micro_batch}" if self.micro_batch else ""
+        key = f"{self.seed}/{self.step}/{layer_index}/{self.rank}/{stream}{mb}".encode()
         return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") >> 1
 
     def generator(self, layer_index: int, stream: str, device: torch.device) -> torch.Generator:

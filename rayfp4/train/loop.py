@@ -79,7 +79,7 @@ def _train(loop_config: dict) -> None:
             group["lr"] = lr
 
         loss, grad_norm = train_step(model, opt, batch.tokens.to(device), data, cfg, autocast,
-                                     lambda x: hooks.on_loss(step, x))
+                                     lambda x: hooks.on_loss(step, x), summary.runtime.set_micro_batch)
         progress.count(loss, grad_norm, cfg.train.max_nonfinite_in_a_row)
         step = progress.step
         last = step >= total
@@ -214,17 +214,16 @@ class Cadence:
 
 # -- one step, validation ----------------------------------------------------------------------
 
-def train_step(model, opt, tokens: torch.Tensor, data: TrainData, cfg: RunConfig, autocast, on_loss
-               ) -> tuple[float, float]:
+def train_step(model, opt, tokens: torch.Tensor, data: TrainData, cfg: RunConfig, autocast, on_loss,
+               on_micro_batch=lambda i: None) -> tuple[float, float]:
     """Forward and backward over the micro-batches (gradients synchronised on the last only), then
     clip and step; a step whose loss or gradient is not finite is not applied. Returns the loss
     averaged over ranks and the gradient norm before clipping."""
     world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
     loss_sum = torch.zeros((), device=tokens.device)
     for i, chunk in enumerate(tokens.split(data.micro)):
-        last = i == data.accum - 1
-        no_sync = model.no_sync() if (not last and hasattr(model, "no_sync")) else contextlib.nullcontext()
-        with no_sync, autocast():
+        on_micro_batch(i)
+        with _gradient_sync(model, i == data.accum - 1), autocast():
             loss = on_loss(model(chunk[:, :-1], chunk[:, 1:]))
         (loss / data.accum).backward()
         loss_sum += loss.detach().float()
@@ -307,6 +306,17 @@ def _set_full_state(model, opt, state: dict) -> None:
 
 
 # -- small helpers -----------------------------------------------------------------------------
+
+def _gradient_sync(model, on: bool):
+    """Reduce gradients across ranks only on a step's last micro-batch: DDP through ``no_sync()``,
+    FSDP2 through ``set_requires_gradient_sync`` (it would reduce-scatter on every backward)."""
+    if hasattr(model, "set_requires_gradient_sync"):  # an FSDP2 module
+        model.set_requires_gradient_sync(on)
+        return contextlib.nullcontext()
+    if not on and hasattr(model, "no_sync"):  # DDP
+        return model.no_sync()
+    return contextlib.nullcontext()
+
 
 def _autocast(cfg: RunConfig, device: torch.device):
     enabled = cfg.train.dtype == "bf16"

@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     except (Interrupted, KeyboardInterrupt) as e:
         signum = e.signum if isinstance(e, Interrupted) else signal.SIGINT
         print(f"\ninterrupted ({signal.Signals(signum).name}): runs marked KILLED", file=sys.stderr, flush=True)
-        return 128 + signum
+        return e.exit_code if isinstance(e, Interrupted) else 128 + signum
     finally:
         for s, h in previous.items():
             signal.signal(s, h)

@@ -72,15 +72,6 @@ def _e4m3_decode(byte):
 
 
 @triton.jit
-def _e2m1_mag(c):
-    """Magnitude of E2M1 code c (int32 0..7): 0, .5, 1, 1.5, 2, 3, 4, 6."""
-    e = c >> 1
-    m = c & 1
-    normal = (((e + 126) << 23) | (m << 22)).to(tl.float32, bitcast=True)  # 2^(e-1) * (1 + m/2)
-    return tl.where(e == 0, m.to(tl.float32) * 0.5, normal)
-
-
-@triton.jit
 def _dequant(c, sb):
     """e2m1(c) * s_b in FP32 for codes c (int32 0..15), the sign set on the bits: code 8 gives -0.0
     as in the reference (a select between -v and v lost the sign of zero when compiled)."""
@@ -96,7 +87,8 @@ def _dequant_m(m, c, sb):
 
 @triton.jit
 def _e2m1_mag_f(m):
-    """_e2m1_mag of an FP32 integer m in 0..7: 0.5 m + 0.5 max(m - 4, 0) + max(m - 6, 0), every
+    """Magnitude of the E2M1 code given as an FP32 integer m in 0..7 (0, .5, 1, 1.5, 2, 3, 4, 6):
+    0.5 m + 0.5 max(m - 4, 0) + max(m - 6, 0), every
     term and sum exact (0, .5, 1, 1.5, 2, 3, 4, 6), with FP32 operations instead of integer ones."""
     return (m * 0.5 + tl.maximum(m - 4.0, 0.0) * 0.5) + tl.maximum(m - 6.0, 0.0)
 
@@ -138,13 +130,6 @@ def _e2m1_rne_m(y):
 
 
 @triton.jit
-def _e2m1_rne(y):
-    """E2M1 code (int32) of FP32 y: the threshold count of ``e2m1.encode_rne``, plus the sign
-    (ties to even, -0.0 -> 0, a negative value that rounds to zero -> 8)."""
-    return _code(_e2m1_rne_m(y), y)
-
-
-@triton.jit
 def _e2m1_sr_m(y, r8):
     """Magnitude code (FP32 integer) of y, rounding up with probability (|y| - lo) / (hi - lo)
     decided by u = r8 / 256: the rule of ``e2m1.encode_stochastic`` (representable values never
@@ -165,12 +150,6 @@ def _e2m1_sr_m(y, r8):
     c = tl.minimum(tl.maximum(a, 1.0), 5.999999523162842)  # maxnum: NaN -> 1 here and on the GPU
     hi = ((c.to(tl.int32, bitcast=True) - rb - 1) >> 22) + (0x4B000000 - 253)
     return low + (hi.to(tl.float32, bitcast=True) - 8388608.0)
-
-
-@triton.jit
-def _e2m1_sr(y, r8):
-    """E2M1 code of y with stochastic rounding (see _e2m1_sr_m), plus the sign."""
-    return _code(_e2m1_sr_m(y, r8), y)
 
 
 @triton.jit

@@ -82,6 +82,11 @@ class ScalingSection(_Strict):
     use_gpu: bool = False
     cpus_per_worker: float = Field(0.5, gt=0, description="fractional on small machines, so Ray Data can read")
     strategy: Literal["ddp", "fsdp2"] = "ddp"
+    gpus_per_worker: float = Field(1.0, gt=0, description="GPUs each worker reserves with use_gpu; below 1, "
+                                   "several workers share a GPU (their process group then uses gloo)")
+    dist_backend: Literal["auto", "nccl", "gloo"] = Field(
+        "auto", description="torch.distributed backend: auto = nccl with whole GPUs, gloo on CPUs or when "
+        "workers share a GPU (NCCL refuses two ranks on one device)")
     rendezvous: Literal["auto", "loopback", "node"] = Field(
         "auto", description="where torch.distributed listens: auto = 127.0.0.1 when all workers share a node, "
         "else rank 0's node address; loopback = refuse several nodes; node = always the node address")
@@ -177,6 +182,11 @@ class RunConfig(_Strict):
             raise ValueError(f"data.seq_len={seq} exceeds data.corpus_seq_len={self.data.corpus_seq_len}")
         if seq > self.model.seq_len:
             raise ValueError(f"data.seq_len={seq} exceeds model.seq_len={self.model.seq_len}")
+        if self.scaling.dist_backend == "nccl" and not self.scaling.use_gpu:
+            raise ValueError("scaling.dist_backend=nccl needs scaling.use_gpu=true")
+        if self.scaling.dist_backend == "nccl" and self.scaling.gpus_per_worker < 1 and self.scaling.num_workers > 1:
+            raise ValueError(f"scaling.dist_backend=nccl with scaling.gpus_per_worker={self.scaling.gpus_per_worker}: "
+                             f"NCCL refuses two ranks on one GPU; use gloo (or auto)")
         keys = set(self.fingerprint())
         for change in self.resume_changes:
             if not any(_covers(change, k) for k in keys):
@@ -198,6 +208,14 @@ class RunConfig(_Strict):
         if data_identity is not None:
             out["data.identity"] = data_identity
         return out
+
+    @property
+    def dist_backend(self) -> str:
+        """The torch.distributed backend the workers use (``scaling.dist_backend`` resolved)."""
+        s = self.scaling
+        if s.dist_backend != "auto":
+            return s.dist_backend
+        return "nccl" if s.use_gpu and s.gpus_per_worker >= 1 else "gloo"
 
     @property
     def grad_accum(self) -> int:

@@ -222,3 +222,16 @@ def test_runs_whose_driver_died_are_marked_killed(tmp_path):
     t.reopen_run(orphan)  # resuming an orphan makes it this process's, RUNNING again
     assert c.get_run(orphan).info.status == "RUNNING"
     assert c.get_run(orphan).data.tags[PID_TAG] == str(os.getpid())
+
+
+def test_workers_sharing_a_gpu_use_gloo():
+    from rayfp4.config import ConfigError, load_config
+
+    cfg = lambda *o: load_config(TINY, ["scaling.use_gpu=true", *o])  # noqa: E731
+    assert cfg().dist_backend == "nccl"
+    assert cfg("scaling.gpus_per_worker=0.5").dist_backend == "gloo"  # NCCL refuses two ranks on one GPU
+    assert load_config(TINY).dist_backend == "gloo"
+    with pytest.raises(ConfigError, match="NCCL refuses two ranks on one GPU"):
+        cfg("scaling.gpus_per_worker=0.5", "scaling.dist_backend=nccl")
+    with pytest.raises(ConfigError, match="dist_backend=nccl needs scaling.use_gpu=true"):
+        load_config(TINY, ["scaling.dist_backend=nccl"])

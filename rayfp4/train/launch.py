@@ -291,10 +291,11 @@ def _fit(cfg: RunConfig, label: str, run_dir: Path, data: PreparedData, run_id: 
         train_loop_config={"config": cfg.model_dump(mode="json"), "run_dir": str(run_dir),
                            "shards": str(data.path), "mlflow_run_id": run_id, "board": board,
                            "fingerprint": fingerprint},
-        torch_config=RendezvousConfig(rendezvous=cfg.scaling.rendezvous),
+        torch_config=RendezvousConfig(backend=cfg.dist_backend, rendezvous=cfg.scaling.rendezvous),
         scaling_config=ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
                                      resources_per_worker={"CPU": cfg.scaling.cpus_per_worker,
-                                                           **({"GPU": 1} if cfg.scaling.use_gpu else {})}),
+                                                           **({"GPU": cfg.scaling.gpus_per_worker}
+                                                              if cfg.scaling.use_gpu else {})}),
         run_config=RayRunConfig(name=run_dir.name, storage_path=str(run_dir.parent),
                                 checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep),
                                 failure_config=FailureConfig(max_failures=cfg.checkpoint.max_failures)),

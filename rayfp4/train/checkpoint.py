@@ -32,12 +32,23 @@ def _torch_save(obj, path: Path) -> None:
         torch.save(obj, f)
 
 
-def save_state(directory: str | Path, state: dict, fingerprint: dict[str, str] | None = None) -> Path:
+def file_digests(directory: str | Path, subdir: str) -> dict[str, list]:
+    """``{"subdir/name": [size, sha256]}`` for the files under ``directory/subdir`` (what one rank
+    wrote of a sharded checkpoint; rank 0 records every rank's in ``state.json``)."""
+    root = Path(directory)
+    return {str(p.relative_to(root)): [p.stat().st_size, sha256_file(p)]
+            for p in sorted((root / subdir).rglob("*")) if p.is_file()}
+
+
+def save_state(directory: str | Path, state: dict, fingerprint: dict[str, str] | None = None,
+               files: dict[str, list] | None = None) -> Path:
+    """``state.pt`` and ``state.json`` in ``directory``; ``files`` are the other files of the
+    checkpoint (sharded model and optimizer state) with their sizes and SHA-256, verified on load."""
     d = Path(directory)
     final = d / STATE_FILE
     write_atomic(final, lambda tmp: _torch_save({"format_version": FORMAT_VERSION, **state}, tmp))
     info = {"format_version": FORMAT_VERSION, "step": state.get("step"), "size_bytes": final.stat().st_size,
-            "sha256": sha256_file(final), "fingerprint": fingerprint or {}}
+            "sha256": sha256_file(final), "fingerprint": fingerprint or {}, "files": files or {}}
     write_atomic(d / INFO_FILE, lambda tmp: tmp.write_text(json.dumps(info, indent=1, sort_keys=True)))
     return final
 
@@ -64,6 +75,12 @@ def load_state(directory: str | Path) -> dict:
                 raise CheckpointError(f"{path}: {size} bytes, {INFO_FILE} says {info['size_bytes']} (truncated?)")
             if sha256_file(path) != info["sha256"]:
                 raise CheckpointError(f"{path}: SHA-256 does not match {INFO_FILE} (the file is damaged)")
+            for name, (size, digest) in info.get("files", {}).items():
+                other = Path(directory) / name
+                if not other.is_file():
+                    raise CheckpointError(f"{other}: missing (listed in {INFO_FILE})")
+                if other.stat().st_size != size or sha256_file(other) != digest:
+                    raise CheckpointError(f"{other}: size or SHA-256 does not match {INFO_FILE} (the file is damaged)")
         state = torch.load(path, map_location="cpu", weights_only=True)
     except CheckpointError:
         raise

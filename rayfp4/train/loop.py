@@ -22,7 +22,7 @@ import torch.distributed as dist
 from ..config import RunConfig, fingerprint_changes
 from ..model import build_model
 from ..precision import apply_precision_policy, collect_telemetry
-from .checkpoint import load_latest, read_info, save_state
+from .checkpoint import file_digests, load_latest, read_info, save_state
 from .errors import NonFiniteTrainingError, RunMismatchError, StorageError
 from .hooks import build_hooks
 from .metrics import RankZeroLog, Throughput
@@ -167,10 +167,13 @@ def restore(model, opt, cfg: RunConfig, fingerprint: dict, notice) -> Progress:
         state, used = load_latest(d, notice)
         changes = fingerprint_changes(read_info(used).get("fingerprint") or fingerprint, fingerprint,
                                       cfg.resume_changes)
-    if changes:
-        raise RunMismatchError(f"checkpoint {used.name} was written by a run with other settings: "
-                               f"{'; '.join(changes)} (list intended changes in resume_changes)")
-    _set_full_state(model, opt, state)
+        if changes:
+            raise RunMismatchError(f"checkpoint {used.name} was written by a run with other settings: "
+                                   f"{'; '.join(changes)} (list intended changes in resume_changes)")
+        if "model" in state:
+            _set_full_state(model, opt, state)
+        else:  # sharded: each rank reads the parts it holds now, whatever the world size was
+            _load_shards(model, opt, Path(used) / SHARDS_DIR)
     torch.set_rng_state(state["rng"]["torch"])
     return Progress.from_state(state)
 
@@ -269,20 +272,55 @@ class Checkpointer:
         import ray.train  # Ray touch point: report metrics with a new checkpoint
         from ray.train import Checkpoint
 
-        model_sd, opt_sd = _full_state_dicts(model, opt)  # collective for FSDP: every rank calls it
         step = progress.step
         staging = self.run_dir / STAGING_DIR
         staging.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(prefix=f"checkpoint_{step:08d}-rank{self.rank}-", dir=staging) as d:
             checkpoint = None
             with storage_errors_are_fatal(f"writing the step-{step} checkpoint", self.run_dir):
+                state = {**progress.to_state(), "rng": {"torch": torch.get_rng_state()}}
+                files = None
+                if _sharded(model):
+                    # Each rank writes its own shards (torch.distributed.checkpoint); Ray Train
+                    # uploads every rank's folder into the one checkpoint folder. Nothing is
+                    # gathered on rank 0, and any number of workers can load it back.
+                    import torch.distributed.checkpoint as dcp
+                    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+                    model_sd, opt_sd = get_state_dict(model, opt)
+                    dcp.save({"model": model_sd, "optimizer": opt_sd}, checkpoint_id=str(Path(d) / SHARDS_DIR))
+                    parts = [None] * dist.get_world_size()
+                    dist.all_gather_object(parts, file_digests(d, SHARDS_DIR))
+                    files = {k: v for part in parts for k, v in part.items()}
+                else:
+                    model_sd, opt_sd = _full_state_dicts(model, opt)
+                    state.update(model=model_sd, optimizer=opt_sd)
                 if self.rank == 0:
-                    save_state(d, {"model": model_sd, "optimizer": opt_sd, **progress.to_state(),
-                                   "rng": {"torch": torch.get_rng_state()}}, self.fingerprint)
+                    save_state(d, state, self.fingerprint, files)
+                if self.rank == 0 or files is not None:
                     checkpoint = Checkpoint.from_directory(d)
                 self.hooks.on_checkpoint_staged(step, Path(d))
                 ray.train.report({k: v for k, v in metrics.items() if v is not None}, checkpoint=checkpoint,
                                  checkpoint_dir_name=f"checkpoint_{step:08d}")
+
+
+#: The folder of a checkpoint holding sharded model and optimizer state (FSDP2 on several workers).
+SHARDS_DIR = "shards"
+
+
+def _sharded(model) -> bool:
+    """FSDP2 on several ranks: its state is saved sharded, not gathered on rank 0."""
+    return hasattr(model, "set_requires_gradient_sync") and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _load_shards(model, opt, path: Path) -> None:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    model_sd, opt_sd = get_state_dict(model, opt)  # this run's layout: the templates DCP fills
+    sd = {"model": model_sd, "optimizer": opt_sd}
+    dcp.load(sd, checkpoint_id=str(path), no_dist=not (dist.is_initialized() and dist.get_world_size() > 1))
+    set_state_dict(model, opt, model_state_dict=sd["model"], optim_state_dict=sd["optimizer"])
 
 
 def _full_state_dicts(model, opt) -> tuple[dict, dict]:

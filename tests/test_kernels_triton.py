@@ -302,3 +302,21 @@ def test_linear_layer_on_the_triton_backend_equals_the_reference_backend(tokens,
         g = got[4][key]
         assert torch.equal(g.data, q.data) and torch.equal(g.scale.view(torch.uint8), q.scale.view(torch.uint8)), key
         assert torch.equal(g.amax, q.amax), key
+
+
+def test_mxfp4_layer_on_a_fast_backend_skips_a_non_finite_step_instead_of_raising(gen):
+    """The fast backends propagate NaN through NVFP4 scales, but quantize MXFP4 with the reference,
+    which raises: an MXFP4 layer must check its inputs like on the reference backend (NaN out, so
+    the loop skips the step) instead of crashing the run."""
+    from rayfp4.precision import PrecisionPolicy
+    from rayfp4.precision.linear import MXFP4Linear
+
+    layer = MXFP4Linear(64, 32, bias=False, policy=PrecisionPolicy(format="mxfp4"))
+    layer.backend = T.TritonBackend()
+    x = torch.randn(32, 64, generator=gen)
+    x[3, 5] = float("nan")
+    x.requires_grad_(True)
+    y = layer(x)
+    assert torch.isnan(y).all()
+    y.sum().backward()
+    assert torch.isnan(layer.weight.grad).all() and torch.isnan(x.grad).all()

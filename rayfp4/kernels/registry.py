@@ -26,8 +26,9 @@ class Backend(Protocol):
 
     name: str
 
-    #: True when NaN/Inf input yields NaN scales and outputs instead of an error (no host sync);
-    #: False when the quantizers raise on it, so that callers must check finiteness first.
+    #: True when NaN/Inf input to ``quantize_nvfp4`` yields NaN scales and outputs instead of an
+    #: error (no host sync); False when it raises, so that callers must check finiteness first.
+    #: ``quantize_mxfp4`` always raises (every backend quantizes MXFP4 with the reference).
     propagates_nonfinite: bool
 
     def unavailable_reason(self, device: torch.device) -> str | None:

@@ -145,13 +145,14 @@ def _pad_tokens(t: torch.Tensor, block: int) -> torch.Tensor:
     return F.pad(t, (0, 0, 0, pad)) if pad else t
 
 
-def _finite(backend, *tensors: torch.Tensor) -> bool:
-    """Whether every value is finite, asked only of backends that raise on non-finite input.
+def _finite(layer, *tensors: torch.Tensor) -> bool:
+    """Whether every value is finite, asked only where the quantizer raises on non-finite input.
 
-    Fast backends propagate NaN/Inf through their scales instead (NaN out), which needs no host
-    synchronisation; the reference raises, so its inputs are checked here first.
+    The fast NVFP4 quantizers propagate NaN/Inf through their scales instead (NaN out), which needs
+    no host synchronisation; the reference raises, and so does MXFP4 on every backend (the fast
+    backends quantize MXFP4 with the reference), so those inputs are checked here first.
     """
-    if backend.propagates_nonfinite:
+    if layer.format == "nvfp4" and layer.backend.propagates_nonfinite:
         return True
     return all(bool(torch.isfinite(t).all()) for t in tensors)
 
@@ -162,7 +163,7 @@ class _QuantizedLinearFn(torch.autograd.Function):
         pol, rt, be, roles = layer.policy, layer.runtime, layer.backend, layer.roles
         b = pol.block
         quantize_fwd, quantize_bwd = not rt.forward_bf16, not rt.backward_bf16
-        finite = _finite(be, x, weight)
+        finite = _finite(layer, x, weight)
         wq = None
         if not finite:
             y = torch.full((x.shape[0], weight.shape[0]), float("nan"), device=x.device)
@@ -208,7 +209,7 @@ class _QuantizedLinearFn(torch.autograd.Function):
         weight = s["weight"]
         dy = dy.contiguous()
         dx = dw = db = None
-        if not ctx.finite or not _finite(be, dy):
+        if not ctx.finite or not _finite(layer, dy):
             nan = float("nan")
             dx = torch.full((ctx.tokens, weight.shape[1]), nan, dtype=ctx.x_dtype, device=dy.device)
             dw = torch.full_like(weight, nan)

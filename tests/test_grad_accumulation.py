@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import socket
 
 import pytest
 import torch
@@ -44,15 +43,16 @@ def test_each_micro_batch_draws_its_own_stochastic_rounding_bits():
     assert rt.sr_seed(2, "dgrad") == int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") >> 1
 
 
-def _fsdp_worker(rank: int, world: int, port: int, out: dict) -> None:
+def _fsdp_worker(rank: int, world: int, store_file: str, out: dict) -> None:
     import torch.distributed as dist
     from torch.distributed.fsdp import fully_shard
 
     from rayfp4.model import ModelConfig, build_model
     from rayfp4.train.loop import _gradient_sync
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo")
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    os.environ["GLOO_SOCKET_IFNAME"] = "lo"
+    # A file store: no port to pick (and lose to another process) before the group starts.
+    dist.init_process_group("gloo", init_method=f"file://{store_file}", rank=rank, world_size=world)
     torch.manual_seed(0)
     cfg = ModelConfig(vocab_size=64, seq_len=16, n_layers=2, d_model=32, n_heads=2, n_kv_heads=1, d_ff=64)
     model = build_model(cfg)
@@ -71,21 +71,19 @@ def _fsdp_worker(rank: int, world: int, port: int, out: dict) -> None:
     if rank == 0:
         out["reduced_after"] = reduced_after
         out["grads"] = {n: g.clone() for n, g in grads.items()}
+    dist.barrier()  # neither rank tears the group down while the other still uses it
     dist.destroy_process_group()
 
 
 @pytest.mark.slow
-def test_fsdp2_reduces_gradients_only_on_the_last_micro_batch():
+def test_fsdp2_reduces_gradients_only_on_the_last_micro_batch(tmp_path):
     import torch.multiprocessing as mp
 
     from rayfp4.model import ModelConfig, build_model
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     manager = mp.get_context("spawn").Manager()
     out = manager.dict()
-    mp.start_processes(_fsdp_worker, args=(2, port, out), nprocs=2, start_method="spawn")
+    mp.start_processes(_fsdp_worker, args=(2, str(tmp_path / "store"), out), nprocs=2, start_method="spawn")
     # No reduce-scatter after the first micro-batch (no sharded gradient yet), one after the last.
     assert out["reduced_after"] == [False, True]
     # And the accumulated, reduced gradient is the full batch's: one process, all 8 sequences.

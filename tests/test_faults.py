@@ -48,12 +48,14 @@ def pause(where: str, step: int, rank: int = 0) -> str:
     return f"debug.hooks=[{{path: 'fault_hooks:PauseOnce', args: {{where: {where}, step: {step}, rank: {rank}}}}}]"
 
 
-def mlflow_runs(base: Path) -> dict:
+def mlflow_runs(base: Path, every: bool = False):
+    """The store's runs by name (``every``: the list of all of them, two of one name included)."""
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=f"sqlite:///{base}/mlruns.db")
     exp = client.get_experiment_by_name("rayfp4")
-    return {r.info.run_name: r for r in client.search_runs([exp.experiment_id])} if exp else {}
+    runs = client.search_runs([exp.experiment_id]) if exp else []
+    return runs if every else {r.info.run_name: r for r in runs}
 
 
 def wait_for(path: Path, timeout: float = 240, proc: subprocess.Popen | None = None) -> str:
@@ -223,18 +225,42 @@ def _driver(base: Path, name: str, *extra: str) -> subprocess.Popen:
                             stdout=out, stderr=subprocess.STDOUT, start_new_session=True, text=True)
 
 
+def _group(pgid: int) -> list[int]:
+    pids = []
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                stat = Path(f"/proc/{d}/stat").read_text()
+            except OSError:
+                continue
+            fields = stat.rsplit(")", 1)[1].split()
+            if int(fields[2]) == pgid and fields[0] != "Z":
+                pids.append(int(d))
+    return pids
+
+
 def _reap(proc: subprocess.Popen) -> None:
-    """Whatever the driver's own Ray left (it shares the driver's session) goes too."""
+    """Whatever the driver's own Ray left (it shares the driver's session) goes too, and is gone
+    when this returns: a Ray Train controller still alive for a moment may write its snapshot."""
     try:
         os.killpg(proc.pid, signal.SIGKILL)
     except ProcessLookupError:
         pass
     proc.wait()
+    deadline = time.monotonic() + 30
+    while _group(proc.pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("where,step", [("step", 6), ("checkpoint", 8)])
-def test_driver_sigkill_marks_the_run_killed_and_resumes_bit_exact(clean, tmp_path, where, step, capsys):
+@pytest.mark.parametrize("where,step,unrecorded", [("step", 6, False), ("step", 6, True), ("checkpoint", 8, False)])
+def test_driver_sigkill_marks_the_run_killed_and_resumes_bit_exact(clean, tmp_path, where, step, unrecorded, capsys):
+    """unrecorded: the driver died after the step-4 checkpoint was uploaded but before Ray Train
+    wrote its record of it (the snapshot follows the upload by a moment, so a kill at step 6 lands
+    there now and then by itself); the next start must still resume from that checkpoint, in the
+    same MLflow run."""
+    from rayfp4.train.launch import SNAPSHOT
+
     _, clean_dir, _ = clean
     run = tmp_path / "runs" / "d" / "train"
     proc = _driver(tmp_path, "d", pause(where, step))
@@ -245,12 +271,19 @@ def test_driver_sigkill_marks_the_run_killed_and_resumes_bit_exact(clean, tmp_pa
     finally:
         _reap(proc)
     assert mlflow_runs(tmp_path)["d"].info.status == "RUNNING"  # nobody could end it
+    if unrecorded:
+        (run / SNAPSHOT).unlink(missing_ok=True)
     # The next start in that store ends the orphan as KILLED, then this run resumes it.
     assert main(args_for(tmp_path, "d", pause(where, step))) == 0
     out = capsys.readouterr().out
     assert "marked 1 run(s) KILLED whose driver had died: d" in out
+    assert "resuming d:" in out, out
+    if unrecorded:
+        assert "resuming from checkpoint_00000004, found in the run directory" in out, out
     assert_same_run(run, clean_dir)
-    r = mlflow_runs(tmp_path)["d"]
+    runs = mlflow_runs(tmp_path, every=True)
+    assert [r.info.run_name for r in runs] == ["d"]  # the same MLflow run, not a second one
+    r = runs[0]
     assert r.info.status == "FINISHED" and "driver pid" in r.data.tags["rayfp4.orphaned"]
     assert ckpt_leftovers() == []
 

@@ -31,11 +31,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture
-def ray_head():
-    tmp = Path(tempfile.mkdtemp(prefix="rayfp4-head-"))
+def _start_head(tmp: Path, env: dict, attempt: int) -> tuple[subprocess.Popen, str, Path]:
     gcs, dash, agent, agent_grpc, env_agent, metrics, client = (_free_port() for _ in range(7))
-    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+    log = tmp / f"head{attempt}.log"
     head = subprocess.Popen(
         [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs}",
          f"--dashboard-port={dash}", "--dashboard-host=127.0.0.1", "--num-cpus=2", "--disable-usage-stats",
@@ -45,34 +43,60 @@ def ray_head():
          f"--runtime-env-agent-port={env_agent}", f"--metrics-export-port={metrics}",
          f"--ray-client-server-port={client}",
          f"--temp-dir={tmp}"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    address = f"http://127.0.0.1:{dash}"
+        env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+    return head, f"http://127.0.0.1:{dash}", log
+
+
+def _stop_head(head: subprocess.Popen) -> None:
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                urllib.request.urlopen(f"{address}/api/version", timeout=2)
+        os.killpg(head.pid, signal.SIGTERM)
+        head.wait(timeout=20)
+    except ProcessLookupError:  # it had already exited (and its group with it)
+        pass
+    except subprocess.TimeoutExpired:
+        os.killpg(head.pid, signal.SIGKILL)
+    head.wait()
+
+
+@pytest.fixture
+def ray_head():
+    """A head of its own; started again (fresh ports) when it exits while starting: the ports were
+    free when picked, but another process (the session's Ray workers) may take one before the head
+    binds it. Its output is in the failure message when it never comes up."""
+    tmp = Path(tempfile.mkdtemp(prefix="rayfp4-head-"))
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+    head = None
+    try:
+        for attempt in range(3):
+            head, address, log = _start_head(tmp, env, attempt)
+            deadline = time.monotonic() + 120
+            while head.poll() is None:
+                try:
+                    urllib.request.urlopen(f"{address}/api/version", timeout=2)
+                    break
+                except urllib.error.HTTPError:
+                    break  # the dashboard answers (it may ask for the auth token): it is up
+                except Exception:
+                    if time.monotonic() > deadline:
+                        pytest.fail(f"the Ray head did not come up in 120 s:\n{log.read_text()[-3000:]}")
+                    time.sleep(1)
+            if head.poll() is None:
                 break
-            except urllib.error.HTTPError:
-                break  # the dashboard answers (it may ask for the auth token): it is up
-            except Exception:
-                if head.poll() is not None or time.monotonic() > deadline:
-                    pytest.fail("the Ray head did not come up")
-                time.sleep(1)
+            _stop_head(head)
+            subprocess.run(["pkill", "-KILL", "-f", str(tmp)], check=False)
+        else:
+            pytest.fail(f"the Ray head exited while starting, 3 times; the last one said:\n{log.read_text()[-3000:]}")
         # The HTTP server answers before the job manager is ready: wait until listing jobs works.
         env = {**env, "RAY_AUTH_MODE": "token"}  # `ray start` wrote ~/.ray/auth_token (Ray 2.60)
         while subprocess.run([str(BIN / "ray"), "job", "list", "--address", address], env=env,
                              capture_output=True, timeout=60).returncode != 0:
             if time.monotonic() > deadline:
-                pytest.fail("the Ray head's job manager did not come up")
+                pytest.fail(f"the Ray head's job manager did not come up:\n{log.read_text()[-3000:]}")
             time.sleep(2)
         yield address, env
     finally:
-        os.killpg(head.pid, signal.SIGTERM)
-        try:
-            head.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(head.pid, signal.SIGKILL)
+        if head is not None:
+            _stop_head(head)
         subprocess.run(["pkill", "-KILL", "-f", str(tmp)], check=False)
 
 

@@ -40,9 +40,13 @@ def test_initialisation():
     assert abs(model.layers[0].attn.qkv.weight.std().item() - 0.02) < 0.002
     assert abs(model.layers[0].mlp.down.weight.std().item() - 0.02 / math.sqrt(16)) < 0.0005
     assert torch.equal(model.norm.weight, torch.ones(256))
-    # Loss at init is close to uniform over the vocabulary.
-    tokens = torch.randint(0, 512, (4, 33))
-    assert abs(model(tokens[:, :-1], tokens[:, 1:]).item() - math.log(512)) < 0.1
+    # Loss at init is close to uniform over the vocabulary: log(V) plus about half the logits'
+    # variance (0.02 * sqrt(d_model) = 0.32 std, so +0.05). Over 60 seeds and 16 sequences the
+    # excess was 0.059 +- 0.014 (min 0.030, max 0.094): the bounds are ten deviations away.
+    tokens = torch.randint(0, 512, (16, 33))
+    with torch.no_grad():
+        excess = model(tokens[:, :-1], tokens[:, 1:]).item() - math.log(512)
+    assert -0.1 < excess < 0.2
 
 
 @pytest.mark.parametrize("bad,match", [({"d_model": 66}, "not a multiple of n_heads"), ({"d_model": 36}, "must be even"),

@@ -92,7 +92,7 @@ def load_state(directory: str | Path) -> dict:
     return state
 
 
-def _step_of(directory: Path) -> int:
+def step_of(directory: Path) -> int:
     try:
         return int(directory.name.rsplit("_", 1)[1])
     except (IndexError, ValueError):
@@ -106,8 +106,8 @@ def load_latest(latest: str | Path, warn=None) -> tuple[dict, Path]:
     """
     latest = Path(latest)
     candidates = [latest] + sorted((p for p in latest.parent.glob("checkpoint_*")
-                                    if p.is_dir() and p != latest and _step_of(p) < _step_of(latest)),
-                                   key=_step_of, reverse=True)
+                                    if p.is_dir() and p != latest and step_of(p) < step_of(latest)),
+                                   key=step_of, reverse=True)
     problems = []
     for d in candidates:
         try:

@@ -174,7 +174,10 @@ def _inside(out_dir: Path, path: Path) -> Path:
 def _check_resume(cfg: RunConfig, run_dir: Path, fingerprint: dict[str, str]) -> tuple[bool, list[str]]:
     """(resuming?, the accepted changes) for ``run_dir``; ConfigError when the directory holds a run
     with other settings (naming each difference), or the ``resume`` mode forbids what is there."""
-    exists = (run_dir / SNAPSHOT).exists()
+    # A run was started there if Ray Train recorded a checkpoint, or if the settings were written
+    # (they are, before anything else): a driver killed before Ray Train wrote its record still
+    # left a run, and its MLflow run, to continue.
+    exists = (run_dir / SNAPSHOT).exists() or (run_dir / FINGERPRINT).exists()
     if exists and cfg.resume == "never":
         raise ConfigError(f"resume: run {run_dir} already exists and resume is 'never'; choose a new name "
                           f"(--set name=...) or resume: auto")

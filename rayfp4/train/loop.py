@@ -22,8 +22,8 @@ import torch.distributed as dist
 from ..config import RunConfig, fingerprint_changes
 from ..model import build_model
 from ..precision import apply_precision_policy, collect_telemetry
-from .checkpoint import file_digests, load_latest, read_info, save_state
-from .errors import NonFiniteTrainingError, RunMismatchError, StorageError
+from .checkpoint import file_digests, load_latest, read_info, save_state, step_of
+from .errors import CheckpointError, NonFiniteTrainingError, RunMismatchError, StorageError
 from .hooks import build_hooks
 from .metrics import RankZeroLog, Throughput
 from .schedule import lr_at
@@ -57,7 +57,7 @@ def _train(loop_config: dict) -> None:
 
     model, opt, summary = build(cfg, rank, world, device)
     log = _rank_zero_log(cfg, rank, run_dir, loop_config, summary)
-    progress = restore(model, opt, cfg, loop_config["fingerprint"], log.notice)
+    progress = restore(model, opt, cfg, loop_config["fingerprint"], log.notice, run_dir)
     data = TrainData(cfg, loop_config["shards"], rank, world, run_dir)
     hooks = build_hooks(cfg.debug, rank, run_dir)
     checkpointer = Checkpointer(run_dir, rank, loop_config["fingerprint"], hooks)
@@ -155,25 +155,44 @@ class Progress:
         return cls(state["step"], state["skipped_steps"], state["nonfinite_in_a_row"], state["stream"])
 
 
-def restore(model, opt, cfg: RunConfig, fingerprint: dict, notice) -> Progress:
+def restore(model, opt, cfg: RunConfig, fingerprint: dict, notice, run_dir: Path) -> Progress:
     """Load the checkpoint Ray Train hands over after a restart (or the newest older one that loads),
-    refusing one written with other settings; a fresh :class:`Progress` when there is none."""
+    refusing one written with other settings; a fresh :class:`Progress` when there is none.
+
+    When Ray Train hands over none but the run directory holds checkpoints, the driver died between
+    a checkpoint's upload and Ray Train's record of it (its snapshot is written a moment later):
+    the newest of them that loads is used, so that the steps before the kill are not trained again.
+    """
     import ray.train  # Ray touch point: the checkpoint of the previous attempt
 
     ckpt = ray.train.get_checkpoint()
     if ckpt is None:
-        return Progress()
+        on_disk = sorted((p for p in run_dir.glob("checkpoint_*") if p.is_dir()), key=step_of)
+        if not on_disk:
+            return Progress()
+        try:
+            state, used = load_latest(on_disk[-1], notice)
+        except CheckpointError as e:
+            notice(f"Ray Train recorded no checkpoint and none in {run_dir} loads ({e}); starting at step 0")
+            return Progress()
+        notice(f"Ray Train recorded no checkpoint (its driver died before writing the record); "
+               f"resuming from {used.name}, found in the run directory")
+        return _apply(model, opt, cfg, fingerprint, state, used)
     with ckpt.as_directory() as d:
         state, used = load_latest(d, notice)
-        changes = fingerprint_changes(read_info(used).get("fingerprint") or fingerprint, fingerprint,
-                                      cfg.resume_changes)
-        if changes:
-            raise RunMismatchError(f"checkpoint {used.name} was written by a run with other settings: "
-                                   f"{'; '.join(changes)} (list intended changes in resume_changes)")
-        if "model" in state:
-            _set_full_state(model, opt, state)
-        else:  # sharded: each rank reads the parts it holds now, whatever the world size was
-            _load_shards(model, opt, Path(used) / SHARDS_DIR)
+        return _apply(model, opt, cfg, fingerprint, state, used)
+
+
+def _apply(model, opt, cfg: RunConfig, fingerprint: dict, state: dict, used: Path) -> Progress:
+    changes = fingerprint_changes(read_info(used).get("fingerprint") or fingerprint, fingerprint,
+                                  cfg.resume_changes)
+    if changes:
+        raise RunMismatchError(f"checkpoint {used.name} was written by a run with other settings: "
+                               f"{'; '.join(changes)} (list intended changes in resume_changes)")
+    if "model" in state:
+        _set_full_state(model, opt, state)
+    else:  # sharded: each rank reads the parts it holds now, whatever the world size was
+        _load_shards(model, opt, Path(used) / SHARDS_DIR)
     torch.set_rng_state(state["rng"]["torch"])
     return Progress.from_state(state)
 

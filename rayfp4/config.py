@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, PositiveFloat, PrivateAttr, ValidationError, field_validator,
+                      model_validator)
 
 from .data.order import StreamConfig
 from .model import ModelConfig
@@ -75,13 +76,28 @@ class CheckpointSection(_Strict):
     every: int = Field(50, ge=0, description="checkpoint every N steps and at the end (0: only at the end)")
     keep: int = Field(2, gt=0, description="checkpoints kept on storage")
     max_failures: int = Field(2, ge=0, description="worker-group restarts from the latest checkpoint")
+    storage: str | None = Field(
+        None, description="where Ray Train keeps the checkpoints (its storage_path): a directory (on several "
+        "nodes, one they all mount) or a pyarrow filesystem URI (file:///..., s3://bucket/prefix, gs://..., "
+        "hdfs://...); a run's checkpoints go to <storage>/<name>/<variant>. None: in the run directory")
+
+    @field_validator("storage")
+    @classmethod
+    def _storage_is_a_path_or_uri(cls, v):
+        return check_storage_location(v)
 
 
 class ScalingSection(_Strict):
-    num_workers: int = Field(2, gt=0)
+    num_workers: int | tuple[int, int] = Field(
+        2, description="Ray Train workers; [min, max]: elastic, Ray Train (re)starts the group with as many "
+        "workers as the cluster holds, at least min (a group that loses a node continues smaller)")
     use_gpu: bool = False
     cpus_per_worker: float = Field(0.5, gt=0, description="fractional on small machines, so Ray Data can read")
     strategy: Literal["ddp", "fsdp2"] = "ddp"
+    fsdp_param_dtype: Literal["fp32", "bf16"] = Field(
+        "fp32", description="FSDP2's mixed precision: the dtype its high-precision parameters (norms, "
+        "embeddings, BF16 layers) are gathered and computed in; gradients are reduced in FP32 either way. "
+        "NVFP4 layers quantize their FP32 master weight regardless (see precision.fp4_weight_gather)")
     gpus_per_worker: float = Field(1.0, gt=0, description="GPUs each worker reserves with use_gpu; below 1, "
                                    "several workers share a GPU (their process group then uses gloo)")
     dist_backend: Literal["auto", "nccl", "gloo"] = Field(
@@ -90,12 +106,66 @@ class ScalingSection(_Strict):
     rendezvous: Literal["auto", "loopback", "node"] = Field(
         "auto", description="where torch.distributed listens: auto = 127.0.0.1 when all workers share a node, "
         "else rank 0's node address; loopback = refuse several nodes; node = always the node address")
+    resources_per_worker: dict[str, PositiveFloat] = Field(
+        default_factory=dict, description="custom Ray resources each worker also reserves (CPU and GPU have "
+        "their own fields), e.g. {trainer_slot: 1} with each node started with --resources "
+        "'{\"trainer_slot\": 1}' puts at most one worker on a node")
+    elastic_resize_interval_s: float = Field(
+        60.0, ge=0, description="elastic num_workers: how often a running group checks whether the cluster "
+        "now holds more workers; growing restarts the group from its latest checkpoint")
+
+    @field_validator("num_workers", mode="before")
+    @classmethod
+    def _count_or_range(cls, v):
+        def count(x):
+            return isinstance(x, int) and not isinstance(x, bool)
+
+        if not (count(v) or (isinstance(v, (list, tuple)) and len(v) == 2 and all(count(x) for x in v))):
+            raise ValueError(f"expected a number of workers or [min, max], got {v!r}")
+        n = (v,) if count(v) else tuple(v)
+        if min(n) < 1:
+            raise ValueError(f"{v!r}: a run needs at least 1 worker")
+        if len(n) == 2 and n[0] > n[1]:
+            raise ValueError(f"[min, max] = [{n[0]}, {n[1]}]: min is larger than max")
+        return v if count(v) else n
+
+    @field_validator("resources_per_worker")
+    @classmethod
+    def _custom_resources_only(cls, v):
+        for key, field in (("CPU", "cpus_per_worker"), ("GPU", "gpus_per_worker")):
+            if key in v:
+                raise ValueError(f"{key} has its own setting, scaling.{field}")
+        return v
+
+    @property
+    def min_workers(self) -> int:
+        return self.num_workers[0] if isinstance(self.num_workers, tuple) else self.num_workers
+
+    @property
+    def max_workers(self) -> int:
+        return self.num_workers[1] if isinstance(self.num_workers, tuple) else self.num_workers
+
+    @property
+    def elastic(self) -> bool:
+        return self.min_workers != self.max_workers
+
+    @property
+    def workers_text(self) -> str:
+        """``2``, or ``1-2`` for an elastic run."""
+        return f"{self.min_workers}-{self.max_workers}" if self.elastic else str(self.max_workers)
+
+    def world_sizes(self) -> range:
+        """Every number of workers the run may have."""
+        return range(self.min_workers, self.max_workers + 1)
 
 
 class TrackingSection(_Strict):
     enabled: bool = True
     uri: str = Field("sqlite:///mlruns.db", description="MLflow tracking URI (a local SQLite file by default)")
     experiment: str = "rayfp4"
+    system_metrics_every_s: float = Field(
+        10.0, ge=0, description="sample rank 0's node (CPU, memory, disk, network; GPUs with nvidia-ml-py) into "
+        "the run's system/ metrics every N seconds (MLflow's system metrics; needs psutil); 0: off")
 
 
 class HookSpec(_Strict):
@@ -111,6 +181,25 @@ class DebugSection(_Strict):
 
 
 _NAME_CHARS = re.compile(r"[A-Za-z0-9_.-]+")
+_URI_SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*):")
+
+
+def check_storage_location(value: str | None) -> str | None:
+    """``checkpoint.storage``: a filesystem path or a URI ``scheme://...`` (pyarrow resolves the
+    scheme; the driver checks it can be opened, rayfp4.train.launch.preflight)."""
+    if value is None:
+        return value
+    if not value.strip():
+        raise ValueError("must not be empty; leave it out to keep checkpoints in the run directory")
+    if value != value.strip():
+        raise ValueError(f"{value!r} has leading or trailing spaces")
+    scheme = _URI_SCHEME.match(value)
+    if scheme and len(scheme.group(1)) > 1 and not value.startswith(scheme.group(0) + "//"):
+        raise ValueError(f"{value!r} looks like a URI but lacks '//' after '{scheme.group(0)}' "
+                         f"(e.g. s3://bucket/prefix or file:///absolute/path)")
+    if value.startswith("file://") and not value.startswith("file:///"):
+        raise ValueError(f"{value!r}: a file URI needs an absolute path, file:///...")
+    return value
 
 
 def check_run_name(value: str | None) -> str | None:
@@ -156,6 +245,7 @@ class RunConfig(_Strict):
     debug: DebugSection = Field(default_factory=DebugSection)
     variants: list[Variant] = Field(default_factory=list)
     baseline: str | None = Field(None, description="the variant the others are compared with (default: the first)")
+    _source: str | None = PrivateAttr(None)
 
     @field_validator("name")
     @classmethod
@@ -169,14 +259,17 @@ class RunConfig(_Strict):
             raise ValueError(f"variants: names must be unique, got {names}")
         if self.baseline is not None and names and self.baseline not in names:
             raise ValueError(f"baseline: {self.baseline!r} is not one of the variants {names}")
-        w = self.scaling.num_workers
-        if self.data.global_batch_size % w:
-            raise ValueError(f"data.global_batch_size={self.data.global_batch_size} is not divisible by "
-                             f"scaling.num_workers={w}")
-        share = self.data.global_batch_size // w
-        mb = self.data.micro_batch_size or share
-        if share % mb:
-            raise ValueError(f"data.micro_batch_size={mb} does not divide each worker's share of the batch ({share})")
+        elastic = (f" (scaling.num_workers={list(self.scaling.num_workers)} may run with any number in between)"
+                   if self.scaling.elastic else "")
+        for w in self.scaling.world_sizes():  # with a fixed global batch, each rank takes an equal share
+            if self.data.global_batch_size % w:
+                raise ValueError(f"data.global_batch_size={self.data.global_batch_size} is not divisible by "
+                                 f"scaling.num_workers={w}{elastic}")
+            share = self.data.global_batch_size // w
+            mb = self.data.micro_batch_size or share
+            if share % mb:
+                raise ValueError(f"data.micro_batch_size={mb} does not divide each worker's share of the batch "
+                                 f"({share}){elastic}")
         seq = self.data.seq_len or self.data.corpus_seq_len
         if self.data.shards is None and seq > self.data.corpus_seq_len:
             raise ValueError(f"data.seq_len={seq} exceeds data.corpus_seq_len={self.data.corpus_seq_len}")
@@ -184,9 +277,15 @@ class RunConfig(_Strict):
             raise ValueError(f"data.seq_len={seq} exceeds model.seq_len={self.model.seq_len}")
         if self.scaling.dist_backend == "nccl" and not self.scaling.use_gpu:
             raise ValueError("scaling.dist_backend=nccl needs scaling.use_gpu=true")
-        if self.scaling.dist_backend == "nccl" and self.scaling.gpus_per_worker < 1 and self.scaling.num_workers > 1:
+        if self.scaling.dist_backend == "nccl" and self.scaling.gpus_per_worker < 1 and self.scaling.max_workers > 1:
             raise ValueError(f"scaling.dist_backend=nccl with scaling.gpus_per_worker={self.scaling.gpus_per_worker}: "
                              f"NCCL refuses two ranks on one GPU; use gloo (or auto)")
+        if self.scaling.fsdp_param_dtype != "fp32" and self.scaling.strategy != "fsdp2":
+            raise ValueError(f"scaling.fsdp_param_dtype={self.scaling.fsdp_param_dtype} applies to FSDP2 only; "
+                             f"set scaling.strategy: fsdp2 (DDP computes in train.dtype through autocast)")
+        if self.precision.fp4_weight_gather and self.scaling.strategy != "fsdp2":
+            raise ValueError("precision.fp4_weight_gather: only FSDP2 gathers weights; it needs "
+                             "scaling.strategy: fsdp2")
         keys = set(self.fingerprint())
         for change in self.resume_changes:
             if not any(_covers(change, k) for k in keys):
@@ -219,7 +318,11 @@ class RunConfig(_Strict):
 
     @property
     def grad_accum(self) -> int:
-        share = self.data.global_batch_size // self.scaling.num_workers
+        return self.grad_accum_for(self.scaling.max_workers)
+
+    def grad_accum_for(self, world_size: int) -> int:
+        """Micro-batches per step on each of ``world_size`` workers (elastic runs change it)."""
+        share = self.data.global_batch_size // world_size
         return share // (self.data.micro_batch_size or share)
 
     def variant_configs(self) -> list[tuple[str, "RunConfig"]]:
@@ -233,14 +336,36 @@ class RunConfig(_Strict):
             data = copy.deepcopy(base)
             for key, value in v.set.items():
                 _set_path(data, key, value, f"variants[{v.name}].set")
+            _leave_bf16_alone(data, v)
             out.append((v.name, _validate(data, f"variant {v.name}: ")))
         return out
+
+    @property
+    def source(self) -> str | None:
+        """The YAML file this config was loaded from (None when built otherwise): run names and tags."""
+        return self._source
+
+
+#: Precision settings that mean something only for the 4-bit formats (format=bf16 refuses them).
+#: Set for the whole run (the config's precision section or --set), they apply to its 4-bit
+#: variants and are left out of its bf16 variants; a bf16 variant's own ``set`` may not hold them.
+FOUR_BIT_ONLY = ("late_switch", "rht_wgrad", "stochastic_rounding_grads", "weight_2d_scaling")
+
+
+def _leave_bf16_alone(data: dict, variant: Variant) -> None:
+    precision = data.get("precision")
+    if not isinstance(precision, dict) or precision.get("format") != "bf16":
+        return
+    for key in FOUR_BIT_ONLY:
+        path = f"precision.{key}"
+        if not any(_covers(s, path) or _covers(path, s) for s in variant.set):
+            precision.pop(key, None)
 
 
 #: What defines a run (prefixes of flattened config keys), and the exceptions among them.
 DEFINING = ("model", "optim", "precision", "train.steps", "train.seed", "train.dtype", "data.seed",
             "data.global_batch_size", "data.seq_len", "data.val_sequences", "data.identity")
-NOT_DEFINING = ("precision.backend", "precision.telemetry_every")
+NOT_DEFINING = ("precision.backend", "precision.telemetry_every", "precision.fp4_weight_gather")
 
 
 def _covers(prefix: str, key: str) -> bool:
@@ -300,6 +425,7 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
     if cfg.name is None:
         stem = re.sub(r"[^A-Za-z0-9_.-]+", "-", Path(path).stem if path is not None else "run").lstrip(".") or "run"
         cfg = cfg.model_copy(update={"name": f"{stem}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"})
+    cfg._source = str(path) if path is not None else None
     # Variants must validate too, before anything starts.
     cfg.variant_configs()
     return cfg

@@ -43,3 +43,17 @@ class PauseOnce(TrainHook):
 
     def on_checkpoint_staged(self, step: int, directory: Path) -> None:
         self._pause(step, "checkpoint", directory)
+
+
+class PauseOnceOnNode(PauseOnce):
+    """:class:`PauseOnce` on whichever rank runs on a given node of a test cluster: the node whose
+    ``ray start`` had ``RAYFP4_TEST_NODE=<node>`` in its environment (its workers inherit it)."""
+
+    def __init__(self, where: str, step: int, node: str, seconds: float = 300.0):
+        super().__init__(where, step, rank=-1, seconds=seconds)
+        self.node = node
+
+    def _pause(self, step: int, where: str, staged: Path | None = None) -> None:
+        if os.environ.get("RAYFP4_TEST_NODE") == self.node:
+            self.pause_rank = self.rank
+            super()._pause(step, where, staged)

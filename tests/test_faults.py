@@ -49,13 +49,14 @@ def pause(where: str, step: int, rank: int = 0) -> str:
 
 
 def mlflow_runs(base: Path, every: bool = False):
-    """The store's runs by name (``every``: the list of all of them, two of one name included)."""
+    """The store's runs by name: a variant's by its variant, a parent's or a single run's by the run
+    name (``every``: the list of all of them, two of one name included)."""
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=f"sqlite:///{base}/mlruns.db")
     exp = client.get_experiment_by_name("rayfp4")
     runs = client.search_runs([exp.experiment_id]) if exp else []
-    return runs if every else {r.info.run_name: r for r in runs}
+    return runs if every else {r.data.tags.get("rayfp4.variant") or r.data.tags["rayfp4.name"]: r for r in runs}
 
 
 def wait_for(path: Path, timeout: float = 240, proc: subprocess.Popen | None = None) -> str:
@@ -282,7 +283,7 @@ def test_driver_sigkill_marks_the_run_killed_and_resumes_bit_exact(clean, tmp_pa
         assert "resuming from checkpoint_00000004, found in the run directory" in out, out
     assert_same_run(run, clean_dir)
     runs = mlflow_runs(tmp_path, every=True)
-    assert [r.info.run_name for r in runs] == ["d"]  # the same MLflow run, not a second one
+    assert [r.data.tags["rayfp4.name"] for r in runs] == ["d"]  # the same MLflow run, not a second one
     r = runs[0]
     assert r.info.status == "FINISHED" and "driver pid" in r.data.tags["rayfp4.orphaned"]
     assert ckpt_leftovers() == []

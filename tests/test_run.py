@@ -43,7 +43,7 @@ def test_default_config_end_to_end_with_mlflow(ray_session, tmp_path, capsys):
     # The driver ends with the variants' table: baseline first, the gap of NVFP4 against it.
     assert "final val loss" in out and "(baseline)" in out
     table = out[out.index("variant  status"):]
-    assert "bf16     FINISHED" in table and "nvfp4    FINISHED" in table and "%" in table
+    assert "fp32     FINISHED" in table and "nvfp4    FINISHED" in table and "%" in table
 
     from mlflow.tracking import MlflowClient
 
@@ -55,29 +55,54 @@ def test_default_config_end_to_end_with_mlflow(ray_session, tmp_path, capsys):
     assert len(parent) == 1 and len(children) == 2
     assert parent[0].info.status == "FINISHED" and all(c.info.status == "FINISHED" for c in children)
     assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parent[0].info.run_id}
-    by_name = {c.info.run_name: c for c in children}
-    nv = by_name["nvfp4"]
-    assert nv.data.params["precision.format"] == "nvfp4" and by_name["bf16"].data.params["precision.format"] == "bf16"
+    by_name = {c.data.tags["rayfp4.variant"]: c for c in children}
+    nv, fp = by_name["nvfp4"], by_name["fp32"]
+    # Names say what ran: variant, run, model size, steps (the default name starts with the config's stem).
+    assert re.fullmatch(r"nvfp4 · t · tiny · [\d.]+[KM] params · 8 steps", nv.info.run_name), nv.info.run_name
+    assert re.fullmatch(r"t · tiny · [\d.]+[KM] params · 8 steps", parent[0].info.run_name), parent[0].info.run_name
+    assert nv.data.tags["rayfp4.format"] == "nvfp4" and fp.data.tags["rayfp4.format"] == "bf16"
+    assert nv.data.tags["rayfp4.dtype"] == "fp32" and nv.data.tags["rayfp4.backend"] == "reference"
+    assert nv.data.tags["rayfp4.device"] == "2 x cpu" and nv.data.tags["rayfp4.name"] == "t"
+    assert nv.data.tags["rayfp4.config"] == TINY
+    # A child's params are its own: the variant and the experiment's baseline, not the parent's name.
+    assert nv.data.params["variant"] == "nvfp4" and nv.data.params["baseline"] == "fp32"
+    assert "name" not in nv.data.params
+    assert nv.data.params["precision.format"] == "nvfp4" and fp.data.params["precision.format"] == "bf16"
     assert nv.data.params["model.n_layers"] == "2" and nv.data.params["train.steps"] == "8"
-    for metric in ("train_loss", "val_loss", "lr", "grad_norm", "tokens_per_s", "skipped_steps"):
+    assert nv.data.params["perf.peak_tflops"] == "none" and "no published" in nv.data.params["perf.peak"]
+    for metric in ("train/loss", "val/loss", "train/lr", "train/grad_norm", "perf/tokens_per_s",
+                   "train/skipped_steps", "val/final_loss", "val/best_loss", "val/gap_vs_baseline_pct"):
         assert metric in nv.data.metrics, metric
+    # Final/best loss and the gap to the baseline are the child's own metrics (0 for the baseline).
+    m = read_metrics(tmp_path / "runs" / "t" / "nvfp4" / "metrics.jsonl")
+    assert nv.data.metrics["val/final_loss"] == pytest.approx(m[8]["val_loss"])
+    assert fp.data.metrics["val/gap_vs_baseline_pct"] == 0.0
+    assert not any(k.startswith(("nvfp4.", "fp32.")) for k in parent[0].data.metrics)
     # Quantization telemetry at its interval, per layer and operand, only for the NVFP4 run.
-    quant = [k for k in nv.data.metrics if k.startswith("quant.")]
+    quant = [k for k in nv.data.metrics if k.startswith("quant/")]
     # 2 blocks with the last kept in BF16: 4 quantized linears x 6 operands x 3 statistics.
-    assert "quant.layers.0.attn.qkv.fprop.x.saturated" in quant and len(quant) == 4 * 6 * 3
-    assert not any(k.startswith("quant.layers.1") for k in quant)
-    assert not any(k.startswith("quant.") for k in by_name["bf16"].data.metrics)
+    assert "quant/layers.0.attn.qkv/fprop.x/saturated" in quant and len(quant) == 4 * 6 * 3
+    assert not any(k.startswith("quant/layers.1") for k in quant)
+    assert not any(k.startswith("quant/") for k in fp.data.metrics)
     assert nv.data.params["precision.summary.quantized_layers"] == "4"
     assert nv.data.params["precision.summary.bf16_layer_names"].startswith("layers.1.attn.qkv")
-    hist = client.get_metric_history(nv.info.run_id, "train_loss")
+    hist = client.get_metric_history(nv.info.run_id, "train/loss")
     assert sorted(m.step for m in hist) == [2, 4, 6, 8]
-    val = client.get_metric_history(nv.info.run_id, "val_loss")
+    val = client.get_metric_history(nv.info.run_id, "val/loss")
     assert [m.step for m in sorted(val, key=lambda m: m.step)] == [4, 8]
     arts = {a.path for a in client.list_artifacts(nv.info.run_id)}
     assert {"config.yaml", "loss_curve.png"} <= arts
+    # The shards are the run's input; the final checkpoint its logged model (a pointer, not weights).
+    (ds,) = client.get_run(nv.info.run_id).inputs.dataset_inputs
+    assert json.loads(ds.dataset.profile)["train_tokens"] > 0 and ds.dataset.source.endswith('manifest.json"}')
+    (model,) = client.search_logged_models([exp.experiment_id], filter_string=f"source_run_id = '{nv.info.run_id}'")
+    assert model.params["step"] == "8" and model.status == "READY"
+    model_files = {a.path for a in client.list_logged_model_artifacts(model.model_id)}
+    assert model_files == {"state.json", "config.yaml", "checkpoint.json"}
     parent_arts = {a.path for a in client.list_artifacts(parent[0].info.run_id)}
-    assert {"comparison.md", "loss_curves.png"} <= parent_arts
-    assert "nvfp4.gap_vs_bf16_pct" in parent[0].data.metrics
+    assert {"comparison.md", "comparison.json", "loss_curves.png"} <= parent_arts
+    note = parent[0].data.tags["mlflow.note.content"]
+    assert "| variant | status | steps |" in note and "vs fp32" in note
     # Checkpoints load with weights_only=True and hold the whole training state.
     import torch
 
@@ -110,6 +135,13 @@ def test_killed_run_resumes_where_it_stopped(ray_session, tmp_path):
     # and after resuming from the step-4 checkpoint).
     raw = [json.loads(l)["step"] for l in (tmp_path / "runs" / "crash" / "train" / "metrics.jsonl").read_text().splitlines()]
     assert raw.count(5) == 2 and raw.count(7) == 1
+    # MLflow got each step once: the resumed attempt did not log the replayed steps again.
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlruns.db")
+    exp = client.get_experiment_by_name("rayfp4").experiment_id
+    (run,) = client.search_runs([exp], "tags.`rayfp4.name` = 'crash'")
+    assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "train/loss")) == list(range(1, 11))
     # The sample ledger: exactly the sequences of the uninterrupted run, step by step.
     a = read_ledger(tmp_path / "runs" / "clean" / "train" / "ledger")
     b = read_ledger(tmp_path / "runs" / "crash" / "train" / "ledger")
@@ -169,8 +201,8 @@ def test_non_finite_steps_in_a_row_stop_the_run_as_failed(ray_session, tmp_path,
         (["--set", "optim.learning_rate=0.1"], "optim.learning_rate: unknown key"),
         (["--set", "precision.late_switch.at_fraction=1.5"], "precision.late_switch: at_fraction must be in (0, 1]"),
         (["--set", "scaling.num_workers=3"], "global_batch_size=16 is not divisible by scaling.num_workers=3"),
-        (["--set", "variants=[{name: bf16, set: {precision.format: fp8}}]"], "variant bf16: precision.format: Input should be"),
-        (["--set", "baseline=fp8"], "baseline: 'fp8' is not one of the variants ['bf16', 'nvfp4']"),
+        (["--set", "variants=[{name: fp32, set: {precision.format: fp8}}]"], "variant fp32: precision.format: Input should be"),
+        (["--set", "baseline=fp8"], "baseline: 'fp8' is not one of the variants ['fp32', 'nvfp4']"),
         (["--set", "data.shards=/nonexistent/shards", "--check"], "/nonexistent/shards"),
         (["--set", "optim"], "expected key.path=value"),
     ],

@@ -61,6 +61,10 @@ class Tokenizer:
         """Write this tokenizer into ``directory``; returns the file name written."""
         raise NotImplementedError
 
+    def to_hf_json(self) -> str:
+        """The tokenizer as a Hugging Face ``tokenizer.json`` (same ids, same text), for exports."""
+        raise NotImplementedError
+
     def describe(self) -> dict:
         """Plain data for the shard manifest."""
         return {"kind": self.kind, "vocab_size": self.vocab_size, "eot_id": self.eot_id,
@@ -79,6 +83,18 @@ class ByteTokenizer(Tokenizer):
     def decode(self, ids: Iterable[int]) -> str:
         arr = np.asarray(list(ids) if not isinstance(ids, np.ndarray) else ids, dtype=np.int64)
         return arr[arr < 256].astype(np.uint8).tobytes().decode("utf-8", errors="replace")
+
+    def to_hf_json(self) -> str:
+        # A byte-level BPE with no merges: ByteLevel maps each byte to one printable character
+        # (byte_level_chars) and the vocabulary maps that character back to the byte's value.
+        from tokenizers import AddedToken, Tokenizer as _Tok, decoders, models, pre_tokenizers
+
+        vocab = {ch: b for b, ch in enumerate(byte_level_chars())}
+        tok = _Tok(models.BPE(vocab=vocab, merges=[]))
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+        tok.decoder = decoders.ByteLevel()
+        tok.add_special_tokens([AddedToken(self.eot_token, special=True, normalized=False)])
+        return tok.to_str()
 
     def save(self, directory: Path) -> str:
         (Path(directory) / BYTE_TOKENIZER_FILE).write_text(json.dumps(
@@ -111,6 +127,9 @@ class HFTokenizer(Tokenizer):
         self._tok.save(str(Path(directory) / HF_TOKENIZER_FILE))
         return HF_TOKENIZER_FILE
 
+    def to_hf_json(self) -> str:
+        return self._tok.to_str()
+
     def __getstate__(self):  # ship to Ray tasks as JSON text
         return {"json": self._tok.to_str(), "kind": self.kind, "eot_token": self.eot_token}
 
@@ -118,6 +137,21 @@ class HFTokenizer(Tokenizer):
         from tokenizers import Tokenizer as _Tok
 
         self.__init__(_Tok.from_str(state["json"]), state["kind"], state["eot_token"], "<pickled>")
+
+
+def byte_level_chars() -> list[str]:
+    """The printable character that byte-level BPE (GPT-2's scheme, the ``tokenizers`` ByteLevel
+    pre-tokenizer) uses for each byte 0..255: the byte itself where that is a visible Latin-1
+    character, else the next unused code point from 256 up, in byte order."""
+    visible = set(range(ord("!"), ord("~") + 1)) | set(range(0xA1, 0xAC + 1)) | set(range(0xAE, 0xFF + 1))
+    out, spare = [], 256
+    for b in range(256):
+        if b in visible:
+            out.append(chr(b))
+        else:
+            out.append(chr(spare))
+            spare += 1
+    return out
 
 
 def load_tokenizer_file(path: str | Path, eot_token: str | None = None) -> HFTokenizer:

@@ -5,6 +5,7 @@ RMSNorm (pre-norm), rotary position embeddings, grouped-query causal attention t
 plain ``nn.Linear``; ``rayfp4.precision.apply_precision_policy`` converts them afterwards. The
 LM head is marked ``rayfp4_high_precision`` so it is never quantized; embeddings, norms, the
 softmax and attention's own matmuls (QK^T, PV) are not linears and stay in high precision.
+Generation passes a :class:`KVCache`: the prompt once, then one token per forward.
 
 Initialisation: normal(0, init_std) for embeddings and projections, with the projections that
 write into the residual stream (attention output, MLP down) scaled by 1/sqrt(2 * n_layers) so
@@ -107,7 +108,7 @@ class Attention(nn.Module):
         self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
         self.proj.rayfp4_residual = True
 
-    def forward(self, x, cos, sin):
+    def forward(self, x, cos, sin, cache: "KVCache | None" = None, layer: int = 0):
         b, t, _ = x.shape
         q, k, v = self.qkv(x).split(
             [self.n_heads * self.head_dim, self.kv_heads * self.head_dim, self.kv_heads * self.head_dim], dim=-1)
@@ -115,10 +116,18 @@ class Attention(nn.Module):
         k = k.view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
         v = v.view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        past = 0
+        if cache is not None:  # decoding: attend to the cached positions too
+            past = cache.length
+            k, v = cache.append(layer, k, v)
         if self.kv_heads != self.n_heads:
             rep = self.n_heads // self.kv_heads
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        if past == 0:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:  # query i sits at position past + i and sees keys 0 .. past + i
+            mask = torch.ones(t, past + t, dtype=torch.bool, device=x.device).tril(past)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.proj(y.transpose(1, 2).reshape(b, t, -1))
 
 
@@ -142,8 +151,8 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.mlp = SwiGLU(cfg)
 
-    def forward(self, x, cos, sin):
-        x = x + self.attn(self.attn_norm(x), cos, sin)
+    def forward(self, x, cos, sin, cache: "KVCache | None" = None, layer: int = 0):
+        x = x + self.attn(self.attn_norm(x), cos, sin, cache, layer)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -174,19 +183,50 @@ class Transformer(nn.Module):
             elif isinstance(m, RMSNorm):
                 nn.init.ones_(m.weight)
 
-    def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None):
-        """Logits [B, T, V] for tokens [B, T]; with ``targets`` [B, T], the mean cross-entropy."""
+    def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None, cache: "KVCache | None" = None):
+        """Logits [B, T, V] for tokens [B, T]; with ``targets`` [B, T], the mean cross-entropy.
+        With a ``cache`` the tokens continue the positions it holds, and their keys and values
+        are added to it (generation: the prompt once, then one token at a time)."""
         b, t = tokens.shape
-        if t > self.config.seq_len:
-            raise ValueError(f"sequence length {t} exceeds the model's seq_len={self.config.seq_len}")
+        start = cache.length if cache is not None else 0
+        if start + t > self.config.seq_len:
+            raise ValueError(f"sequence length {start + t} exceeds the model's seq_len={self.config.seq_len}")
         x = self.embed(tokens)
-        cos, sin = self.rope_cos[:t], self.rope_sin[:t]
-        for block in self.layers:
-            x = block(x, cos, sin)
+        cos, sin = self.rope_cos[start:start + t], self.rope_sin[start:start + t]
+        for i, block in enumerate(self.layers):
+            x = block(x, cos, sin, cache, i)
+        if cache is not None:
+            cache.length += t
         logits = self.lm_head(self.norm(x))
         if targets is None:
             return logits
         return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+
+
+class KVCache:
+    """The rotated keys and the values of the positions decoded so far, per layer, so that each new
+    token costs one position's work instead of recomputing the whole prefix. Tensors are
+    [B, kv_heads, max_len, head_dim], allocated on first use in the dtype the layer produces
+    (BF16 under autocast); ``length`` positions are filled, the model advances it."""
+
+    def __init__(self, n_layers: int, max_len: int):
+        self.max_len = max_len
+        self.length = 0
+        self.k: list[torch.Tensor | None] = [None] * n_layers
+        self.v: list[torch.Tensor | None] = [None] * n_layers
+
+    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store ``k``, ``v`` [B, kv_heads, t, head_dim] after the cached positions; all of them."""
+        end = self.length + k.shape[2]
+        if end > self.max_len:
+            raise ValueError(f"KV cache of {self.max_len} positions cannot take {end}")
+        if self.k[layer] is None:
+            shape = (k.shape[0], k.shape[1], self.max_len, k.shape[3])
+            self.k[layer] = k.new_zeros(shape)
+            self.v[layer] = v.new_zeros(shape)
+        self.k[layer][:, :, self.length:end] = k
+        self.v[layer][:, :, self.length:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
 
 def build_model(cfg: ModelConfig | dict, device=None) -> Transformer:

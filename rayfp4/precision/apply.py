@@ -38,6 +38,8 @@ class PrecisionSummary:
     runtime: PrecisionRuntime
     layers: list[LayerDecision] = field(default_factory=list)
     backend: str = "none"
+    #: How FSDP2 gathers the quantized layers' weights (set by the training loop; "" without FSDP2).
+    weight_gather: str = ""
 
     @property
     def quantized(self) -> list[str]:
@@ -61,6 +63,7 @@ class PrecisionSummary:
             "precision.summary.bf16_layers": str(len(self.high_precision)),
             "precision.summary.quantized_weight_fraction": f"{self.quantized_fraction():.4f}",
             "precision.summary.bf16_layer_names": ",".join(self.high_precision)[:6000],
+            **({"precision.summary.weight_gather": self.weight_gather} if self.weight_gather else {}),
         }
 
     def table(self) -> str:

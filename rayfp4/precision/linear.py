@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..kernels import resolve
+from .fsdp import gathered_quantized
 from .policy import PolicyError, PrecisionPolicy
 from .runtime import PrecisionRuntime
 from .telemetry import operand_stats
@@ -163,7 +164,10 @@ class _QuantizedLinearFn(torch.autograd.Function):
         pol, rt, be, roles = layer.policy, layer.runtime, layer.backend, layer.roles
         b = pol.block
         quantize_fwd, quantize_bwd = not rt.forward_bf16, not rt.backward_bf16
-        finite = _finite(layer, x, weight)
+        # Under FSDP2 with the 4-bit weight gather, the weight arrives quantized (its amax says
+        # whether it is finite); Fprop and Dgrad use those codes, which equal quantizing it here.
+        gathered = gathered_quantized(weight)
+        finite = _finite(layer, x, weight if gathered is None else gathered.amax)
         wq = None
         if not finite:
             y = torch.full((x.shape[0], weight.shape[0]), float("nan"), device=x.device)
@@ -173,9 +177,9 @@ class _QuantizedLinearFn(torch.autograd.Function):
             xt_src = _pad_tokens(x, b).t() if quantize_bwd else None
             am_x, am_xt = layer.amaxes(xt_src, roles.wgrad_x) if quantize_bwd else (None, None)
             xq = layer.quantize(x, roles.fprop_x, amax=am_x)
-            wq = layer.quantize(weight, roles.fprop_w)
+            wq = layer.quantize(weight, roles.fprop_w) if gathered is None else gathered
             layer.record(roles.fprop_x, x, xq)
-            layer.record(roles.fprop_w, weight, wq)
+            layer.record(roles.fprop_w, weight if gathered is None else None, wq)
             # Without a bias the GEMM rounds straight to the output dtype (one rounding either way).
             y = be.gemm(xq, wq, torch.float32 if bias is not None else x.dtype)
         else:
@@ -222,7 +226,7 @@ class _QuantizedLinearFn(torch.autograd.Function):
                 am_dy, am_dyt = layer.amaxes(dyt_src, roles.wgrad_dy)  # both operands of dy from one read
             if ctx.needs_input_grad[0]:
                 dyq = layer.quantize(dy, roles.dgrad_dy, amax=am_dy)
-                wt_src = weight.t()
+                wt_src = weight.t() if gathered_quantized(weight) is None else None  # None: gathered in 4 bits
                 wt = s["wq_t"] if pol.weight_2d_scaling else layer.quantize(wt_src, roles.dgrad_w)
                 layer.record(roles.dgrad_dy, dy, dyq)
                 layer.record(roles.dgrad_w, wt_src, wt)
@@ -304,10 +308,12 @@ class QuantizedLinear(nn.Linear):
             return None, None
         return self.backend.amaxes(xt, role.rht)
 
-    def record(self, role: OperandRole, src: torch.Tensor, q) -> None:
+    def record(self, role: OperandRole, src: torch.Tensor | None, q) -> None:
+        """``src`` None: the operand arrived quantized (a weight gathered in 4 bits), so there is no
+        high-precision source to measure telemetry against."""
         if self.capture is not None:
             self.capture[role.name] = q
-        if self.runtime.telemetry_due:
+        if self.runtime.telemetry_due and src is not None:
             self.telemetry[role.name] = operand_stats(src, q)
 
     def _apply(self, fn, *args, **kwargs):

@@ -73,6 +73,10 @@ class PrecisionPolicy(BaseModel):
     backend: Literal["auto", "reference", "triton", "cutlass"] = "auto"
     mxfp4_scale_rule: Literal["ceil", "floor"] = "ceil"
     telemetry_every: int = Field(0, ge=0, description="quantization telemetry every N steps (0: off)")
+    fp4_weight_gather: bool | None = Field(
+        None, description="under FSDP2, all-gather the NVFP4 layers' weights as 4-bit codes and scales "
+                          "quantized on the shards (default: on; it applies to nvfp4 layers, the others "
+                          "gather FP32, and the policy summary says which and why)")
     block_pattern: str = Field(r"(?:^|\.)layers\.(\d+)\.", description="regex whose group 1 is the block index")
 
     @field_validator("block_pattern")

@@ -6,8 +6,8 @@ server cannot be reached it says so once and turns itself off. The default URI i
 file, so ``mlflow ui --backend-store-uri sqlite:///mlruns.db`` shows the runs.
 """
 
-from .compare import VariantResult, comparison_table, plot_loss_curves, read_metrics
+from .compare import EvalResult, VariantResult, comparison_table, eval_table, plot_loss_curves, read_metrics
 from .tracker import Tracker, resolve_tracking_uri
 
-__all__ = ["Tracker", "VariantResult", "comparison_table", "plot_loss_curves", "read_metrics",
-           "resolve_tracking_uri"]
+__all__ = ["EvalResult", "Tracker", "VariantResult", "comparison_table", "eval_table", "plot_loss_curves",
+           "read_metrics", "resolve_tracking_uri"]

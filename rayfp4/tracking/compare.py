@@ -53,13 +53,17 @@ def _fmt(v: float | None) -> str:
 
 def comparison_table(results: list[VariantResult], baseline: str | None) -> str:
     """Final and best validation loss per variant, with the relative gap to the baseline (if any)."""
+    return _render(_comparison_rows(results, baseline))
+
+
+def _comparison_rows(results: list[VariantResult], baseline: str | None) -> list[tuple[str, ...]]:
     base = next((r for r in results if r.name == baseline), None)
     rows = [("variant", "status", "steps", "final val loss", "best val loss", f"gap vs {baseline}")]
     if baseline is None:
         rows = [("run", *rows[0][1:-1])]
         for r in results:
             rows.append((r.name, r.status, str(r.steps), _fmt(r.final_val_loss), _fmt(r.best_val_loss)))
-        return _render(rows)
+        return rows
     for r in results:
         gap = "-"
         if r.name == baseline:
@@ -67,6 +71,49 @@ def comparison_table(results: list[VariantResult], baseline: str | None) -> str:
         elif base and base.final_val_loss and r.final_val_loss is not None:
             gap = f"{100 * (r.final_val_loss - base.final_val_loss) / base.final_val_loss:+.2f}%"
         rows.append((r.name, r.status, str(r.steps), _fmt(r.final_val_loss), _fmt(r.best_val_loss), gap))
+    return rows
+
+
+@dataclass
+class EvalResult:
+    """One variant's checkpoint scored on one data set in one precision (``python -m rayfp4.eval``)."""
+
+    variant: str
+    step: int
+    dataset: str
+    precision: str        # "bf16" or "trained": what gaps compare across variants
+    label: str            # how the table shows the precision, e.g. "trained (nvfp4)"
+    loss: float           # mean cross-entropy per predicted token, nats
+    tokens: int           # predicted tokens
+    bytes: int            # UTF-8 bytes of the text those tokens spell
+
+    @property
+    def perplexity(self) -> float:
+        return math.exp(self.loss) if self.loss < 700 else math.inf
+
+    @property
+    def bits_per_byte(self) -> float | None:
+        return self.loss * self.tokens / math.log(2) / self.bytes if self.bytes else None
+
+
+def eval_table(results: list[EvalResult], baseline: str | None) -> str:
+    """Loss, perplexity and bits per byte per data set, variant and precision; with a baseline,
+    each loss's relative gap to the baseline's on the same data in the same precision."""
+    base = {(r.dataset, r.precision): r for r in results if r.variant == baseline}
+    head = ("dataset", "variant", "step", "precision", "tokens", "loss", "perplexity", "bits/byte")
+    rows = [head + ((f"gap vs {baseline}",) if baseline else ())]
+    for r in results:
+        row = (r.dataset, r.variant, str(r.step), r.label, f"{r.tokens:,}", _fmt(r.loss),
+               f"{r.perplexity:.2f}", _fmt(r.bits_per_byte))
+        if baseline:
+            b = base.get((r.dataset, r.precision))
+            gap = "-"
+            if r.variant == baseline:
+                gap = "(baseline)"
+            elif b is not None and b.loss:
+                gap = f"{100 * (r.loss - b.loss) / b.loss:+.2f}%"
+            row += (gap,)
+        rows.append(row)
     return _render(rows)
 
 
@@ -74,6 +121,59 @@ def _render(rows: list[tuple[str, ...]]) -> str:
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def gap_pct(result: VariantResult, base: VariantResult | None) -> float | None:
+    """Relative gap of ``result``'s final validation loss to ``base``'s, in percent (0 for the baseline)."""
+    if base is None or not base.final_val_loss or result.final_val_loss is None:
+        return None
+    return 100 * (result.final_val_loss - base.final_val_loss) / base.final_val_loss
+
+
+def comparison_columns(results: list[VariantResult], baseline: str | None) -> dict[str, list]:
+    """The comparison as columns (for ``mlflow.log_table``): numbers stay numbers, missing ones None."""
+    base = next((r for r in results if r.name == baseline), None)
+    cols: dict[str, list] = {"variant": [], "status": [], "steps": [], "final_val_loss": [], "best_val_loss": []}
+    if baseline is not None:
+        cols[f"gap_vs_{baseline}_pct"] = []
+    for r in results:
+        cols["variant"].append(r.name)
+        cols["status"].append(r.status)
+        cols["steps"].append(r.steps)
+        cols["final_val_loss"].append(r.final_val_loss)
+        cols["best_val_loss"].append(r.best_val_loss)
+        if baseline is not None:
+            cols[f"gap_vs_{baseline}_pct"].append(gap_pct(r, base))
+    return cols
+
+
+def comparison_markdown(results: list[VariantResult], baseline: str | None) -> str:
+    """The comparison as a Markdown pipe table (what MLflow's UI renders as a table; the terminal's
+    fixed-width text would collapse into one paragraph there)."""
+    rows = _comparison_rows(results, baseline)
+    out = ["| " + " | ".join(rows[0]) + " |", "|" + "|".join(["---"] * len(rows[0])) + "|"]
+    out += ["| " + " | ".join(row) + " |" for row in rows[1:]]
+    return "\n".join(out)
+
+
+def comparison_summary(results: list[VariantResult], baseline: str | None) -> str:
+    """One Markdown line per variant: its final validation loss and its gap to the baseline."""
+    base = next((r for r in results if r.name == baseline), None)
+    lines = []
+    for r in results:
+        if r.final_val_loss is None:
+            lines.append(f"- **{r.name}**: {r.status}, no validation loss")
+            continue
+        text = f"- **{r.name}**: final val loss {r.final_val_loss:.4f} after {r.steps} steps"
+        gap = gap_pct(r, base)
+        if r is base:
+            text += " (the baseline)"
+        elif gap is not None:
+            text += f", **{gap:+.2f}%** vs {baseline} ({base.final_val_loss:.4f})"
+        if r.status != "FINISHED":
+            text += f" ({r.status})"
+        lines.append(text)
     return "\n".join(lines)
 
 

@@ -130,7 +130,11 @@ class Tracker:
             return
         from mlflow.entities import Param
 
-        items = [Param(k, str(v)[:6000]) for k, v in params.items()]
+        # MLflow params cannot change once logged; a resumed run (perhaps on other hardware or
+        # another backend) keeps the values of its first attempt instead of failing the call.
+        run = self._call("reading params", lambda c: c.get_run(run_id))
+        logged = run.data.params if run is not None else {}
+        items = [Param(k, str(v)[:6000]) for k, v in params.items() if k not in logged]
         for i in range(0, len(items), 100):
             self._call("logging params", lambda c, b=items[i:i + 100]: c.log_batch(run_id, params=b))
 
@@ -142,7 +146,7 @@ class Tracker:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        items = [Metric(k.replace("/", "."), float(v), now, step) for k, v in metrics.items()
+        items = [Metric(k, float(v), now, step) for k, v in metrics.items()
                  if v is not None and v == v]  # drop None and NaN
         self._call("logging metrics", lambda c: c.log_batch(run_id, metrics=items))
 
@@ -153,6 +157,81 @@ class Tracker:
     def set_tag(self, run_id: str | None, key: str, value: str) -> None:
         if run_id is not None:
             self._call("setting a tag", lambda c: c.set_tag(run_id, key, value))
+
+    def set_tags(self, run_id: str | None, tags: dict[str, str]) -> None:
+        if run_id is not None and tags:
+            from mlflow.entities import RunTag
+
+            items = [RunTag(k, str(v)[:5000]) for k, v in tags.items()]
+            self._call("setting tags", lambda c: c.log_batch(run_id, tags=items))
+
+    def set_note(self, run_id: str | None, markdown: str) -> None:
+        """The run's description in the UI (its overview page renders it as Markdown)."""
+        self.set_tag(run_id, "mlflow.note.content", markdown)
+
+    def log_table(self, run_id: str | None, columns: dict[str, list], artifact_file: str) -> None:
+        """A table artifact (``artifact_file`` ending in .json) the UI shows as a table."""
+        if run_id is not None:
+            self._call("logging a table", lambda c: c.log_table(run_id, data=columns, artifact_file=artifact_file))
+
+    def log_dataset(self, run_id: str | None, name: str, digest: str, source: str, profile: dict,
+                    context: str = "training") -> None:
+        """A run input (the UI's "Datasets used"): what was read, its digest, and counts in ``profile``."""
+        if run_id is None:
+            return
+        import json
+
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+
+        ds = Dataset(name=name, digest=digest, source_type="local", source=json.dumps({"uri": source}),
+                     profile=json.dumps(profile))
+        inp = DatasetInput(ds, [InputTag("mlflow.data.context", context)])
+        self._call("logging the dataset", lambda c: c.log_inputs(run_id, datasets=[inp]))
+
+    def log_model(self, run_id: str | None, name: str, local_dir: str | Path, step: int,
+                  params: dict[str, str], model_type: str) -> str | None:
+        """An MLflow logged model of ``run_id`` (the UI's "Logged models") whose artifacts are the files
+        of ``local_dir``, recorded as the run's output at ``step``; its model id."""
+        exp = self.experiment_id()
+        if run_id is None or exp is None:
+            return None
+
+        def log(c):
+            from mlflow.entities import LoggedModelOutput, LoggedModelStatus
+
+            model = c.create_logged_model(exp, name=name, source_run_id=run_id, params=params,
+                                          model_type=model_type)
+            try:
+                c.log_model_artifacts(model.model_id, str(local_dir))
+            except Exception:
+                c.finalize_logged_model(model.model_id, LoggedModelStatus.FAILED)
+                raise
+            c.finalize_logged_model(model.model_id, LoggedModelStatus.READY)
+            c.log_outputs(run_id, [LoggedModelOutput(model.model_id, step)])
+            return model.model_id
+        return self._call("logging the model", log)
+
+    def system_metrics(self, run_id: str | None, every_s: float) -> "SystemMetrics | None":
+        """Start sampling this machine's CPU, memory, disk, network and (with ``nvidia-ml-py``) GPUs
+        into ``run_id``'s ``system/...`` metrics every ``every_s`` seconds; stop() it when done.
+        None, with a reason in :attr:`system_metrics_off`, when it cannot run."""
+        self.system_metrics_off = None
+        if run_id is None or not self.enabled or every_s <= 0:
+            return None
+        try:  # mlflow's CPU sampler imports psutil at import time
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+        except ImportError as e:
+            self.system_metrics_off = f"system metrics are off: {e.name or e} is not installed (pip install psutil)"
+            return None
+        try:
+            # resume_logging: a resumed run continues the system/ steps where they stopped
+            monitor = SystemMetricsMonitor(run_id, sampling_interval=every_s, resume_logging=True,
+                                           tracking_uri=self.uri)
+            monitor.start()
+        except Exception as e:
+            self.system_metrics_off = f"system metrics are off: {type(e).__name__}: {e}"
+            return None
+        return SystemMetrics(monitor)
 
     def end_run(self, run_id: str | None, status: str) -> None:
         """status: FINISHED, FAILED or KILLED."""
@@ -188,3 +267,16 @@ class Tracker:
                     found.append(run.info.run_name)
             return found
         return self._call("marking orphaned runs", sweep) or []
+
+
+class SystemMetrics:
+    """A running MLflow system-metrics sampler (a daemon thread), stopped and joined by :meth:`stop`."""
+
+    def __init__(self, monitor):
+        self.monitor = monitor
+
+    def stop(self) -> None:
+        try:
+            self.monitor.finish()  # sets its stop event, joins the thread, flushes what it sampled
+        except Exception as e:  # tracking must never take training down
+            log.warning("stopping system metrics: %s: %s", type(e).__name__, e)

@@ -31,9 +31,10 @@ from ..config import ConfigError, RunConfig, fingerprint_changes, flatten
 from ..fileio import write_atomic
 from ..tracking import Tracker, comparison_table, plot_loss_curves, resolve_tracking_uri
 from ..tracking.compare import VariantResult, result_from_metrics
+from . import reporting
+from .storage import SNAPSHOT, CheckpointStorage, resolve_storage
 
 log = logging.getLogger("rayfp4")
-SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's record of a run's registered checkpoints
 FINGERPRINT = "fingerprint.json"
 LOCK = ".lock"
 
@@ -77,26 +78,44 @@ def prepare_shards(cfg: RunConfig) -> PreparedData:
     return PreparedData(path, shards.manifest.identity())
 
 
-def check_output_dir(output_dir: str, create: bool) -> Path:
+def check_output_dir(output_dir: str, create: bool, what: str = "output_dir") -> Path:
     """``output_dir`` resolved, after proving it can be written (a probe file, since permission bits
-    say nothing for root or a read-only mount); without ``create`` nothing is left behind."""
+    say nothing for root or a read-only mount); without ``create`` nothing is left behind. ``what``
+    names the setting in messages."""
     out = Path(output_dir).expanduser()
     if out.exists() and not out.is_dir():
-        raise ConfigError(f"output_dir: {out} exists and is not a directory")
+        raise ConfigError(f"{what}: {out} exists and is not a directory")
     out = out.resolve()
     probe_in = out
     while not probe_in.exists():
         probe_in = probe_in.parent
     if not probe_in.is_dir():
-        raise ConfigError(f"output_dir: {probe_in} (a parent of {out}) is not a directory")
+        raise ConfigError(f"{what}: {probe_in} (a parent of {out}) is not a directory")
     try:
         with tempfile.NamedTemporaryFile(dir=probe_in, prefix=".rayfp4-write-probe-"):
             pass
         if create:
             out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise ConfigError(f"output_dir: cannot write to {probe_in} ({e.strerror or e})") from None
+        raise ConfigError(f"{what}: cannot write to {probe_in} ({e.strerror or e})") from None
     return out
+
+
+def check_checkpoint_storage(storage: str | None) -> None:
+    """``checkpoint.storage``: a directory (or ``file://`` URI) must be writable here; another URI
+    must name a filesystem pyarrow can open (which also checks that its library and, for some,
+    credentials are present). Whether every node reaches it, Ray Train checks when training starts."""
+    if storage is None:
+        return
+    import pyarrow.fs
+
+    try:
+        fs, path = pyarrow.fs.FileSystem.from_uri(resolve_storage(storage))
+    except Exception as e:  # pyarrow: ArrowInvalid (bad URI), ArrowNotImplementedError (no such scheme), OSError
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"checkpoint.storage: cannot open {storage!r}: {first}") from None
+    if isinstance(fs, pyarrow.fs.LocalFileSystem):
+        check_output_dir(path, create=False, what="checkpoint.storage")
 
 
 def check_model_and_policy(cfg: RunConfig, label: str = "") -> None:
@@ -135,6 +154,8 @@ def preflight(cfg: RunConfig, create: bool = False) -> tuple[Path, PreparedData]
     variants = cfg.variant_configs()
     for label, vcfg in variants:
         check_model_and_policy(vcfg, label if len(variants) > 1 else "")
+    for storage in dict.fromkeys(v.checkpoint.storage for _, v in variants):
+        check_checkpoint_storage(storage)
     for _, v in variants[1:]:
         if v.data.shards != cfg.data.shards or v.data.corpus_tokenizer != cfg.data.corpus_tokenizer \
                 or v.data.corpus_seq_len != cfg.data.corpus_seq_len:
@@ -177,7 +198,14 @@ def _check_resume(cfg: RunConfig, run_dir: Path, fingerprint: dict[str, str]) ->
     # A run was started there if Ray Train recorded a checkpoint, or if the settings were written
     # (they are, before anything else): a driver killed before Ray Train wrote its record still
     # left a run, and its MLflow run, to continue.
-    exists = (run_dir / SNAPSHOT).exists() or (run_dir / FINGERPRINT).exists()
+    storage = CheckpointStorage.for_run(cfg.checkpoint.storage, run_dir)
+    try:
+        recorded = storage.exists(SNAPSHOT)
+    except Exception as e:  # a remote store that does not answer, or refuses the credentials
+        raise ConfigError(f"checkpoint.storage: cannot read {storage.location} "
+                          f"({type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''})") from None
+    exists = recorded or (run_dir / FINGERPRINT).exists()
+    _check_same_storage(cfg, run_dir, exists)
     if exists and cfg.resume == "never":
         raise ConfigError(f"resume: run {run_dir} already exists and resume is 'never'; choose a new name "
                           f"(--set name=...) or resume: auto")
@@ -209,6 +237,24 @@ def _check_resume(cfg: RunConfig, run_dir: Path, fingerprint: dict[str, str]) ->
     return exists, fingerprint_changes(old, fingerprint)
 
 
+def _check_same_storage(cfg: RunConfig, run_dir: Path, exists: bool) -> None:
+    """A run continues only with the checkpoint storage it was started with: elsewhere Ray Train
+    would find no checkpoint and train again from step 0 beside the earlier steps' metrics."""
+    if not exists or not (run_dir / "config.yaml").is_file():
+        return
+    try:
+        old = (yaml.safe_load((run_dir / "config.yaml").read_text()).get("checkpoint") or {}).get("storage")
+    except Exception:  # unreadable: the fingerprint check says what it can
+        return
+    if resolve_storage(old) != resolve_storage(cfg.checkpoint.storage):
+        def show(s):
+            return "the run directory (unset)" if s is None else repr(s)
+
+        raise ConfigError(f"checkpoint.storage: run {run_dir} keeps its checkpoints in {show(old)}, not "
+                          f"{show(cfg.checkpoint.storage)}; set it back to continue the run, or choose a new name "
+                          f"(--set name=...)")
+
+
 def clear_staging(run_dir: Path) -> None:
     """Remove checkpoint files a killed worker left half-written (see loop.STAGING_DIR)."""
     from .loop import STAGING_DIR
@@ -229,6 +275,7 @@ def train_variant(cfg: RunConfig, label: str, run_dir: Path, data: PreparedData,
     write_atomic(run_dir / "config.yaml", yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
     write_atomic(run_dir / FINGERPRINT, json.dumps({"fingerprint": fingerprint}, indent=1, sort_keys=True))
     run_id = _mlflow_run(cfg, label, run_dir, tracker, parent_run_id, resuming)
+    reporting.log_dataset(tracker, run_id, data.path)
     status, error = "FAILED", None
     try:
         if changes:
@@ -236,7 +283,7 @@ def train_variant(cfg: RunConfig, label: str, run_dir: Path, data: PreparedData,
             tracker.set_tag(run_id, "rayfp4.resume_changes", "; ".join(changes)[:5000])
         say(f"{'resuming' if resuming else 'starting'} {name}: {cfg.precision.format}, "
             f"{cfg.model.num_params() / 1e6:.1f}M params, {cfg.train.steps} steps, "
-            f"{cfg.scaling.num_workers} worker(s) on {'GPU' if cfg.scaling.use_gpu else 'CPU'} -> {run_dir}")
+            f"{cfg.scaling.workers_text} worker(s) on {'GPU' if cfg.scaling.use_gpu else 'CPU'} -> {run_dir}")
         status, error = _fit(cfg, label, run_dir, data, run_id, fingerprint)
     except (Interrupted, KeyboardInterrupt) as e:
         status, error = "KILLED", f"interrupted ({e})" if isinstance(e, Interrupted) else "interrupted"
@@ -254,6 +301,14 @@ def train_variant(cfg: RunConfig, label: str, run_dir: Path, data: PreparedData,
             say(f"{name}: could not write the loss curve: {type(e).__name__}: {e}")
         if error and status == "FAILED":
             tracker.set_tag(run_id, "rayfp4.error", error[:5000])
+        try:
+            reporting.log_final_losses(tracker, run_id, res)
+            if status == "FINISHED":
+                from .loop import STAGING_DIR
+
+                reporting.log_final_checkpoint(tracker, run_id, cfg, label, run_dir, run_dir / STAGING_DIR)
+        except Exception as e:  # a full disk must not hide the error that ended the run
+            say(f"{name}: could not record the final checkpoint in MLflow: {type(e).__name__}: {e}")
         tracker.end_run(run_id, status)
     if error:
         say(f"{name} failed: {error}")
@@ -267,12 +322,18 @@ def _mlflow_run(cfg: RunConfig, label: str, run_dir: Path, tracker: Tracker, par
     run_id = id_file.read_text().strip() if resuming and id_file.exists() else None
     if run_id is not None:
         tracker.reopen_run(run_id)
+        tracker.set_tags(run_id, reporting.run_tags(cfg, label))  # the code that continues it
         return run_id
-    run_id = tracker.start_run(label or cfg.name, parent_run_id=parent_run_id,
-                               tags={"rayfp4.run_dir": str(run_dir), "rayfp4.variant": label})
+    run_id = tracker.start_run(reporting.run_title(cfg, label), parent_run_id=parent_run_id,
+                               tags={"rayfp4.run_dir": str(run_dir), **reporting.run_tags(cfg, label)})
     if run_id:
         write_atomic(id_file, run_id)
-        tracker.log_params(run_id, flatten(cfg.model_dump(mode="json", exclude={"variants"})))
+        # A variant's run: its own name and the experiment's baseline (its config's name is the
+        # parent's, the folder above it; the variant itself has no baseline field).
+        params = flatten(cfg.model_dump(mode="json", exclude={"variants", "baseline"} | ({"name"} if label else set())))
+        if label:
+            params = {"variant": label, "baseline": cfg.baseline or "", **params}
+        tracker.log_params(run_id, params)
         tracker.log_artifact(run_id, run_dir / "config.yaml")
     return run_id
 
@@ -283,23 +344,34 @@ def _fit(cfg: RunConfig, label: str, run_dir: Path, data: PreparedData, run_id: 
     import ray
     from ray.train import CheckpointConfig, FailureConfig, ScalingConfig
     from ray.train import RunConfig as RayRunConfig
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     from .loop import train_loop_per_worker
     from .progress import ProgressBoard, ProgressPrinter
     from .trainer import RendezvousConfig, Trainer
 
-    board = ProgressBoard.remote()
+    # On the driver's node, like Ray Train's controller: a board on a node that dies would take the
+    # progress line (and rank 0's notices) with it.
+    board = ProgressBoard.options(scheduling_strategy=NodeAffinitySchedulingStrategy(
+        ray.get_runtime_context().get_node_id(), soft=False)).remote()
+    s = cfg.scaling
+    # Checkpoints: <storage_path>/<name>/checkpoint_*; by default storage_path is <output_dir>/<run>
+    # and name the variant's folder, i.e. the run directory (rayfp4.train.storage).
+    storage = CheckpointStorage.for_run(cfg.checkpoint.storage, run_dir)
     trainer = Trainer(
         train_loop_per_worker,
         train_loop_config={"config": cfg.model_dump(mode="json"), "run_dir": str(run_dir),
                            "shards": str(data.path), "mlflow_run_id": run_id, "board": board,
-                           "fingerprint": fingerprint},
-        torch_config=RendezvousConfig(backend=cfg.dist_backend, rendezvous=cfg.scaling.rendezvous),
-        scaling_config=ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
-                                     resources_per_worker={"CPU": cfg.scaling.cpus_per_worker,
-                                                           **({"GPU": cfg.scaling.gpus_per_worker}
-                                                              if cfg.scaling.use_gpu else {})}),
-        run_config=RayRunConfig(name=run_dir.name, storage_path=str(run_dir.parent),
+                           "fingerprint": fingerprint, "checkpoint_storage": storage.to_dict()},
+        torch_config=RendezvousConfig(backend=cfg.dist_backend, rendezvous=s.rendezvous),
+        scaling_config=ScalingConfig(
+            # [min, max]: Ray Train's elastic policy (re)starts the group with as many as fit
+            num_workers=(s.min_workers, s.max_workers) if s.elastic else s.max_workers,
+            elastic_resize_monitor_interval_s=s.elastic_resize_interval_s,
+            use_gpu=s.use_gpu,
+            resources_per_worker={"CPU": s.cpus_per_worker, **({"GPU": s.gpus_per_worker} if s.use_gpu else {}),
+                                  **s.resources_per_worker}),
+        run_config=RayRunConfig(name=storage.name, storage_path=storage.storage_path,
                                 checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep),
                                 failure_config=FailureConfig(max_failures=cfg.checkpoint.max_failures)),
     )
@@ -386,16 +458,21 @@ def _run_variants(cfg, variants, root, run_dirs, resume, data, tracker, multi) -
         if id_file.exists() and cfg.resume != "never":
             parent_id = id_file.read_text().strip()
             tracker.reopen_run(parent_id)
+            tracker.set_tags(parent_id, reporting.run_tags(cfg, variants=variants))
         else:
-            parent_id = tracker.start_run(cfg.name, tags={"rayfp4.run_dir": str(root)})
+            parent_id = tracker.start_run(reporting.run_title(cfg), tags={"rayfp4.run_dir": str(root),
+                                                                         **reporting.run_tags(cfg, variants=variants)})
             if parent_id:
                 write_atomic(id_file, parent_id)
                 tracker.log_params(parent_id, {"variants": ",".join(n for n, _ in variants),
                                                "baseline": cfg.baseline or variants[0][0]})
+                reporting.log_dataset(tracker, parent_id, data.path)  # every variant reads the same
     results = []
     try:
         for label, vcfg in variants:
-            vcfg = vcfg.model_copy(update={"tracking": cfg.tracking, "name": cfg.name})
+            vcfg = vcfg.model_copy(update={"tracking": cfg.tracking, "name": cfg.name,
+                                           "baseline": (cfg.baseline or variants[0][0]) if multi else None})
+            vcfg._source = cfg.source
             results.append(train_variant(vcfg, label, run_dirs[label], data, tracker, parent_id, resume[label]))
     except BaseException as e:
         from .trainer import Interrupted
@@ -406,18 +483,13 @@ def _run_variants(cfg, variants, root, run_dirs, resume, data, tracker, multi) -
     table = comparison_table(results, baseline if multi else None)
     if multi:
         try:
-            write_atomic(root / "comparison.md", table + "\n")
-            tracker.log_artifact(parent_id, root / "comparison.md")
+            # The comparison: as a table and a description on the parent, each variant's own
+            # final/best loss and gap to the baseline on its run (see rayfp4.train.reporting).
+            reporting.log_comparison(tracker, parent_id, results, baseline, run_dirs, cfg, root)
             png = plot_loss_curves(results, root / "loss_curves.png", title=f"{cfg.name}: variants")
             if png is not None:
                 tracker.log_artifact(parent_id, png)
         except Exception as e:
             say(f"could not write the comparison files: {type(e).__name__}: {e}")
-        base = next((r for r in results if r.name == baseline), None)
-        for r in results:
-            metrics = {f"{r.name}.final_val_loss": r.final_val_loss, f"{r.name}.best_val_loss": r.best_val_loss}
-            if base and base.final_val_loss and r.final_val_loss is not None and r is not base:
-                metrics[f"{r.name}.gap_vs_{baseline}_pct"] = 100 * (r.final_val_loss - base.final_val_loss) / base.final_val_loss
-            tracker.log_metrics(parent_id, metrics, step=max(r.steps, 0))
         tracker.end_run(parent_id, "FINISHED" if all(r.status == "FINISHED" for r in results) else "FAILED")
     return ExperimentResult(cfg.name, results, table, parent_id)

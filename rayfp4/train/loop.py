@@ -19,14 +19,15 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from ..config import RunConfig, fingerprint_changes
+from ..config import ConfigError, RunConfig, fingerprint_changes
 from ..model import build_model
 from ..precision import apply_precision_policy, collect_telemetry
-from .checkpoint import file_digests, load_latest, read_info, save_state, step_of
+from .checkpoint import file_digests, read_info, save_state
 from .errors import CheckpointError, NonFiniteTrainingError, RunMismatchError, StorageError
 from .hooks import build_hooks
-from .metrics import RankZeroLog, Throughput
+from .metrics import RankZeroLog, Throughput, system_metrics
 from .schedule import lr_at
+from .storage import CheckpointStorage, open_checkpoint
 
 #: Where ranks write a checkpoint before Ray Train copies it into the run's storage: inside the run
 #: directory (not /tmp), so that a process killed mid-write leaves nothing elsewhere; the driver
@@ -42,7 +43,11 @@ _STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS}
 def train_loop_per_worker(loop_config: dict) -> None:
     """One rank's training; OS errors of full or read-only storage become :class:`StorageError`
     (not retried), naming what was being written."""
-    with storage_errors_are_fatal("writing the run's files", loop_config["run_dir"]):
+    import ray.train
+
+    rank = ray.train.get_context().get_world_rank()
+    with storage_errors_are_fatal("writing the run's files", loop_config["run_dir"]), \
+            system_metrics(rank, loop_config):
         _train(loop_config)
 
 
@@ -54,16 +59,22 @@ def _train(loop_config: dict) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device() if cfg.scaling.use_gpu else torch.device("cpu")
+    check_shared_paths(run_dir, loop_config["shards"])
+    storage = (CheckpointStorage.from_dict(loop_config["checkpoint_storage"]) if loop_config.get("checkpoint_storage")
+               else CheckpointStorage.for_run(None, run_dir))
 
     model, opt, summary = build(cfg, rank, world, device)
     log = _rank_zero_log(cfg, rank, run_dir, loop_config, summary)
-    progress = restore(model, opt, cfg, loop_config["fingerprint"], log.notice, run_dir)
+    progress = restore(model, opt, cfg, loop_config["fingerprint"], log.notice, run_dir, storage, rank)
+    record_workers(run_dir, rank, world, progress.step, log.notice)
     data = TrainData(cfg, loop_config["shards"], rank, world, run_dir)
     hooks = build_hooks(cfg.debug, rank, run_dir)
     checkpointer = Checkpointer(run_dir, rank, loop_config["fingerprint"], hooks)
     autocast = _autocast(cfg, device)
     timer = Throughput(cfg.data.global_batch_size * data.seq_len,
-                       cfg.model.model_copy(update={"seq_len": data.seq_len}).flops_per_token(), device, world)
+                       cfg.model.model_copy(update={"seq_len": data.seq_len}).flops_per_token(), device, world,
+                       cfg.precision.format)
+    log.describe(timer.params(), {"rayfp4.backend": summary.backend, "rayfp4.device": timer.params()["perf.device"]})
     validate_due = Cadence(cfg.train.val_every)
     checkpoint_due = Cadence(cfg.checkpoint.every)
     total = cfg.train.steps
@@ -111,11 +122,20 @@ def build(cfg: RunConfig, rank: int, world: int, device: torch.device):
     summary = apply_precision_policy(model, cfg.precision, seed=cfg.train.seed, rank=rank,
                                      total_steps=cfg.train.steps)
     if cfg.scaling.strategy == "fsdp2" and world > 1:
-        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+        if cfg.precision.format == "nvfp4" and cfg.precision.fp4_weight_gather is not False:
+            from ..precision.fsdp import enable_fp4_weight_gather
+
+            summary.weight_gather = enable_fp4_weight_gather(model, world).describe()
+        else:
+            summary.weight_gather = ("fp32 (precision.fp4_weight_gather: false)" if cfg.precision.fp4_weight_gather
+                                     is False else f"fp32 (the 4-bit gather is for nvfp4, not {cfg.precision.format})")
+        mixed = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
+            if cfg.scaling.fsdp_param_dtype == "bf16" else MixedPrecisionPolicy()
         for block in model.layers:
-            fully_shard(block)
-        fully_shard(model)
+            fully_shard(block, mp_policy=mixed)
+        fully_shard(model, mp_policy=mixed)
     else:
         model = ray.train.torch.prepare_model(model, move_to_device=False)
     opt = torch.optim.AdamW(_param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr,
@@ -155,31 +175,37 @@ class Progress:
         return cls(state["step"], state["skipped_steps"], state["nonfinite_in_a_row"], state["stream"])
 
 
-def restore(model, opt, cfg: RunConfig, fingerprint: dict, notice, run_dir: Path) -> Progress:
+def restore(model, opt, cfg: RunConfig, fingerprint: dict, notice, run_dir: Path,
+            storage: CheckpointStorage | None = None, rank: int = 0) -> Progress:
     """Load the checkpoint Ray Train hands over after a restart (or the newest older one that loads),
     refusing one written with other settings; a fresh :class:`Progress` when there is none.
 
-    When Ray Train hands over none but the run directory holds checkpoints, the driver died between
-    a checkpoint's upload and Ray Train's record of it (its snapshot is written a moment later):
-    the newest of them that loads is used, so that the steps before the kill are not trained again.
+    When Ray Train hands over none but the run's checkpoint storage (the run directory unless
+    ``checkpoint.storage`` says otherwise) holds checkpoints, the driver died between a checkpoint's
+    upload and Ray Train's record of it (its snapshot is written a moment later): the newest of them
+    that loads is used, so that the steps before the kill are not trained again. Checkpoints on a
+    remote filesystem are downloaded into this rank's corner of the staging area while they load.
     """
     import ray.train  # Ray touch point: the checkpoint of the previous attempt
 
+    storage = storage or CheckpointStorage.for_run(None, run_dir)
+    scratch = run_dir / STAGING_DIR / f"restore-rank{rank:05d}"
     ckpt = ray.train.get_checkpoint()
     if ckpt is None:
-        on_disk = sorted((p for p in run_dir.glob("checkpoint_*") if p.is_dir()), key=step_of)
-        if not on_disk:
+        found = storage.checkpoints()
+        if not found:
             return Progress()
-        try:
-            state, used = load_latest(on_disk[-1], notice)
-        except CheckpointError as e:
-            notice(f"Ray Train recorded no checkpoint and none in {run_dir} loads ({e}); starting at step 0")
-            return Progress()
-        notice(f"Ray Train recorded no checkpoint (its driver died before writing the record); "
-               f"resuming from {used.name}, found in the run directory")
-        return _apply(model, opt, cfg, fingerprint, state, used)
-    with ckpt.as_directory() as d:
-        state, used = load_latest(d, notice)
+        where = "the run directory" if storage.location == str(run_dir) else storage.location
+        with contextlib.ExitStack() as stack:
+            try:
+                state, used = stack.enter_context(open_checkpoint(storage, found[-1], scratch, notice))
+            except CheckpointError as e:
+                notice(f"Ray Train recorded no checkpoint and none in {where} loads ({e}); starting at step 0")
+                return Progress()
+            notice(f"Ray Train recorded no checkpoint (its driver died before writing the record); "
+                   f"resuming from {used.name}, found in {where}")
+            return _apply(model, opt, cfg, fingerprint, state, used)
+    with open_checkpoint(storage, Path(ckpt.path).name, scratch, notice) as (state, used):
         return _apply(model, opt, cfg, fingerprint, state, used)
 
 
@@ -207,6 +233,61 @@ def _rank_zero_log(cfg: RunConfig, rank: int, run_dir: Path, loop_config: dict, 
     return RankZeroLog(rank, run_dir, tracker, run_id, loop_config.get("board"))
 
 
+def _where_am_i() -> dict:
+    import os
+    import socket
+
+    import ray
+
+    return {"node_id": ray.get_runtime_context().get_node_id(), "node_ip": ray.util.get_node_ip_address(),
+            "hostname": socket.gethostname(), "pid": os.getpid()}
+
+
+def check_shared_paths(run_dir: Path, shards: str) -> None:
+    """The run directory and the shards the driver prepared must be visible here: on a multi-node
+    cluster a path that exists only on the driver's node would otherwise be created afresh on this
+    node (the ledger and checkpoints scattered over local disks) or fail obscurely."""
+    missing = []
+    if not (run_dir / "config.yaml").is_file():
+        missing.append(f"output_dir ({run_dir}: the driver wrote config.yaml there)")
+    if not Path(shards).is_dir():
+        missing.append(f"data.shards ({shards})")
+    if missing:
+        me = _where_am_i()
+        raise ConfigError(f"not visible on node {me['node_ip']} ({me['hostname']}): {' and '.join(missing)}. "
+                          f"On several nodes, output_dir and data.shards (RAYFP4_CACHE for the embedded corpus) "
+                          f"must be directories every node mounts at the same path")
+
+
+#: Where each rank of each attempt ran: one JSON line per attempt (rank 0 writes it).
+WORKERS_FILE = "workers.jsonl"
+
+
+def record_workers(run_dir: Path, rank: int, world: int, start_step: int, notice) -> None:
+    """Rank 0 appends where every rank of this attempt runs (Ray node id and address, host, pid) to
+    ``workers.jsonl`` in the run directory and tells the driver, which prints it: a group that Ray
+    Train restarted on fewer or other nodes shows there."""
+    import json
+    import time
+
+    me = {"rank": rank, **_where_am_i()}
+    everyone = [me]
+    if world > 1:
+        everyone = [None] * world
+        dist.all_gather_object(everyone, me)
+    if rank != 0:
+        return
+    nodes: dict[str, list[int]] = {}
+    for w in everyone:
+        nodes.setdefault(w["node_id"], []).append(w["rank"])
+    with open(run_dir / WORKERS_FILE, "a") as f:
+        f.write(json.dumps({"start_step": start_step, "world_size": world, "nodes": len(nodes),
+                            "unix_s": time.time(), "workers": everyone}) + "\n")
+    ip = {w["node_id"]: w["node_ip"] for w in everyone}
+    notice(f"{world} worker(s) on {len(nodes)} node(s) from step {start_step}: " + "; ".join(
+        f"{ip[n]} (node {n[:8]}) rank{'s' if len(r) > 1 else ''} {','.join(map(str, r))}" for n, r in nodes.items()))
+
+
 class TrainData:
     """This rank's training stream (exact resume, see rayfp4.data) and the held-out sequences."""
 
@@ -220,7 +301,7 @@ class TrainData:
         self.val_tokens = None
         if cfg.data.val_sequences and shards.num_sequences("val"):
             self.val_tokens = torch.from_numpy(shards.read_split("val")[0][: cfg.data.val_sequences].astype("int64"))
-        self.accum = cfg.grad_accum
+        self.accum = cfg.grad_accum_for(world)  # an elastic run's worker count changes between attempts
         self.micro = cfg.data.micro_batch_size or cfg.data.global_batch_size // world
 
 
@@ -304,9 +385,8 @@ class Checkpointer:
                     # uploads every rank's folder into the one checkpoint folder. Nothing is
                     # gathered on rank 0, and any number of workers can load it back.
                     import torch.distributed.checkpoint as dcp
-                    from torch.distributed.checkpoint.state_dict import get_state_dict
 
-                    model_sd, opt_sd = get_state_dict(model, opt)
+                    model_sd, opt_sd = _sharded_state_dicts(model, opt)
                     dcp.save({"model": model_sd, "optimizer": opt_sd}, checkpoint_id=str(Path(d) / SHARDS_DIR))
                     parts = [None] * dist.get_world_size()
                     dist.all_gather_object(parts, file_digests(d, SHARDS_DIR))
@@ -332,11 +412,23 @@ def _sharded(model) -> bool:
     return hasattr(model, "set_requires_gradient_sync") and dist.is_initialized() and dist.get_world_size() > 1
 
 
+def _sharded_state_dicts(model, opt) -> tuple[dict, dict]:
+    """This rank's shards of the model and optimizer state, as plain (D)Tensors: a weight that
+    FSDP2 gathers in 4 bits is saved as its FP32 shard (the same storage), so that checkpoints
+    hold only tensors and load into any layout, with or without the 4-bit gather."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    from ..precision.fsdp import plain_local
+
+    model_sd, opt_sd = get_state_dict(model, opt)
+    return {k: plain_local(v) for k, v in model_sd.items()}, opt_sd
+
+
 def _load_shards(model, opt, path: Path) -> None:
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    from torch.distributed.checkpoint.state_dict import set_state_dict
 
-    model_sd, opt_sd = get_state_dict(model, opt)  # this run's layout: the templates DCP fills
+    model_sd, opt_sd = _sharded_state_dicts(model, opt)  # this run's layout: the templates DCP fills
     sd = {"model": model_sd, "optimizer": opt_sd}
     dcp.load(sd, checkpoint_id=str(path), no_dist=not (dist.is_initialized() and dist.get_world_size() > 1))
     set_state_dict(model, opt, model_state_dict=sd["model"], optim_state_dict=sd["optimizer"])

@@ -1,7 +1,7 @@
 """Our Ray ``TorchTrainer``: a rendezvous that stays on loopback, no retries that cannot help,
-and signals that end a run as KILLED.
+elastic groups sized from the cluster as it is, and signals that end a run as KILLED.
 
-Three things Ray Train 2.60 does by default that a training framework should not:
+Four things Ray Train 2.60 does by default that a training framework should not:
 
 - **The rendezvous listens on every interface.** Ray's process-group setup lets rank 0's
   ``torch.distributed`` TCPStore bind ``*:port``, unauthenticated, even when Ray itself is bound to
@@ -13,6 +13,9 @@ Three things Ray Train 2.60 does by default that a training framework should not
   errors that will happen again (a policy that does not fit the model, a diverged run, a full
   disk). :class:`NoRetryForFatalErrors` raises at once for exceptions that carry
   ``retry_cannot_help = True`` (see :mod:`rayfp4.train.errors`).
+- **An elastic group that lost a node may ask for its old size again** (from a cluster view up to
+  20 s old) and wait a minute for a placement that cannot happen; :class:`FreshElasticScalingPolicy`
+  sizes it from the cluster as Ray knows it now.
 - **Ctrl-C is Ray's**: its SIGINT handler aborts the controller and the process exits 1. Here SIGINT
   and SIGTERM abort the controller the same way, and ``fit`` raises :class:`Interrupted`, so the
   driver marks its MLflow runs KILLED and exits 130 (SIGINT) or 143 (SIGTERM).
@@ -34,6 +37,7 @@ try:  # Ray Train V2 (the default in Ray 2.60) internals we extend; kept in one 
     from ray.train.torch.config import _TorchBackend, _set_torch_distributed_env_vars
     from ray.train.v2._internal.execution.failure_handling import FailurePolicy
     from ray.train.v2._internal.execution.failure_handling.default import DefaultFailurePolicy
+    from ray.train.v2._internal.execution.scaling_policy import AUTOSCALING_REQUESTS_GET_TIMEOUT_S, ElasticScalingPolicy
     from ray.train.v2.api.exceptions import WorkerGroupError
 except ImportError as e:  # pragma: no cover - another Ray version
     raise ImportError(f"rayfp4 needs Ray Train V2 as in ray 2.60 ({e})") from None
@@ -158,15 +162,49 @@ class NoRetryForFatalErrors(FailurePolicy):
         return self._default.make_decision(training_failed_error)
 
 
+# -- elastic groups ----------------------------------------------------------------------------
+
+class FreshElasticScalingPolicy(ElasticScalingPolicy):
+    """Ray's elastic policy (``num_workers=(min, max)``), counting the workers the cluster holds
+    *now* whenever it sizes a group.
+
+    Ray 2.60's policy reads the coordinator's reservations, which the coordinator recomputes every
+    20 s. Right after a node is lost it may therefore restart the group at the old size, wait out
+    the placement timeout (``RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S``, 60 s) for workers that cannot
+    be placed, and only then shrink (seen with a node killed mid-run). Asking with ``recompute=True``
+    (the coordinator's own option for callers that place workers from the answer) costs one refresh
+    per decision: every second while the group is down, once per
+    ``scaling.elastic_resize_interval_s`` while it runs. It cannot help when a worker's error
+    arrives before Ray has declared the node dead: a fresh view still holds the node then.
+    """
+
+    def _get_reserved_resources(self):
+        from ray.train.v2._internal.util import time_monotonic
+
+        if time_monotonic() - self._latest_reserved_resources_query_time < self.GET_RESERVED_RESOURCES_INTERVAL_S:
+            return self._latest_reserved_resources
+        try:
+            reserved = ray.get(self._autoscaling_coordinator.get_reserved_resources.remote(
+                self._requester_id, recompute=True), timeout=AUTOSCALING_REQUESTS_GET_TIMEOUT_S)
+        except Exception:
+            return super()._get_reserved_resources()  # Ray's cached view, with its own warning
+        self._latest_reserved_resources_query_time = time_monotonic()
+        self._latest_reserved_resources = reserved
+        return reserved
+
+
 # -- the trainer -------------------------------------------------------------------------------
 
 class Trainer(TorchTrainer):
-    """``TorchTrainer`` with :class:`NoRetryForFatalErrors` and SIGINT/SIGTERM as :class:`Interrupted`."""
+    """``TorchTrainer`` with :class:`NoRetryForFatalErrors`, :class:`FreshElasticScalingPolicy` for
+    elastic groups, and SIGINT/SIGTERM as :class:`Interrupted`."""
 
     _signal: int | None = None
 
     def _initialize_and_run_controller(self, **kwargs):
         kwargs["failure_policy"] = NoRetryForFatalErrors(self.run_config.failure_config)
+        if self.scaling_config.elasticity_enabled:
+            kwargs["scaling_policy"] = FreshElasticScalingPolicy(self.scaling_config)
         previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
             return super()._initialize_and_run_controller(**kwargs)

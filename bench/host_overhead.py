@@ -53,7 +53,7 @@ def pieces(layer, x, dy, calls: int) -> None:
 
     def fwd_only():
         with torch.no_grad():
-            _QuantizedLinearFn.apply(xd, layer.weight, None, layer)
+            _QuantizedLinearFn.apply(xd, layer.weight, None, layer, True)
 
     cases = [
         ("torch.empty (1 tensor)", lambda: torch.empty(16, 16, device=x.device)),

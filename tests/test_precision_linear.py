@@ -288,3 +288,20 @@ def test_bad_shapes_give_clear_errors():
     layer = make_layer()
     with pytest.raises(ValueError, match=r"input of shape \(4, 32\) does not end in in_features=64"):
         layer(torch.randn(4, 32))
+
+
+@pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4"])
+def test_without_a_backward_to_come_the_backward_operands_are_not_quantized(fmt):
+    """Eval and generation run under no_grad: the layer's output is bit for bit the training
+    forward's, and the Wgrad/Dgrad operands (x^T with its RHT, the transposed weight) are skipped."""
+    cls = NVFP4Linear if fmt == "nvfp4" else MXFP4Linear
+    layer = cls(64, 32, bias=True, policy=PrecisionPolicy(format=fmt, backend="reference"), name="l")
+    x = torch.randn(40, 64)
+    layer.capture = {}
+    y_train = layer(x.clone().requires_grad_(True))
+    assert "wgrad.x" in layer.capture
+    layer.capture = {}
+    with torch.no_grad():
+        y_eval = layer(x)
+    assert torch.equal(y_eval, y_train.detach())
+    assert set(layer.capture) == {"fprop.x", "fprop.w"}

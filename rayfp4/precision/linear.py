@@ -160,10 +160,11 @@ def _finite(layer, *tensors: torch.Tensor) -> bool:
 
 class _QuantizedLinearFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, layer):
+    def forward(ctx, x, weight, bias, layer, backward_needed):
         pol, rt, be, roles = layer.policy, layer.runtime, layer.backend, layer.roles
         b = pol.block
-        quantize_fwd, quantize_bwd = not rt.forward_bf16, not rt.backward_bf16
+        # Without a backward pass to come (eval, generation) its operands are not quantized.
+        quantize_fwd, quantize_bwd = not rt.forward_bf16, not rt.backward_bf16 and backward_needed
         # Under FSDP2 with the 4-bit weight gather, the weight arrives quantized (its amax says
         # whether it is finite); Fprop and Dgrad use those codes, which equal quantizing it here.
         gathered = gathered_quantized(weight)
@@ -218,7 +219,7 @@ class _QuantizedLinearFn(torch.autograd.Function):
             dx = torch.full((ctx.tokens, weight.shape[1]), nan, dtype=ctx.x_dtype, device=dy.device)
             dw = torch.full_like(weight, nan)
             db = torch.full((weight.shape[0],), nan, device=dy.device) if ctx.has_bias else None
-            return dx, dw, db, None
+            return dx, dw, db, None, None
         if ctx.quantize_bwd:
             dyt_src = _pad_tokens(dy, b).t() if ctx.needs_input_grad[1] else None
             am_dy = am_dyt = None
@@ -243,7 +244,7 @@ class _QuantizedLinearFn(torch.autograd.Function):
                 dw = (dy.float().t() @ x.float()).to(weight.dtype)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             db = dy.float().sum(0)
-        return dx, dw, db, None
+        return dx, dw, db, None, None
 
 
 class QuantizedLinear(nn.Linear):
@@ -333,7 +334,9 @@ class QuantizedLinear(nn.Linear):
             raise ValueError(f"{self.layer_name or type(self).__name__}: input of shape {tuple(x.shape)} does not "
                              f"end in in_features={self.in_features}")
         lead = x.shape[:-1]
-        y = _QuantizedLinearFn.apply(x.reshape(-1, self.in_features), self.weight, self.bias, self)
+        backward_needed = torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (x, self.weight, self.bias))
+        y = _QuantizedLinearFn.apply(x.reshape(-1, self.in_features), self.weight, self.bias, self, backward_needed)
         return y.reshape(*lead, self.out_features)
 
     def extra_repr(self) -> str:

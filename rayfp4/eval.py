@@ -222,22 +222,9 @@ def score(model, autocast, groups: list[np.ndarray], batch_size: int, device, pr
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    from .config import ConfigError
-    from .data import DataError
-    from .precision import PolicyError
-    from .train.errors import CheckpointError
-    from .train.trained import DeviceError, RunPathError
+    from .train.trained import run_command
 
-    try:
-        _, table = evaluate(args)
-    except (RunPathError, DeviceError, CheckpointError, ConfigError, DataError, PolicyError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("\ninterrupted", file=sys.stderr)
-        return 130
-    print(table, flush=True)
-    return 0
+    return run_command(lambda: evaluate(args)[1])
 
 
 def evaluate(args) -> tuple[list, str]:

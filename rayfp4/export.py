@@ -66,19 +66,9 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    from .config import ConfigError
-    from .data import DataError
-    from .precision import PolicyError
-    from .train.errors import CheckpointError
-    from .train.trained import RunPathError
+    from .train.trained import run_command
 
-    try:
-        out = export(args)
-    except (ExportInputError, RunPathError, CheckpointError, ConfigError, DataError, PolicyError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(f"[export] wrote {out}", flush=True)
-    return 0
+    return run_command(lambda: f"[export] wrote {export(args)}", ExportInputError)
 
 
 def export(args) -> Path:

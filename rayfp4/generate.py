@@ -53,23 +53,13 @@ def _check(args) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    from .config import ConfigError
-    from .data import DataError
-    from .precision import PolicyError
-    from .train.errors import CheckpointError
-    from .train.trained import DeviceError, RunPathError
+    from .train.trained import run_command
 
-    try:
+    def action() -> str:
         _check(args)
-        text = generate_text(args)
-    except (GenerateInputError, RunPathError, DeviceError, CheckpointError, ConfigError, DataError, PolicyError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("\ninterrupted", file=sys.stderr)
-        return 130
-    print(text, flush=True)
-    return 0
+        return generate_text(args)
+
+    return run_command(action, GenerateInputError)
 
 
 def generate_text(args) -> str:

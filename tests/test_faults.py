@@ -88,16 +88,21 @@ def assert_same_run(run: Path, clean: Path) -> None:
 
 # -- the listening sockets of this process tree (Ray's, the workers', torch.distributed's) --------
 
-def _descendants(pid: int) -> set[int]:
-    children: dict[int, list[int]] = {}
+def _processes():
+    """(pid, the fields of /proc/pid/stat after the command name: state, ppid, pgrp, ...)."""
     for d in os.listdir("/proc"):
         if d.isdigit():
             try:
                 stat = Path(f"/proc/{d}/stat").read_text()
             except OSError:
                 continue
-            ppid = int(stat[stat.rindex(")") + 2:].split()[1])
-            children.setdefault(ppid, []).append(int(d))
+            yield int(d), stat.rsplit(")", 1)[1].split()
+
+
+def _descendants(pid: int) -> set[int]:
+    children: dict[int, list[int]] = {}
+    for child, fields in _processes():
+        children.setdefault(int(fields[1]), []).append(child)
     out, todo = set(), [pid]
     while todo:
         p = todo.pop()
@@ -227,17 +232,8 @@ def _driver(base: Path, name: str, *extra: str) -> subprocess.Popen:
 
 
 def _group(pgid: int) -> list[int]:
-    pids = []
-    for d in os.listdir("/proc"):
-        if d.isdigit():
-            try:
-                stat = Path(f"/proc/{d}/stat").read_text()
-            except OSError:
-                continue
-            fields = stat.rsplit(")", 1)[1].split()
-            if int(fields[2]) == pgid and fields[0] != "Z":
-                pids.append(int(d))
-    return pids
+    """The live (not zombie) processes of process group ``pgid``."""
+    return [pid for pid, fields in _processes() if int(fields[2]) == pgid and fields[0] != "Z"]
 
 
 def _reap(proc: subprocess.Popen) -> None:

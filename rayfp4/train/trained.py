@@ -76,6 +76,28 @@ def pick_device(name: str | None) -> torch.device:
     return device
 
 
+def run_command(action: Callable[[], str], *errors: type[Exception]) -> int:
+    """The body of eval, generate and export: print what ``action`` returns and exit 0. A user's
+    mistake (the path, the checkpoint, the run's config, data, policy or device, or one of
+    ``errors``) is one line on stderr and exit 2; Ctrl-C is exit 130."""
+    import sys
+
+    from ..config import ConfigError
+    from ..data import DataError
+    from ..precision import PolicyError
+
+    try:
+        text = action()
+    except (RunPathError, DeviceError, CheckpointError, ConfigError, DataError, PolicyError, *errors) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+    print(text, flush=True)
+    return 0
+
+
 @dataclass
 class Variant:
     """One trained variant's folder and the settings it ran with."""

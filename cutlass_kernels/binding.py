@@ -6,6 +6,7 @@ What it offers:
   FP32 accumulation, FP32 ``alpha`` in the epilogue, one rounding to BF16. ``a`` is [M, K], ``b``
   is [N, K]; either may be the transpose view of a contiguous tensor (``W.t()``, ``dy.t()``), which
   picks the kernel built for that memory order instead of copying (see ``specs.py``).
+  ``out_dtype=torch.float32`` writes ``fp32(alpha * a @ b.T)`` instead (the Wgrad kernel).
 * ``gemm_nvfp4_emulated(a, b)``: the exact emulation of the NVFP4 GEMM on Hopper (recipe section
   8): both operands dequantized without their tensor factor (E2M1 x E4M3, exact in BF16), then
   ``gemm_bf16_alpha`` with ``alpha = rayfp4.formats.quantized.gemm_alpha(a, b)``.
@@ -62,6 +63,7 @@ class Availability:
     ok: bool
     reason: str
     family: str | None = None  # "bf16_alpha" (Hopper emulation) or "nvfp4" (Blackwell native)
+    wgrad: bool = False  # an FP32-output kernel is built, so Wgrad runs on CUTLASS too
 
     def __bool__(self) -> bool:
         return self.ok
@@ -102,10 +104,20 @@ def available(device: torch.device | str | int | None = None, root: Path | None 
     if arch == "sm90a":
         if "sm90a_bf16_kk" not in built:
             return Availability(False, f"{name} (9.0) needs the sm90a kernels: {_build_hint('sm90a')}")
-        return Availability(True, f"{name} (9.0): exact NVFP4 emulation via the sm_90a BF16 GEMM", "bf16_alpha")
-    if not any(k.startswith("sm100a_nvfp4") for k in built):
+        wgrad = "sm90a_bf16_kk_f32out" in built
+        return Availability(True, f"{name} (9.0): exact NVFP4 emulation via the sm_90a BF16 GEMM"
+                            + _wgrad_note(wgrad, "sm90a", "sm90a_bf16_kk_f32out"), "bf16_alpha", wgrad)
+    if not any(k.startswith("sm100a_nvfp4") and not k.endswith("_f32out") for k in built):
         return Availability(False, f"{name} (10.0) needs the sm100a kernels: {_build_hint('sm100a')}")
-    return Availability(True, f"{name} (10.0): native NVFP4 block-scaled GEMM (sm_100a)", "nvfp4")
+    wgrad = any(k.startswith("sm100a_nvfp4") and k.endswith("_f32out") for k in built)
+    return Availability(True, f"{name} (10.0): native NVFP4 block-scaled GEMM (sm_100a)"
+                        + _wgrad_note(wgrad, "sm100a", "sm100a_nvfp4_128x128_f32out"), "nvfp4", wgrad)
+
+
+def _wgrad_note(built: bool, arch: str, key: str) -> str:
+    if built:
+        return "; Wgrad too (FP32 output)"
+    return f"; Wgrad (FP32 output) falls back to the Triton GEMM until {_build_hint(arch, key)}"
 
 
 def _build_hint(arch: str, key: str | None = None) -> str:
@@ -243,12 +255,14 @@ def _shape(t) -> str:
     return "x".join(str(s) for s in t.shape)
 
 
-def check_bf16_operands(a: torch.Tensor, b: torch.Tensor, what: str = "gemm_bf16_alpha") -> tuple[int, int, int]:
+def check_bf16_operands(a: torch.Tensor, b: torch.Tensor, what: str = "gemm_bf16_alpha",
+                        out_dtype: torch.dtype = torch.bfloat16) -> tuple[int, int, int]:
     """Validate ``a`` [M, K] and ``b`` [N, K] for the BF16 GEMM; return (M, N, K).
 
     Checked: tensors, 2-D, BF16, same CUDA device, matching K, nonempty, int32 extents, and the
     16-byte alignment TMA needs along each operand's contiguous dimension and of the output rows
-    (K % 8 for K-major operands, M % 8 / N % 8 for transposed ones, N % 8 for the output).
+    (K % 8 for K-major operands, M % 8 / N % 8 for transposed ones, N % 8 for a BF16 output and
+    N % 4 for an FP32 one).
     Device placement is checked by the caller (this is also used on CPU tensors in tests).
     """
     for name, t in (("a", a), ("b", b)):
@@ -268,13 +282,13 @@ def check_bf16_operands(a: torch.Tensor, b: torch.Tensor, what: str = "gemm_bf16
     if a.device != b.device:
         raise ValueError(f"{what}: a is on {a.device} and b on {b.device}; they must share one CUDA device")
     order, ca, cb = operand_order(a, b)
-    el = _TMA_BYTES // 2
     need = {
         "a": ("K", k) if order[0] == "k" else ("M", m),
         "b": ("K", k) if order[1] == "k" else ("N", n),
         "y": ("N", n),
     }
     for name, (dim, v) in need.items():
+        el = _TMA_BYTES // (_out_itemsize(out_dtype, what) if name == "y" else 2)
         if v % el:
             label = {"a": f"a {_shape(a)}", "b": f"b {_shape(b)}", "y": f"the output [{m}, {n}]"}[name]
             raise ValueError(
@@ -287,13 +301,13 @@ def check_bf16_operands(a: torch.Tensor, b: torch.Tensor, what: str = "gemm_bf16
     return m, n, k
 
 
-def check_nvfp4_operands(a, b, what: str = "gemm_nvfp4") -> tuple[int, int, int]:
+def check_nvfp4_operands(a, b, what: str = "gemm_nvfp4", out_dtype: torch.dtype = torch.bfloat16) -> tuple[int, int, int]:
     """Validate two NVFP4Tensors a [M, K] and b [N, K] for the native GEMM; return (M, N, K).
 
     Checked: quantized along the same K; packed data uint8 [rows, K/2] contiguous; scales
     float8_e4m3fn [rows, K/16]; same device; same Hadamard domain (Wgrad operands are both
     transformed, Fprop/Dgrad both not: mixing them computes garbage); K % 32 == 0 (16-byte TMA
-    rows of E2M1); N % 8 == 0 (16-byte BF16 output rows).
+    rows of E2M1); 16-byte output rows (N % 8 for BF16, N % 4 for FP32).
     """
     for name, t in (("a", a), ("b", b)):
         if not isinstance(t, NVFP4Tensor):
@@ -315,8 +329,10 @@ def check_nvfp4_operands(a, b, what: str = "gemm_nvfp4") -> tuple[int, int, int]
     _check_same_domain(a, b, what)
     if k % 32:
         raise ValueError(f"{what}: K = {k} (a {m}x{k}, b {n}x{k}) must be a multiple of 32 for the FP4 TMA loads")
-    if n % 8:
-        raise ValueError(f"{what}: N = {n} (b {n}x{k}) must be a multiple of 8 for the BF16 output rows")
+    per_row = _TMA_BYTES // _out_itemsize(out_dtype, what)
+    if n % per_row:
+        name = {"bf16": "BF16", "f32": "FP32"}[_DTYPE_NAME[out_dtype]]
+        raise ValueError(f"{what}: N = {n} (b {n}x{k}) must be a multiple of {per_row} for the {name} output rows")
     if max(m, n, k) > _INT_MAX:
         raise ValueError(f"{what}: extents must fit in int32")
     return m, n, k
@@ -328,6 +344,16 @@ def _check_same_domain(a, b, what: str) -> None:
             f"{what}: a.rht={a.rht} but b.rht={b.rht}: both operands must be in the same (Hadamard or "
             "plain) domain for the transform to cancel"
         )
+
+
+_OUT_SUFFIX = {torch.bfloat16: "", torch.float32: "_f32out"}
+_DTYPE_NAME = {torch.bfloat16: "bf16", torch.float32: "f32"}
+
+
+def _out_itemsize(out_dtype: torch.dtype, what: str) -> int:
+    if out_dtype not in _OUT_SUFFIX:
+        raise ValueError(f"{what}: out_dtype must be torch.bfloat16 or torch.float32, got {out_dtype}")
+    return torch.empty((), dtype=out_dtype).element_size()
 
 
 def _alpha_args(alpha, device: torch.device, what: str) -> tuple[float, int | None, torch.Tensor | None]:
@@ -356,11 +382,11 @@ def _require(device: torch.device, arch: str, what: str) -> None:
         )
 
 
-def _check_out(out, m: int, n: int, device, what: str) -> torch.Tensor:
+def _check_out(out, m: int, n: int, device, what: str, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
     if out is None:
-        return torch.empty(m, n, dtype=torch.bfloat16, device=device)
-    if out.shape != (m, n) or out.dtype != torch.bfloat16 or out.device != device or not out.is_contiguous():
-        raise ValueError(f"{what}: out must be a contiguous bfloat16 [{m}, {n}] tensor on {device}, got {out.dtype} {_shape(out)} on {out.device}")
+        return torch.empty(m, n, dtype=dtype, device=device)
+    if out.shape != (m, n) or out.dtype != dtype or out.device != device or not out.is_contiguous():
+        raise ValueError(f"{what}: out must be a contiguous {str(dtype).removeprefix('torch.')} [{m}, {n}] tensor on {device}, got {out.dtype} {_shape(out)} on {out.device}")
     if out.data_ptr() % _TMA_BYTES:
         raise ValueError(f"{what}: out data pointer is not 16-byte aligned")
     return out
@@ -375,23 +401,30 @@ def _raise_status(rc: int, err: ctypes.Array, what: str) -> None:
 # The GEMMs
 
 
-def kernel_for(a: torch.Tensor, b: torch.Tensor, root: Path | None = None) -> tuple[str, bool, bool]:
+def kernel_for(a: torch.Tensor, b: torch.Tensor, root: Path | None = None,
+               out_dtype: torch.dtype = torch.bfloat16) -> tuple[str, bool, bool]:
     """(kernel key, copy_a, copy_b) that ``gemm_bf16_alpha`` will use for these operands.
 
-    A memory order whose kernel is not built falls back to the K-major (``kk``) kernel on
-    contiguous copies: correct, but one extra read+write of each copied operand.
+    A memory order whose kernel is not built (or, for an FP32 output, does not exist: only
+    ``kk`` has an FP32 kernel) falls back to the K-major (``kk``) kernel on contiguous copies:
+    correct, but one extra read+write of each copied operand.
     """
+    suffix = _OUT_SUFFIX[out_dtype]
     order, ca, cb = operand_order(a, b)
-    key = f"sm90a_bf16_{order}"
+    key = f"sm90a_bf16_{order}{suffix}"
     if order != "kk" and not is_built(key, root):
-        return "sm90a_bf16_kk", ca or order[0] != "k", cb or order[1] != "k"
+        return f"sm90a_bf16_kk{suffix}", ca or order[0] != "k", cb or order[1] != "k"
     return key, ca, cb
 
 
 def gemm_bf16_alpha(
-    a: torch.Tensor, b: torch.Tensor, alpha=1.0, out: torch.Tensor | None = None, kernel: str | None = None
+    a: torch.Tensor, b: torch.Tensor, alpha=1.0, out: torch.Tensor | None = None, kernel: str | None = None,
+    out_dtype: torch.dtype = torch.bfloat16,
 ) -> torch.Tensor:
     """``bf16(alpha * (a @ b.T))`` on sm_90a: a [M, K], b [N, K] BF16, FP32 accumulate, FP32 alpha.
+
+    ``out_dtype=torch.float32``: ``fp32(alpha * (a @ b.T))`` (the FP32-output kernel, ``kk``
+    order only; other layouts are copied to it).
 
     ``alpha``: a float, or a 1-element float32 tensor on the operands' device (read there; use
     this on the training path to avoid a host sync). The three training GEMMs map to::
@@ -404,14 +437,16 @@ def gemm_bf16_alpha(
     operands' memory order. By default ``kernel_for`` picks the one built for that order.
     """
     what = "gemm_bf16_alpha"
-    m, n, k = check_bf16_operands(a, b, what)
+    m, n, k = check_bf16_operands(a, b, what, out_dtype)
     _require(a.device, "sm90a", what)
     if kernel is None:
-        key, ca, cb = kernel_for(a, b)
+        key, ca, cb = kernel_for(a, b, out_dtype=out_dtype)
     else:
         spec = BY_KEY.get(kernel)
         if spec is None or spec.family != "bf16_alpha":
             raise ValueError(f"{what}: {kernel!r} is not a BF16 kernel; known: {[s.key for s in KERNELS if s.family == 'bf16_alpha']}")
+        if spec.out != _DTYPE_NAME[out_dtype]:
+            raise ValueError(f"{what}: kernel {kernel} writes {spec.out}, but out_dtype is {out_dtype}")
         order, ca, cb = operand_order(a, b)
         if order != spec.order:
             raise ValueError(f"{what}: kernel {kernel} is for memory order {spec.order!r}, the operands are {order!r}")
@@ -422,7 +457,7 @@ def gemm_bf16_alpha(
         b = b.contiguous()
     kernel = load(key)
     alpha_f, alpha_ptr, _keep = _alpha_args(alpha, a.device, what)
-    out = _check_out(out, m, n, a.device, what)
+    out = _check_out(out, m, n, a.device, what, out_dtype)
     err = ctypes.create_string_buffer(_ERR_LEN)
     with torch.cuda.device(a.device):
         ws = kernel.workspace(m, n, k, a.device)
@@ -437,7 +472,8 @@ def gemm_bf16_alpha(
 
 
 def gemm_nvfp4_emulated(
-    a, b, out: torch.Tensor | None = None, *, operands: tuple[torch.Tensor, torch.Tensor] | None = None, alpha=None
+    a, b, out: torch.Tensor | None = None, *, operands: tuple[torch.Tensor, torch.Tensor] | None = None, alpha=None,
+    out_dtype: torch.dtype = torch.bfloat16,
 ) -> torch.Tensor:
     """The NVFP4 GEMM ``a @ b.T`` of two NVFP4Tensors, emulated exactly on Hopper.
 
@@ -447,35 +483,48 @@ def gemm_nvfp4_emulated(
 
     ``operands`` (a's and b's ``dequantize_unscaled(torch.bfloat16)``) and ``alpha`` (a 1-element
     FP32 tensor on the device) are for callers that have them from faster kernels; they must be
-    those values.
+    those values. ``out_dtype``: BF16 (Fprop, Dgrad) or FP32 (Wgrad).
     """
     _check_same_domain(a, b, "gemm_nvfp4_emulated")
     if operands is None:
         operands = (a.dequantize_unscaled(torch.bfloat16), b.dequantize_unscaled(torch.bfloat16))
     if alpha is None:
         alpha = gemm_alpha(a, b).reshape(1)
-    return gemm_bf16_alpha(*operands, alpha, out=out)
+    return gemm_bf16_alpha(*operands, alpha, out=out, out_dtype=out_dtype)
 
 
-def gemm_nvfp4(a, b, kernel: str | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+def nvfp4_kernel_for(m: int, n: int, out_dtype: torch.dtype = torch.bfloat16, root: Path | None = None) -> str:
+    """The ``sm100a_nvfp4_*`` kernel ``gemm_nvfp4`` picks: the 2-SM 256x256 tile when M and N are
+    both >= 256 and it is built, else the 1-SM 128x128 one; the ``_f32out`` twin for FP32."""
+    suffix = _OUT_SUFFIX[out_dtype]
+    big = f"sm100a_nvfp4_256x256{suffix}"
+    return big if min(m, n) >= 256 and is_built(big, root) else f"sm100a_nvfp4_128x128{suffix}"
+
+
+def gemm_nvfp4(a, b, kernel: str | None = None, out: torch.Tensor | None = None,
+               out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
     """``bf16(alpha * sum_k a_k b_k)`` with the native NVFP4 block-scaled MMA (sm_100a only).
 
     a [M, K], b [N, K]: NVFP4Tensors quantized along K. ``kernel``: a ``sm100a_nvfp4_*`` key;
-    by default the 2-SM 256x256 tile when M and N are both >= 256, else the 1-SM 128x128 one.
+    by default :func:`nvfp4_kernel_for`. ``out_dtype=torch.float32`` (Wgrad) writes
+    ``fp32(alpha * sum_k a_k b_k)`` with the ``_f32out`` kernels.
     NOT YET RUN ON HARDWARE: no Blackwell GPU was available when this was written.
     """
     what = "gemm_nvfp4"
-    m, n, k = check_nvfp4_operands(a, b, what)
+    m, n, k = check_nvfp4_operands(a, b, what, out_dtype)
     device = a.data.device
     _require(device, "sm100a", what)
     if kernel is None:
-        kernel = "sm100a_nvfp4_256x256" if min(m, n) >= 256 and is_built("sm100a_nvfp4_256x256") else "sm100a_nvfp4_128x128"
-    if BY_KEY.get(kernel) is None or BY_KEY[kernel].family != "nvfp4":
+        kernel = nvfp4_kernel_for(m, n, out_dtype)
+    spec = BY_KEY.get(kernel)
+    if spec is None or spec.family != "nvfp4":
         raise ValueError(f"{what}: {kernel!r} is not an NVFP4 kernel; known: {[s.key for s in KERNELS if s.family == 'nvfp4']}")
+    if spec.out != _DTYPE_NAME[out_dtype]:
+        raise ValueError(f"{what}: kernel {kernel} writes {spec.out}, but out_dtype is {out_dtype}")
     lib = load(kernel)
     sfa, sfb = a.blocked_scale(), b.blocked_scale()
     alpha = gemm_alpha(a, b).reshape(1).to(device)
-    out = _check_out(out, m, n, device, what)
+    out = _check_out(out, m, n, device, what, out_dtype)
     err = ctypes.create_string_buffer(_ERR_LEN)
     with torch.cuda.device(device):
         ws = lib.workspace(m, n, k, device)
@@ -497,6 +546,7 @@ __all__ = [
     "is_built",
     "operand_order",
     "kernel_for",
+    "nvfp4_kernel_for",
     "check_bf16_operands",
     "check_nvfp4_operands",
     "gemm_bf16_alpha",

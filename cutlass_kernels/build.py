@@ -284,6 +284,7 @@ def _meta(spec: KernelSpec, op, nvcc: Nvcc, digest: str, lib: Path) -> dict:
         "arch": spec.arch,
         "family": spec.family,
         "order": spec.order,
+        "out": spec.out,
         "cutlass_name": op.procedural_name(),
         "cutlass_version": cutlass_version(),
         "nvcc": nvcc.banner,

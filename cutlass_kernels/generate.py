@@ -118,25 +118,27 @@ def _matches(spec: KernelSpec, op) -> bool:
         return False
     if op.epilogue_functor.name != "LinearCombination":
         return False
+    if op.D.element.name != spec.out:
+        return False
     if spec.family == "bf16_alpha":
-        # void C: no source operand, so the epilogue is exactly D = bf16(alpha * acc).
+        # void C: no source operand, so the epilogue is exactly D = out(alpha * acc).
         return (
             op.A.element.name == "bf16"
             and op.B.element.name == "bf16"
             and op.C.element.name == "void"
-            and op.D.element.name == "bf16"
             and op.tile_description.math_instruction.element_accumulator.name == "f32"
         )
-    # nvfp4: E2M1 operands with UE4M3 scales (NVFP4, 16-element blocks by the Nvf4 schedule),
-    # BF16 output; C is BF16 in every generated FP4 kernel and is never read with beta = 0.
+    # nvfp4: E2M1 operands with UE4M3 scales (NVFP4, 16-element blocks by the Nvf4 schedule).
+    # C is BF16 in every generated FP4 kernel with a BF16 output (never read: beta = 0) and void
+    # in those with an FP32 output.
     return (
         op.A.element.name == "e2m1"
         and op.B.element.name == "e2m1"
         and op.ScaleFactorA.name == "ue4m3"
         and op.ScaleFactorB.name == "ue4m3"
-        and op.D.element.name == "bf16"
+        and op.C.element.name == ("bf16" if spec.out == "bf16" else "void")
         and op.tile_description.math_instruction.element_accumulator.name == "f32"
-        and op.ScaleFactorD.element.name == "void"  # no output scale factors: plain BF16 out
+        and op.ScaleFactorD.element.name == "void"  # no output scale factors: a plain output
     )
 
 
@@ -250,7 +252,7 @@ int run_gemm(typename Gemm::Arguments& args, void* workspace, size_t workspace_b
 RAYFP4_EXPORT const char* ${symbol}_name() { return "${name}"; }
 """
 
-# y[m, n] (row-major) = bf16(alpha * a[m, k] b[n, k]^T), computed as the column-major
+# y[m, n] (row-major) = out(alpha * a[m, k] b[n, k]^T), computed as the column-major
 # D[n, m] = b a^T: CUTLASS's A is b ([n, k]), its B is a^T ([k, m]); packed strides of the
 # layouts fixed by the kernel type (which of a/b is K-major is the kernel's "order").
 _BF16_ARGS = r"""
@@ -279,7 +281,7 @@ typename Gemm::Arguments make_arguments(int m, int n, int k, const void* a, cons
 """
 
 _BF16_ENTRY = r"""
-// y[m, n] = bf16(alpha * sum_k a[m, k] * b[n, k]) with FP32 accumulation; bf16 pointers.
+// y[m, n] = ${out}(alpha * sum_k a[m, k] * b[n, k]) with FP32 accumulation; bf16 a and b, ${out} y.
 // alpha_ptr (device, FP32) overrides alpha when non-null. Returns 0 or an error code (message in err).
 RAYFP4_EXPORT int ${symbol}_run(int m, int n, int k, const void* a, const void* b, void* y,
                                 float alpha, const float* alpha_ptr, void* workspace,
@@ -320,8 +322,8 @@ typename Gemm::Arguments make_arguments(int m, int n, int k, const void* a, cons
   args.mainloop.layout_SFB = SfConfig::tile_atom_to_shape_SFB(shape);
   args.epilogue.thread.alpha = alpha;
   args.epilogue.thread.alpha_ptr = alpha_ptr;
-  args.epilogue.thread.beta = 0.0f;  // C is never read
-  args.epilogue.ptr_C = reinterpret_cast<decltype(args.epilogue.ptr_C)>(y);
+  args.epilogue.thread.beta = 0.0f;  // C is never read (or void)
+  args.epilogue.ptr_C = ${ptr_c};
   args.epilogue.dC = cutlass::make_cute_packed_stride(StrideC{}, {m, n, 1});
   args.epilogue.ptr_D = reinterpret_cast<decltype(args.epilogue.ptr_D)>(y);
   args.epilogue.dD = cutlass::make_cute_packed_stride(StrideD{}, {m, n, 1});
@@ -332,7 +334,7 @@ typename Gemm::Arguments make_arguments(int m, int n, int k, const void* a, cons
 """
 
 _NVFP4_ENTRY = r"""
-// y[m, n] = bf16(alpha * sum_k e2m1(a[m,k]) sfa[m,k/16] e2m1(b[n,k]) sfb[n,k/16]), FP32 accumulation.
+// y[m, n] = ${out}(alpha * sum_k e2m1(a[m,k]) sfa[m,k/16] e2m1(b[n,k]) sfb[n,k/16]), FP32 accumulation.
 // alpha_ptr (device, FP32) overrides alpha when non-null. Returns 0 or an error code (message in err).
 RAYFP4_EXPORT int ${symbol}_run(int m, int n, int k, const void* a, const void* sfa, const void* b,
                                 const void* sfb, void* y, float alpha, const float* alpha_ptr,
@@ -374,6 +376,9 @@ def emit_source(spec: KernelSpec, operation) -> str:
         "key": spec.key,
         "symbol": spec.symbol,
         "kernel_definition": Emitter().emit(operation),
+        "out": spec.out,
+        # a BF16-output FP4 kernel has a (never read) BF16 C: point it at y; a void C takes nullptr
+        "ptr_c": "nullptr" if spec.out == "f32" else "reinterpret_cast<decltype(args.epilogue.ptr_C)>(y)",
     }
     values["make_arguments"] = _substitute(args, values)
     return _substitute(_PRELUDE, values) + _substitute(entry, values)

@@ -30,6 +30,13 @@ Two families:
     (packed E2M1, [M, K/2] and [N, K/2] bytes), scales in the 128x4 blocked layout, ``alpha``
     the product of the two tensor factors. CUTLASS only offers TN for FP4, and NVFP4 tensors
     are always stored quantized along K, so no other order is needed.
+
+Each family comes in two output types (``out``): BF16 for Fprop and Dgrad, whose outputs are
+activations, and FP32 for Wgrad, whose output is the weight gradient that is accumulated into the
+FP32 master gradient (recipe section 6: the Wgrad result is not rounded to BF16). The FP32 kernels
+have the same mainloop as their BF16 twins; only the epilogue writes ``fp32(alpha * acc)``. On
+Hopper the Wgrad operands reach the GEMM as the two NVFP4Tensors' dequantized rows, both K-major
+(K = tokens), so only the ``kk`` order needs an FP32 kernel.
 """
 
 from __future__ import annotations
@@ -59,6 +66,7 @@ class KernelSpec:
     schedule:  CUTLASS's kernel schedule (``KernelScheduleType`` name)
     epilogue:  CUTLASS's epilogue schedule (``EpilogueScheduleType`` name); TMA epilogues only:
                they stage the output tile through shared memory for full-width stores
+    out:       element type of the output: "bf16" (Fprop, Dgrad) or "f32" (Wgrad)
     default:   built by ``--arch`` without ``--kernels``
     """
 
@@ -71,6 +79,7 @@ class KernelSpec:
     cutlass_layout: str
     schedule: str
     epilogue: str
+    out: str = "bf16"
     default: bool = True
 
     @property
@@ -97,9 +106,9 @@ _SM90_CLUSTER = (1, 2, 1)
 
 
 def _sm90(order: str, tile=_SM90_TILE, cluster=_SM90_CLUSTER, schedule="TmaWarpSpecializedCooperative",
-          variant: str = "", default: bool | None = None) -> KernelSpec:
+          variant: str = "", default: bool | None = None, out: str = "bf16") -> KernelSpec:
     return KernelSpec(
-        key=f"sm90a_bf16_{order}" + (f"_{variant}" if variant else ""),
+        key=f"sm90a_bf16_{order}" + (f"_{variant}" if variant else "") + ("_f32out" if out == "f32" else ""),
         arch="sm90a",
         family="bf16_alpha",
         order=order,
@@ -109,12 +118,32 @@ def _sm90(order: str, tile=_SM90_TILE, cluster=_SM90_CLUSTER, schedule="TmaWarpS
         schedule=schedule,
         # the TMA epilogue matching the mainloop's warp roles
         epilogue="TmaWarpSpecializedCooperative" if schedule.endswith("Cooperative") else "TmaWarpSpecialized",
+        out=out,
         default=(order != "mk" and not variant) if default is None else default,
+    )
+
+
+def _sm100(tile: str, out: str = "bf16") -> KernelSpec:
+    two_sm = tile == "256x256"
+    return KernelSpec(
+        key=f"sm100a_nvfp4_{tile}" + ("_f32out" if out == "f32" else ""),
+        arch="sm100a",
+        family="nvfp4",
+        order="kk",
+        tile=(256, 256, 256) if two_sm else (128, 128, 256),
+        cluster=(2, 1, 1) if two_sm else (1, 1, 1),
+        cutlass_layout="tnt",
+        schedule="Nvf4TmaWarpSpecialized2SmSm100" if two_sm else "Nvf4TmaWarpSpecialized1SmSm100",
+        # the builder picks the 2-SM TMA epilogue for the 2-SM tile
+        epilogue="ScheduleAuto" if two_sm else "TmaWarpSpecialized1Sm",
+        out=out,
     )
 
 
 KERNELS: tuple[KernelSpec, ...] = (
     *(_sm90(order) for order in ("kk", "kn", "mn", "mk")),
+    # Wgrad of the NVFP4 emulation: FP32 output, the same tile as the BF16 kernels.
+    _sm90("kk", out="f32"),
     # Tuning candidates (never built by default): other tiles/clusters CUTLASS's generator offers
     # for the same problem; `bench/gemm.py --variants` compares them. On the H200 (2026-11-28,
     # BENCHMARKS-cutlass.md) neither beat the default beyond the run-to-run spread on the three
@@ -125,28 +154,10 @@ KERNELS: tuple[KernelSpec, ...] = (
     # Blackwell: a 2-SM 256x256 tile for the big LLM GEMMs (the largest FP4 tile CUTLASS offers;
     # 2-SM MMA halves the B traffic per SM) and a 1-SM 128x128 one for small or ragged problems
     # (a few tiles per SM keep 148 SMs busy when M*N is small).
-    KernelSpec(
-        key="sm100a_nvfp4_256x256",
-        arch="sm100a",
-        family="nvfp4",
-        order="kk",
-        tile=(256, 256, 256),
-        cluster=(2, 1, 1),
-        cutlass_layout="tnt",
-        schedule="Nvf4TmaWarpSpecialized2SmSm100",
-        epilogue="ScheduleAuto",  # the builder picks the 2-SM TMA epilogue
-    ),
-    KernelSpec(
-        key="sm100a_nvfp4_128x128",
-        arch="sm100a",
-        family="nvfp4",
-        order="kk",
-        tile=(128, 128, 256),
-        cluster=(1, 1, 1),
-        cutlass_layout="tnt",
-        schedule="Nvf4TmaWarpSpecialized1SmSm100",
-        epilogue="TmaWarpSpecialized1Sm",
-    ),
+    _sm100("256x256"),
+    _sm100("128x128"),
+    _sm100("256x256", out="f32"),
+    _sm100("128x128", out="f32"),
 )
 
 BY_KEY = {k.key: k for k in KERNELS}

@@ -41,6 +41,18 @@ def test_unbuilt_order_falls_back_to_kk_on_copies(tmp_path, monkeypatch):
     assert binding.kernel_for(dy, w.t()) == ("sm90a_bf16_kk", False, True)
     assert binding.kernel_for(dy.t(), dy.t()) == ("sm90a_bf16_kk", True, True)
     assert binding.kernel_for(dy, dy) == ("sm90a_bf16_kk", False, False)
+    # FP32 output (Wgrad): only the kk kernel exists, so a transposed operand is always copied
+    assert binding.kernel_for(dy, dy, out_dtype=torch.float32) == ("sm90a_bf16_kk_f32out", False, False)
+    assert binding.kernel_for(dy.t(), dy.t(), out_dtype=torch.float32) == ("sm90a_bf16_kk_f32out", True, True)
+
+
+def test_native_kernel_choice_follows_size_and_output(tmp_path, monkeypatch):
+    monkeypatch.setenv("RAYFP4_CACHE", str(tmp_path))  # nothing built: the 1-SM tile
+    assert binding.nvfp4_kernel_for(4096, 4096) == "sm100a_nvfp4_128x128"
+    assert binding.nvfp4_kernel_for(4096, 4096, torch.float32) == "sm100a_nvfp4_128x128_f32out"
+    monkeypatch.setattr(binding, "is_built", lambda key, root=None: True)
+    assert binding.nvfp4_kernel_for(4096, 4096, torch.float32) == "sm100a_nvfp4_256x256_f32out"
+    assert binding.nvfp4_kernel_for(128, 4096) == "sm100a_nvfp4_128x128"
 
 
 # ---- checks -------------------------------------------------------------------------------
@@ -51,6 +63,12 @@ def test_bf16_checks_accept_the_training_layouts():
     assert binding.check_bf16_operands(x, w) == (64, 48, 32)
     assert binding.check_bf16_operands(dy, w.t()) == (64, 32, 48)
     assert binding.check_bf16_operands(dy.t(), x.t()) == (48, 32, 64)
+    # an FP32 output row needs N % 4 (16 bytes), a BF16 one N % 8
+    assert binding.check_bf16_operands(bf16(8, 16), bf16(12, 16), out_dtype=torch.float32) == (8, 12, 16)
+    with pytest.raises(ValueError, match=r"the output \[8, 6\] has contiguous extent N = 6, not a multiple of 4"):
+        binding.check_bf16_operands(bf16(8, 16), bf16(6, 16), out_dtype=torch.float32)
+    with pytest.raises(ValueError, match="out_dtype must be torch.bfloat16 or torch.float32"):
+        binding.check_bf16_operands(x, w, out_dtype=torch.float16)
 
 
 @pytest.mark.parametrize(
@@ -111,8 +129,11 @@ def test_nvfp4_checks():
     assert binding.check_nvfp4_operands(a, b) == (64, 32, 64)
     with pytest.raises(ValueError, match="K = 48 .* multiple of 32"):
         binding.check_nvfp4_operands(q(8, 48), q(8, 48))
-    with pytest.raises(ValueError, match="N = 12 .* multiple of 8"):
+    with pytest.raises(ValueError, match="N = 12 .* multiple of 8 for the BF16 output"):
         binding.check_nvfp4_operands(q(8, 64), q(12, 64))
+    assert binding.check_nvfp4_operands(q(8, 64), q(12, 64), out_dtype=torch.float32) == (8, 12, 64)
+    with pytest.raises(ValueError, match="N = 6 .* multiple of 4 for the FP32 output"):
+        binding.check_nvfp4_operands(q(8, 64), q(6, 64), out_dtype=torch.float32)
     with pytest.raises(ValueError, match="K differs"):
         binding.check_nvfp4_operands(q(8, 64), q(8, 128))
     with pytest.raises(ValueError, match="same .*domain"):
@@ -174,7 +195,7 @@ def test_blocked_scales_match_cutlass_layout(rows, k):
 
 def test_cpu_is_never_available():
     av = binding.available("cpu")
-    assert not av and "need a CUDA device" in av.reason and av.family is None
+    assert not av and "need a CUDA device" in av.reason and av.family is None and not av.wgrad
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA path")

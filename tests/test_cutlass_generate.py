@@ -18,6 +18,10 @@ EXPECTED = {
     "sm90a_bf16_mk": "cutlass3x_sm90_tensorop_gemm_bf16_bf16_f32_void_bf16_256x128x64_1x2x1_0_ttn_align8_warpspecialized_cooperative_epi_tma",
     "sm100a_nvfp4_256x256": "cutlass3x_sm100_bstensorop_gemm_ue4m3xe2m1_ue4m3xe2m1_f32_bf16_bf16_256x256x256_2x1x1_0_tnt_align32_o_vs16_2sm",
     "sm100a_nvfp4_128x128": "cutlass3x_sm100_bstensorop_gemm_ue4m3xe2m1_ue4m3xe2m1_f32_bf16_bf16_128x128x256_1x1x1_0_tnt_align32_o_vs16_1sm",
+    # Wgrad: the same kernels with an FP32 output (and a void C)
+    "sm90a_bf16_kk_f32out": "cutlass3x_sm90_tensorop_gemm_bf16_bf16_f32_void_f32_256x128x64_1x2x1_0_tnn_align8_warpspecialized_cooperative_epi_tma",
+    "sm100a_nvfp4_256x256_f32out": "cutlass3x_sm100_bstensorop_gemm_ue4m3xe2m1_ue4m3xe2m1_f32_void_f32_256x256x256_2x1x1_0_tnt_align32_o_vs16_2sm",
+    "sm100a_nvfp4_128x128_f32out": "cutlass3x_sm100_bstensorop_gemm_ue4m3xe2m1_ue4m3xe2m1_f32_void_f32_128x128x256_1x1x1_0_tnt_align32_o_vs16_1sm",
     # tuning candidates (not built by default)
     "sm90a_bf16_kk_128x256_c2x1": "cutlass3x_sm90_tensorop_gemm_bf16_bf16_f32_void_bf16_128x256x64_2x1x1_0_tnn_align8_warpspecialized_cooperative_epi_tma",
     "sm90a_bf16_kk_256x128_c2x1": "cutlass3x_sm90_tensorop_gemm_bf16_bf16_f32_void_bf16_256x128x64_2x1x1_0_tnn_align8_warpspecialized_cooperative_epi_tma",
@@ -36,9 +40,10 @@ def test_every_spec_selects_one_expected_operation(selected):
 
 
 def test_sm90_operations_are_bf16_fp32acc_void_c_alpha_epilogue(selected):
-    for key in ("sm90a_bf16_kk", "sm90a_bf16_kn", "sm90a_bf16_mn"):
+    for key in ("sm90a_bf16_kk", "sm90a_bf16_kn", "sm90a_bf16_mn", "sm90a_bf16_kk_f32out"):
         op = selected[key]
-        assert (op.A.element.name, op.B.element.name, op.C.element.name, op.D.element.name) == ("bf16", "bf16", "void", "bf16")
+        out = "f32" if key.endswith("_f32out") else "bf16"
+        assert (op.A.element.name, op.B.element.name, op.C.element.name, op.D.element.name) == ("bf16", "bf16", "void", out)
         assert op.tile_description.math_instruction.element_accumulator.name == "f32"
         assert op.element_epilogue.name == "f32"  # alpha is FP32
         assert op.epilogue_functor.name == "LinearCombination"
@@ -67,12 +72,15 @@ def test_sm100_operations_are_nvfp4_block_scaled(selected):
     for key, tile, cluster, sched in (
         ("sm100a_nvfp4_256x256", (256, 256, 256), (2, 1, 1), "Nvf4TmaWarpSpecialized2SmSm100"),
         ("sm100a_nvfp4_128x128", (128, 128, 256), (1, 1, 1), "Nvf4TmaWarpSpecialized1SmSm100"),
+        ("sm100a_nvfp4_256x256_f32out", (256, 256, 256), (2, 1, 1), "Nvf4TmaWarpSpecialized2SmSm100"),
+        ("sm100a_nvfp4_128x128_f32out", (128, 128, 256), (1, 1, 1), "Nvf4TmaWarpSpecialized1SmSm100"),
     ):
         op = selected[key]
+        out, c = ("f32", "void") if key.endswith("_f32out") else ("bf16", "bf16")
         assert op.gemm_kind.name == "BlockScaledUniversal3x"
         assert (op.A.element.name, op.B.element.name) == ("e2m1", "e2m1")
         assert (op.ScaleFactorA.name, op.ScaleFactorB.name) == ("ue4m3", "ue4m3")
-        assert op.D.element.name == "bf16" and op.ScaleFactorD.element.name == "void"
+        assert (op.C.element.name, op.D.element.name) == (c, out) and op.ScaleFactorD.element.name == "void"
         assert (op.A.layout.name, op.B.layout.name, op.D.layout.name) == ("RowMajor", "ColumnMajor", "RowMajor")
         assert op.A.alignment == 32  # 16 bytes of E2M1
         assert tuple(op.tile_description.tile_shape) == tile
@@ -82,9 +90,11 @@ def test_sm100_operations_are_nvfp4_block_scaled(selected):
 
 
 def test_default_sets_are_small():
-    assert [k.key for k in specs.kernels_for("sm90a")] == ["sm90a_bf16_kk", "sm90a_bf16_kn", "sm90a_bf16_mn"]
-    assert [k.key for k in specs.kernels_for("sm100a")] == ["sm100a_nvfp4_256x256", "sm100a_nvfp4_128x128"]
-    assert len(specs.kernels_for("all")) == 5
+    assert [k.key for k in specs.kernels_for("sm90a")] == ["sm90a_bf16_kk", "sm90a_bf16_kn", "sm90a_bf16_mn",
+                                                           "sm90a_bf16_kk_f32out"]
+    assert [k.key for k in specs.kernels_for("sm100a")] == ["sm100a_nvfp4_256x256", "sm100a_nvfp4_128x128",
+                                                            "sm100a_nvfp4_256x256_f32out", "sm100a_nvfp4_128x128_f32out"]
+    assert len(specs.kernels_for("all")) == 8
     assert [k.key for k in specs.kernels_for("sm90a", ["sm90a_bf16_mk"])] == ["sm90a_bf16_mk"]
     with pytest.raises(ValueError, match="unknown arch"):
         specs.kernels_for("sm80")
@@ -102,6 +112,9 @@ def test_emitted_source_has_kernel_and_c_entry_points(selected):
             assert 'RAYFP4_EXPORT' in src and f"{spec.symbol}{suffix}" in src
         assert "alpha_ptr" in src
         assert "torch" not in src and "ATen" not in src  # no torch C++ ABI in the library
+        assert f"y[m, n] = {spec.out}(alpha" in src
+        if spec.out == "f32":
+            assert "ptr_C = nullptr" in src  # void C: no source operand to point at
         if spec.family == "bf16_alpha":
             assert "cute::make_shape(n, m, k, 1)" in src  # the transposed problem
         else:

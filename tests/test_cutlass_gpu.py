@@ -14,6 +14,8 @@ built libraries (``RAYFP4_CACHE``). The sm_100a test runs only on compute capabi
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import zlib
 
 import pytest
@@ -40,11 +42,32 @@ def nvfp4_like(rows: int, k: int, gen: torch.Generator) -> torch.Tensor:
     return (E2M1[codes] * scales.repeat_interleave(16, dim=1)).to(torch.bfloat16)
 
 
+def _unit(t: torch.Tensor) -> float:
+    """The largest power of two that divides every value of ``t`` (1.0 for an all-zero tensor)."""
+    exps = []
+    for v in t.detach().abs().double().unique().tolist():
+        if v:
+            m, e = math.frexp(v)  # v = m * 2^e, 0.5 <= m < 1
+            mant = int(m * 2**53)
+            exps.append(e - 53 + ((mant & -mant).bit_length() - 1))
+    return 2.0 ** min(exps) if exps else 1.0
+
+
 def assert_exact_sums(a: torch.Tensor, b: torch.Tensor) -> None:
-    """Precondition of the trick: all partial sums exact in FP32 in any order."""
+    """Precondition of the trick: all partial sums exact in FP32 in any order, i.e. every product
+    is a multiple of unit(a) * unit(b) and the sum of |products| stays below 2^24 such units."""
     bound = (a.double().abs() @ b.double().abs().T).max().item()
-    # products are multiples of 2^-6 (values: multiples of 0.5 * 2^-2 from the 1.25/1.75/... scales)
-    assert bound < 2.0**24 * 2.0**-6, f"sum of |products| {bound} too large for the exactness trick"
+    unit = _unit(a) * _unit(b)
+    assert bound < 2.0**24 * unit, f"sum of |products| {bound} is too large for the exactness trick (unit {unit})"
+
+
+def narrow_scales(q, gen: torch.Generator):
+    """``q`` with its block scales replaced by ones from SCALES: still a valid NVFP4Tensor (the same
+    codes and amax), whose dequantized operands satisfy the exactness trick at any K used here
+    (quantizing sets the scales relative to the tensor amax, up to 448, and their products
+    overflow the trick's budget)."""
+    idx = torch.randint(0, len(SCALES), tuple(q.scale.shape), generator=gen)
+    return dataclasses.replace(q, scale=SCALES[idx].to(torch.float8_e4m3fn).to(q.scale.device))
 
 
 def layouts(order: str, m: int, n: int, k: int, gen: torch.Generator):
@@ -87,6 +110,63 @@ def test_bf16_alpha_is_bit_exact(order, mnk):
         print(f"exact {order} {m}x{n}x{k} kernel={key} copies={ca, cb} alpha={'device' if isinstance(alpha, torch.Tensor) else 'host'}: "
               f"{ndiff} of {y.numel()} elements differ in bits")
         assert ndiff == 0
+
+
+needs_wgrad = pytest.mark.skipif(not _av.wgrad, reason=f"needs the FP32-output (Wgrad) kernel built: {_av.reason}")
+
+
+@needs_sm90
+@needs_wgrad
+@pytest.mark.parametrize("mnk", [(1024, 768, 2048), (1000, 260, 528), (4096, 256, 4096)])
+def test_fp32_output_kernel_is_bit_exact(mnk):
+    """The Wgrad kernel (``sm90a_bf16_kk_f32out``): fp32(alpha * acc), no BF16 rounding."""
+    m, n, k = mnk
+    gen = torch.Generator().manual_seed(zlib.crc32(f"f32{mnk}".encode()))
+    a, b = layouts("kk", m, n, k, gen)
+    assert_exact_sums(a, b)
+    assert binding.kernel_for(a, b, out_dtype=torch.float32) == ("sm90a_bf16_kk_f32out", False, False)
+    for alpha in (0.7131, torch.tensor([3.0517578125e-05 * 1.37], device="cuda")):
+        out = torch.full((m, n), float("nan"), dtype=torch.float32, device="cuda")  # poison
+        y = binding.gemm_bf16_alpha(a, b, alpha, out=out, out_dtype=torch.float32)
+        torch.cuda.synchronize()
+        ref = fp32_gemm(a, b, alpha, torch.float32)
+        ndiff = int((y.view(torch.int32) != ref.view(torch.int32)).sum())
+        print(f"exact f32-out {m}x{n}x{k}: {ndiff} of {y.numel()} elements differ in bits")
+        assert ndiff == 0
+    # A transposed layout is copied to the kk kernel, with the same result.
+    y2 = binding.gemm_bf16_alpha(a.t().contiguous().t(), b, 0.7131, out_dtype=torch.float32)
+    assert torch.equal(y2, fp32_gemm(a, b, 0.7131, torch.float32))
+
+
+@needs_sm90
+@needs_wgrad
+def test_cutlass_backend_runs_wgrad_and_matches_triton():
+    """Wgrad through the backend: the FP32 CUTLASS kernel, equal to the Triton path up to the FP32
+    summation order, and bit-exact on operands whose sums are exact."""
+    pytest.importorskip("triton")
+    from rayfp4.formats import nvfp4
+    from rayfp4.kernels import resolve
+
+    cut, tri = resolve("cutlass", "cuda"), resolve("triton", "cuda")
+    torch.manual_seed(5)
+    dy = torch.randn(2048, 768, device="cuda", dtype=torch.bfloat16)  # [T, out]
+    x = torch.randn(2048, 1024, device="cuda", dtype=torch.bfloat16)  # [T, in]
+    g = torch.Generator(device="cuda").manual_seed(6)
+    a = tri.quantize_nvfp4(dy.t(), (1, 16), "stochastic", True, g)
+    b = tri.quantize_nvfp4(x.t(), (1, 16), "nearest", True, None)
+    y = cut.gemm(a, b, torch.float32)
+    ref = tri.gemm(a, b, torch.float32)
+    assert y.dtype == torch.float32 and y.shape == (768, 1024)
+    d = (y - ref).abs().max().item()
+    scale = ref.abs().max().item()
+    print(f"wgrad cutlass vs triton 768x1024x2048: max diff {d:.3g} (max |dW| {scale:.3g})")
+    assert d <= 1e-5 * scale  # FP32 summation order only
+    gen = torch.Generator().manual_seed(7)
+    qa = narrow_scales(nvfp4.quantize(torch.randn(256, 1024, device="cuda")), gen)
+    qb = narrow_scales(nvfp4.quantize(torch.randn(512, 1024, device="cuda")), gen)
+    ea, eb = qa.dequantize_unscaled(torch.bfloat16), qb.dequantize_unscaled(torch.bfloat16)
+    assert_exact_sums(ea, eb)
+    assert torch.equal(cut.gemm(qa, qb, torch.float32), fp32_gemm(ea, eb, gemm_alpha(qa, qb), torch.float32))
 
 
 @needs_sm90
@@ -163,11 +243,15 @@ def test_native_nvfp4_matches_emulation_exactly():  # pragma: no cover - no Blac
 
     gen = torch.Generator().manual_seed(3)
     m, n, k = 1024, 768, 2048
-    a16, b16 = nvfp4_like(m, k, gen).cuda(), nvfp4_like(n, k, gen).cuda()
-    qa, qb = nvfp4.quantize(a16), nvfp4.quantize(b16)
+    qa = narrow_scales(nvfp4.quantize(torch.randn(m, k, device="cuda")), gen)
+    qb = narrow_scales(nvfp4.quantize(torch.randn(n, k, device="cuda")), gen)
     ea, eb = qa.dequantize_unscaled(torch.bfloat16), qb.dequantize_unscaled(torch.bfloat16)
     assert_exact_sums(ea, eb)
     ref = fp32_gemm(ea, eb, gemm_alpha(qa, qb), torch.bfloat16)
     for kernel in ("sm100a_nvfp4_256x256", "sm100a_nvfp4_128x128"):
         if binding.is_built(kernel):
             assert bits_equal(binding.gemm_nvfp4(qa, qb, kernel=kernel), ref), kernel
+    ref32 = fp32_gemm(ea, eb, gemm_alpha(qa, qb), torch.float32)
+    for kernel in ("sm100a_nvfp4_256x256_f32out", "sm100a_nvfp4_128x128_f32out"):
+        if binding.is_built(kernel):
+            assert torch.equal(binding.gemm_nvfp4(qa, qb, kernel=kernel, out_dtype=torch.float32), ref32), kernel

@@ -61,6 +61,22 @@ def _worker(rank: int, world: int, store: str, seed: int, modes: list[str], out:
     dist.destroy_process_group()
 
 
+def _full(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of an FSDP2 (dim-0 sharded) DTensor, gathered through CPU copies: DTensor's
+    own ``full_tensor()`` uses functional collectives, which crash with gloo on CUDA tensors in
+    torch 2.11. A plain tensor (DDP) is returned as it is."""
+    import torch.distributed as dist
+
+    if not hasattr(t, "to_local"):
+        return t
+    local = t.to_local().detach().cpu().contiguous()
+    sizes = [None] * dist.get_world_size()
+    dist.all_gather_object(sizes, tuple(local.shape))
+    parts = [torch.empty(sz, dtype=local.dtype) for sz in sizes]
+    dist.all_gather(parts, local)
+    return torch.cat(parts).to(t.device)
+
+
 def _train(rank: int, world: int, seed: int, mode: str, out: dict, backend: str, device: str) -> None:
     import torch.distributed as dist
 
@@ -84,20 +100,23 @@ def _train(rank: int, world: int, seed: int, mode: str, out: dict, backend: str,
         layer.register_forward_hook(keep)
 
     gathered_bytes = []
-    all_gather = dist.all_gather_single
+    # The collective FSDP2's all-gather calls: all_gather_single in newer torch (2.13), else
+    # all_gather_into_tensor (2.11, the GPU machine's).
+    gather_name = "all_gather_single" if hasattr(dist, "all_gather_single") else "all_gather_into_tensor"
+    all_gather = getattr(dist, gather_name)
 
     def counting(output_tensor, input_tensor, *args, **kwargs):
         gathered_bytes[-1] += output_tensor.numel() * output_tensor.element_size()
         return all_gather(output_tensor, input_tensor, *args, **kwargs)
 
-    dist.all_gather_single = counting
+    setattr(dist, gather_name, counting)
     g = torch.Generator().manual_seed(seed + 1)
     tokens = torch.randint(0, MODEL["vocab_size"], (STEPS, 4 * world, 17), generator=g).to(device)
     losses, mismatches, grads = [], [], None
     for step in range(STEPS):
         summary.runtime.set_step(step)
         if mode.startswith("fsdp-fp4"):  # the whole FP32 weights of this step, to quantize in one piece
-            full = {n: plain_local(layer.weight).full_tensor() for n, layer in layers.items()}
+            full = {n: _full(plain_local(layer.weight)) for n, layer in layers.items()}
         gathered_bytes.append(0)
         mine = tokens[step, rank * 4:(rank + 1) * 4]
         loss = model(mine[:, :-1], mine[:, 1:])
@@ -109,14 +128,14 @@ def _train(rank: int, world: int, seed: int, mode: str, out: dict, backend: str,
                         and torch.equal(ref.amax, amax)):
                     mismatches.append((step, n))
         if step == 0:
-            grads = {n.removeprefix("module."): (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad)
+            grads = {n.removeprefix("module."): _full(p.grad)
                      for n, p in model.named_parameters()}
         opt.step()
         opt.zero_grad()
-        total = loss.detach().clone()
+        total = loss.detach().float().cpu()  # gloo reduces CPU tensors on any torch
         dist.all_reduce(total)
         losses.append(float(total) / world)
-    dist.all_gather_single = all_gather
+    setattr(dist, gather_name, all_gather)
     if rank == 0:
         out[mode] = {"losses": losses, "grads": {n: g.cpu() for n, g in grads.items()}, "mismatches": mismatches,
                      "bytes": gathered_bytes, "gather": gather.describe() if gather else None,

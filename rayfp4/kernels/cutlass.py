@@ -3,8 +3,10 @@
 On compute capability 9.0 (Hopper) it runs the exact emulation through the sm_90a BF16 GEMM with
 the FP32 alpha in its epilogue; on 10.0 (Blackwell) the native sm_100a block-scaled NVFP4 GEMM
 (built here, never run: no Blackwell GPU was available). Quantization is the Triton backend's
-(or the reference where Triton cannot run). The CUTLASS kernels write BF16 only, so GEMMs asked
-for another output dtype (the FP32 weight gradient) and MXFP4 operands go to the fallback.
+(or the reference where Triton cannot run). All three GEMMs of an NVFP4 layer run on CUTLASS:
+Fprop and Dgrad write BF16, Wgrad writes FP32 through the ``_f32out`` kernels (when those are not
+built, Wgrad goes to the fallback and ``binding.available`` says so). MXFP4 operands and output
+dtypes other than BF16/FP32 go to the fallback.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ class CutlassBackend:
     def __init__(self):
         self._triton = TritonBackend()
         self._reference = ReferenceBackend()
-        self._family: dict[torch.device, str | None] = {}
+        self._kernel_info: dict[torch.device, tuple[str | None, bool]] = {}
 
     def _fallback(self, device: torch.device):
         return self._triton if self._triton.unavailable_reason(torch.device(device)) is None else self._reference
@@ -49,19 +51,30 @@ class CutlassBackend:
     def quantize_mxfp4(self, x, tile, rounding, rht, generator, scale_rule="ceil"):
         return self._fallback(x.device).quantize_mxfp4(x, tile, rounding, rht, generator, scale_rule)
 
+    def _kernels(self, device: torch.device) -> tuple[str | None, bool]:
+        """(family, whether the FP32-output Wgrad kernel is built), asked once per device: the
+        check reads the build index and the GPU."""
+        hit = self._kernel_info.get(device)
+        if hit is None:
+            from cutlass_kernels import binding
+
+            av = binding.available(device)
+            hit = self._kernel_info[device] = (av.family, av.wgrad)
+        return hit
+
     def gemm(self, a, b, out_dtype: torch.dtype) -> torch.Tensor:
-        if out_dtype != torch.bfloat16 or not isinstance(a, NVFP4Tensor) or not isinstance(b, NVFP4Tensor):
+        if out_dtype not in (torch.bfloat16, torch.float32) or not isinstance(a, NVFP4Tensor) or not isinstance(b, NVFP4Tensor):
+            return self._fallback(a.device).gemm(a, b, out_dtype)
+        family, wgrad = self._kernels(a.device)
+        if out_dtype == torch.float32 and not wgrad:
             return self._fallback(a.device).gemm(a, b, out_dtype)
         from cutlass_kernels import binding
 
         from . import triton_nvfp4
 
-        family = self._family.get(a.device)
-        if family is None:  # asked once per device: the check reads the build index and the GPU
-            family = self._family[a.device] = binding.available(a.device).family
         if family == "nvfp4":
-            return binding.gemm_nvfp4(a, b)
+            return binding.gemm_nvfp4(a, b, out_dtype=out_dtype)
         # The operands as the Triton quantizers wrote them (or the Triton dequantizer), and alpha in
         # one Triton launch: the values binding's defaults compute, with fewer and faster kernels.
         operands = (triton_nvfp4.dequantize_unscaled(a), triton_nvfp4.dequantize_unscaled(b))
-        return binding.gemm_nvfp4_emulated(a, b, operands=operands, alpha=triton_nvfp4.alpha(a, b))
+        return binding.gemm_nvfp4_emulated(a, b, operands=operands, alpha=triton_nvfp4.alpha(a, b), out_dtype=out_dtype)

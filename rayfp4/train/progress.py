@@ -68,7 +68,9 @@ class ProgressPrinter:
 
     def _poll(self, final: bool = False) -> None:
         try:
-            rec, notices = ray.get(self.board.get.remote(), timeout=5)
+            # The last poll waits longer: the notices it may still carry (a resume, a restart)
+            # are printed nowhere else, and a loaded machine can be slow to answer.
+            rec, notices = ray.get(self.board.get.remote(), timeout=30 if final else 5)
         except Exception:
             return
         for msg in notices[self._notices_seen:]:

@@ -183,6 +183,26 @@ def ensure_ray(cfg: RunConfig) -> None:
     logging.getLogger("ray.data").setLevel(logging.WARNING)
 
 
+def start_shared_ray() -> tuple[str, bool]:
+    """A Ray cluster other processes can join (``rayfp4.study``'s runs): (its address, whether this
+    process started it). Joining needs the address and what ``ray.init`` puts in ``os.environ``
+    (the token-auth mode), so pass the environment read after this call."""
+    import ray
+
+    if ray.is_initialized():  # a caller already running Ray in this process
+        return ray.get_runtime_context().gcs_address, False
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    verbose = os.environ.get("RAYFP4_VERBOSE", "") not in ("", "0")
+    ctx = ray.init(logging_level="INFO" if verbose else "ERROR", log_to_driver=verbose, configure_logging=False)
+    return ctx.address_info["gcs_address"], True
+
+
+def stop_shared_ray() -> None:
+    import ray
+
+    ray.shutdown()
+
+
 def _inside(out_dir: Path, path: Path) -> Path:
     """``path`` resolved (links followed), refused unless it stays inside ``out_dir``."""
     real = path.resolve()
@@ -453,6 +473,9 @@ def run_experiment(cfg: RunConfig, out_dir: Path | None = None, data: PreparedDa
 
 def _run_variants(cfg, variants, root, run_dirs, resume, data, tracker, multi) -> ExperimentResult:
     parent_id = None
+    if not multi:
+        # A run of a study (rayfp4.study) nests under the study's MLflow run, which the study ends.
+        parent_id = os.environ.get("RAYFP4_MLFLOW_PARENT_RUN_ID") or None
     if multi:
         id_file = root / "mlflow_parent_run_id"
         if id_file.exists() and cfg.resume != "never":
@@ -477,7 +500,8 @@ def _run_variants(cfg, variants, root, run_dirs, resume, data, tracker, multi) -
     except BaseException as e:
         from .trainer import Interrupted
 
-        tracker.end_run(parent_id, "KILLED" if isinstance(e, (Interrupted, KeyboardInterrupt)) else "FAILED")
+        if multi:
+            tracker.end_run(parent_id, "KILLED" if isinstance(e, (Interrupted, KeyboardInterrupt)) else "FAILED")
         raise
     baseline = cfg.baseline or variants[0][0]
     table = comparison_table(results, baseline if multi else None)

@@ -7,7 +7,10 @@
 
 Inputs are files, directories (searched recursively) or globs of ``.txt`` (one document per file),
 ``.jsonl`` (one document per line, text in ``--text-field``) and ``.parquet`` (one document per row
-of the ``--text-field`` column). Files are taken in sorted order, documents in file order.
+of the ``--text-field`` column). ``--plain-suffix .py`` (repeatable) reads files with that suffix
+like ``.txt`` (e.g. a tree of source code); ``--skip-undecodable`` leaves out plain-text files that
+are not UTF-8 (listed on the driver before Ray starts) instead of failing. Files are taken in sorted
+order, documents in file order.
 
 How the work is split: Ray Data reads the files in parallel (one read task per file) and tokenizes
 batches of documents in parallel; a ``bpe:`` tokenizer is first trained on the streamed documents.
@@ -52,8 +55,22 @@ EMBEDDED = "embedded:shakespeare"
 # Finding and checking inputs (driver side, cheap)
 # ------------------------------------------------------------------------------------------
 
-def resolve_inputs(inputs: list[str]) -> list[tuple[str, str]]:
-    """``[(path, kind)]`` for every input file, sorted within each argument; errors name the path."""
+def _plain_suffixes(plain_suffixes) -> dict[str, str]:
+    out = dict(TEXT_SUFFIXES)
+    for suf in plain_suffixes:
+        if not suf.startswith(".") or len(suf) < 2 or "/" in suf:
+            raise DataError(f"--plain-suffix {suf!r}: expected a file suffix such as .py")
+        if suf in (".jsonl", ".parquet"):
+            raise DataError(f"--plain-suffix {suf}: {suf} files are read as records, not plain text")
+        out[suf] = "txt"
+    return out
+
+
+def resolve_inputs(inputs: list[str], plain_suffixes: tuple[str, ...] | list[str] = ()) -> list[tuple[str, str]]:
+    """``[(path, kind)]`` for every input file, sorted within each argument; errors name the path.
+    ``plain_suffixes``: more suffixes read as one plain-text document per file, like ``.txt``."""
+    suffixes = _plain_suffixes(plain_suffixes)
+    kinds = ", ".join(sorted(suffixes))
     found: list[tuple[str, str]] = []
     for arg in inputs:
         if any(ch in arg for ch in "*?["):
@@ -61,23 +78,38 @@ def resolve_inputs(inputs: list[str]) -> list[tuple[str, str]]:
             if not paths:
                 raise DataError(f"{arg}: no file matches this pattern")
         elif os.path.isdir(arg):
-            paths = sorted(str(p) for p in Path(arg).rglob("*") if p.suffix in TEXT_SUFFIXES and p.is_file())
+            paths = sorted(str(p) for p in Path(arg).rglob("*") if p.suffix in suffixes and p.is_file())
             if not paths:
-                raise DataError(f"{arg}: directory holds no .txt, .jsonl or .parquet files")
+                raise DataError(f"{arg}: directory holds no {kinds} files")
         elif os.path.exists(arg):
             paths = [arg]
         else:
             raise DataError(f"{arg}: input path does not exist")
         for p in paths:
-            kind = TEXT_SUFFIXES.get(Path(p).suffix)
+            kind = suffixes.get(Path(p).suffix)
             if kind is None:
                 if arg == p:
-                    raise DataError(f"{p}: unsupported input type (expected .txt, .jsonl or .parquet)")
+                    raise DataError(f"{p}: unsupported input type (expected {kinds}; --plain-suffix "
+                                    "adds plain-text suffixes)")
                 continue
             found.append((p, kind))
     if not found:
-        raise DataError(f"{' '.join(inputs)}: no .txt, .jsonl or .parquet input files")
+        raise DataError(f"{' '.join(inputs)}: no {kinds} input files")
     return found
+
+
+def drop_undecodable(files: list[tuple[str, str]]) -> tuple[list[tuple[str, str]], list[str]]:
+    """(the files whose plain text is UTF-8, the plain-text files that are not)."""
+    keep, dropped = [], []
+    for path, kind in files:
+        if kind == "txt":
+            try:
+                Path(path).read_bytes().decode("utf-8")
+            except UnicodeDecodeError:
+                dropped.append(path)
+                continue
+        keep.append((path, kind))
+    return keep, dropped
 
 
 def check_text_field(files: list[tuple[str, str]], text_field: str) -> None:
@@ -203,7 +235,9 @@ def tokenize_corpus(inputs: list[str], out_dir: str | Path, *, tokenizer: str = 
                     seq_len: int = 256, val_fraction: float = 0.01, text_field: str = "text",
                     rows_per_group: int = 256, shard_sequences: int = 8192,
                     eot_token: str | None = None, overwrite: bool = False,
-                    progress: bool = True, ray_address: str | None = None) -> ShardManifest:
+                    progress: bool = True, ray_address: str | None = None,
+                    plain_suffixes: tuple[str, ...] | list[str] = (),
+                    skip_undecodable: bool = False) -> ShardManifest:
     """Tokenize ``inputs`` (empty: the embedded corpus) into a shard directory.
 
     Inputs are checked before Ray is touched; Ray is started (or joined at ``ray_address`` /
@@ -215,7 +249,14 @@ def tokenize_corpus(inputs: list[str], out_dir: str | Path, *, tokenizer: str = 
     kind, _ = parse_tokenizer_spec(tokenizer)
     if kind == "file":  # a tokenizer file that does not parse fails before any reading
         build_tokenizer(tokenizer, eot_token=eot_token)
-    files = resolve_inputs(inputs) if inputs else []
+    files = resolve_inputs(inputs, plain_suffixes) if inputs else []
+    if skip_undecodable and files:
+        files, dropped = drop_undecodable(files)
+        if dropped:
+            shown = ", ".join(dropped[:3]) + (f" and {len(dropped) - 3} more" if len(dropped) > 3 else "")
+            print(f"tokenize: skipping {len(dropped)} file(s) that are not UTF-8: {shown}", file=sys.stderr)
+        if not files:
+            raise DataError(f"{' '.join(inputs)}: no input file is UTF-8 text")
     check_text_field(files, text_field)
     _ensure_ray(ray_address)
     try:
@@ -279,6 +320,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rows-per-group", type=int, default=256, help="parquet row group size")
     p.add_argument("--shard-sequences", type=int, default=8192, help="sequences per shard file")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
+    p.add_argument("--plain-suffix", dest="plain_suffixes", action="append", default=[], metavar=".SUFFIX",
+                   help="also read files with this suffix as one plain-text document each (e.g. .py); repeatable")
+    p.add_argument("--skip-undecodable", action="store_true",
+                   help="leave out plain-text files that are not UTF-8 instead of failing")
     p.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or local)")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     return p
@@ -294,7 +339,8 @@ def main(argv: list[str] | None = None) -> int:
             val_fraction=args.val_fraction, text_field=args.text_field,
             rows_per_group=args.rows_per_group, shard_sequences=args.shard_sequences,
             eot_token=args.eot_token, overwrite=args.overwrite, progress=not args.quiet,
-            ray_address=args.address)
+            ray_address=args.address, plain_suffixes=args.plain_suffixes,
+            skip_undecodable=args.skip_undecodable)
     except DataError as err:  # user errors: one line, no traceback
         print(f"tokenize: error: {err}", file=sys.stderr)
         return 2

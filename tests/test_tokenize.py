@@ -88,6 +88,31 @@ def test_empty_corpus_and_too_long_sequences(ray_session, tmp_path):
                         seq_len=256, progress=False)
 
 
+def test_source_trees_as_plain_text_and_undecodable_files(ray_session, tmp_path, capsys):
+    """--plain-suffix .py reads source files like .txt; --skip-undecodable leaves out (and lists)
+    files that are not UTF-8, where without it the job stops naming the file."""
+    src = tmp_path / "src"
+    (src / "pkg").mkdir(parents=True)
+    docs = ["def f(x):\n    return x + 1\n", "import os\nprint(os.sep)\n" * 20, "# ça marche\nA = 1\n"]
+    for i, d in enumerate(docs):
+        (src / "pkg" / f"m{i}.py").write_text(d, encoding="utf-8")
+    (src / "pkg" / "latin1.py").write_bytes("# caf\xe9\n".encode("latin-1"))
+    (src / "pkg" / "data.bin").write_bytes(b"\x00\x01")  # not an input type: ignored
+    with pytest.raises(DataError, match="holds no .jsonl, .parquet, .txt files"):
+        tokenize_corpus([str(src)], tmp_path / "o0", tokenizer="byte", progress=False)
+    with pytest.raises(DataError, match=r"latin1.py: not UTF-8 text"):
+        tokenize_corpus([str(src)], tmp_path / "o1", tokenizer="byte", seq_len=8, progress=False,
+                        plain_suffixes=[".py"])
+    manifest = tokenize_corpus([str(src)], tmp_path / "o2", tokenizer="byte", seq_len=8, val_fraction=0.0,
+                               progress=False, plain_suffixes=[".py"], skip_undecodable=True)
+    assert "skipping 1 file(s) that are not UTF-8: " in capsys.readouterr().err
+    assert manifest.num_documents == 3
+    decoded = open_shards(tmp_path / "o2").tokenizer().decode_documents(stream_of(open_shards(tmp_path / "o2")))
+    assert decoded[:2] == docs[:2] and docs[2].startswith(decoded[2])
+    with pytest.raises(DataError, match="--plain-suffix 'py': expected a file suffix"):
+        tokenize_corpus([str(src)], tmp_path / "o3", tokenizer="byte", progress=False, plain_suffixes=["py"])
+
+
 def run_cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "pipelines.tokenize", *args], cwd=ROOT,
                           capture_output=True, text=True, timeout=120)

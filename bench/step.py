@@ -1,12 +1,15 @@
 """A training step of a ~350M-parameter rayfp4.model transformer: NVFP4 (Triton backend) vs BF16.
 
     python -m bench.step [--batch 8] [--seq 2048] [--steps 10] [--layers 24] [--d-model 1024]
+                         [--variants 4over6,mxfp4]
 
 Both runs use FP32 master weights, AdamW and ``torch.autocast(bfloat16)``; ``bf16`` keeps every
 linear as nn.Linear, ``nvfp4`` applies the default recipe policy (every block linear in NVFP4, the
 LM head in BF16) with the ``triton`` backend. Prints tokens/s (median step time over ``--steps``
 timed steps after 3 warm-up steps, CUDA events), the ratio NVFP4/BF16 (target >= 0.8) and the peak
-memory of each.
+memory of each. ``--variants`` also times the recipe-lab variants on the same backend:
+``4over6`` (NVFP4 with ``scale_selection: four_over_six`` on every operand) and ``mxfp4`` (MXFP4,
+Triton quantizers) and ``mxfp4-ref`` (MXFP4 quantized by the torch reference, as before).
 """
 
 from __future__ import annotations
@@ -17,8 +20,18 @@ import gc
 import torch
 
 from bench.common import breakdown, header, in_gemm_mode, print_table, time_ms
+from rayfp4.formats import mxfp4
+from rayfp4.kernels.triton_nvfp4 import TritonBackend
 from rayfp4.model import ModelConfig, build_model
-from rayfp4.precision import apply_precision_policy
+from rayfp4.precision import QuantizedLinear, apply_precision_policy
+
+
+class ReferenceMXFP4Backend(TritonBackend):
+    """The Triton backend as it was before MXFP4 had Triton quantizers: the torch reference
+    quantizes, the GEMM is the same (the ``mxfp4-ref`` variant: what the kernels replaced)."""
+
+    def quantize_mxfp4(self, x, tile, rounding, rht, generator, scale_rule="ceil"):
+        return mxfp4.quantize(x, tile=tile, rounding=rounding, rht=rht, generator=generator, scale_rule=scale_rule)
 
 
 def run(fmt: str, cfg: ModelConfig, batch: int, steps: int, policy_extra: dict,
@@ -31,8 +44,13 @@ def run(fmt: str, cfg: ModelConfig, batch: int, steps: int, policy_extra: dict,
     torch.manual_seed(0)
     model = build_model(cfg, device="cuda")
     if fmt != "bf16":
-        apply_precision_policy(model, {"format": fmt, "backend": backend, **policy_extra})
+        reference_mx = backend == "triton+reference-mxfp4"
+        apply_precision_policy(model, {"format": fmt, "backend": "triton" if reference_mx else backend, **policy_extra})
         in_gemm_mode(model, gemm_mode)
+        if reference_mx:
+            for m in model.modules():
+                if isinstance(m, QuantizedLinear):
+                    m.backend = ReferenceMXFP4Backend()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     tokens = torch.randint(0, cfg.vocab_size, (batch, cfg.seq_len + 1), device="cuda")
     inp, tgt = tokens[:, :-1], tokens[:, 1:]
@@ -72,6 +90,7 @@ def main() -> None:
     p.add_argument("--ablate", action="store_true",
                    help="also time NVFP4 without SR, without RHT, with 1x16 weights")
     p.add_argument("--profile", action="store_true", help="print device time per kernel category per step")
+    p.add_argument("--variants", default="", help="comma-separated: 4over6, mxfp4, mxfp4-ref (timed after the ablations)")
     a = p.parse_args()
 
     cfg = ModelConfig(vocab_size=32768, seq_len=a.seq, n_layers=a.layers, d_model=a.d_model,
@@ -98,6 +117,18 @@ def main() -> None:
             t, m = run("nvfp4", cfg, a.batch, a.steps, extra, backend=backend)
             name = f"  {label}"
             print(f"{name:22s} {t:8.1f} {ntok / t * 1e3:10.0f} {t_bf16 / t:7.2f} {m / 2**30:8.2f} {m / m_bf16:7.2f}")
+    variants = {"4over6": ("nvfp4", {"scale_selection": "four_over_six"}), "mxfp4": ("mxfp4", {}),
+                "mxfp4-ref": ("mxfp4", {})}
+    for name in filter(None, a.variants.split(",")):
+        if name not in variants:
+            p.error(f"--variants: unknown variant {name!r}; expected one of {', '.join(variants)}")
+        fmt, extra = variants[name]
+        backend = "cutlass" if a.cutlass and fmt == "nvfp4" else "triton"
+        if name == "mxfp4-ref":
+            backend = "triton+reference-mxfp4"
+        t, m = run(fmt, cfg, a.batch, a.steps, extra, backend=backend)
+        label = f"{name}[{backend}]"
+        print(f"{label:22s} {t:8.1f} {ntok / t * 1e3:10.0f} {t_bf16 / t:7.2f} {m / 2**30:8.2f} {m / m_bf16:7.2f}")
     # The baseline again, last: how much the machine (clocks, host state) drifted during the run.
     t, m = run("bf16", cfg, a.batch, a.steps, {})
     print(f"{'bf16, again (drift)':22s} {t:8.1f} {ntok / t * 1e3:10.0f} {t_bf16 / t:7.2f} {m / 2**30:8.2f} {m / m_bf16:7.2f}")

@@ -286,7 +286,7 @@ class RunConfig(_Strict):
         if self.precision.fp4_weight_gather and self.scaling.strategy != "fsdp2":
             raise ValueError("precision.fp4_weight_gather: only FSDP2 gathers weights; it needs "
                              "scaling.strategy: fsdp2")
-        keys = set(self.fingerprint())
+        keys = set(self.fingerprint()) | set(OMIT_WHEN_DEFAULT)
         for change in self.resume_changes:
             if not any(_covers(change, k) for k in keys):
                 raise ValueError(f"resume_changes: {change!r} is not a setting that defines a run; those are "
@@ -303,7 +303,8 @@ class RunConfig(_Strict):
         """
         flat = flatten(self.model_dump(mode="json", exclude={"variants", "baseline"}))
         out = {k: v for k, v in flat.items()
-               if any(_covers(d, k) for d in DEFINING) and not any(_covers(n, k) for n in NOT_DEFINING)}
+               if any(_covers(d, k) for d in DEFINING) and not any(_covers(n, k) for n in NOT_DEFINING)
+               and OMIT_WHEN_DEFAULT.get(k) != v}
         if data_identity is not None:
             out["data.identity"] = data_identity
         return out
@@ -336,7 +337,7 @@ class RunConfig(_Strict):
             data = copy.deepcopy(base)
             for key, value in v.set.items():
                 _set_path(data, key, value, f"variants[{v.name}].set")
-            _leave_bf16_alone(data, v)
+            _leave_other_formats_alone(data, v)
             out.append((v.name, _validate(data, f"variant {v.name}: ")))
         return out
 
@@ -350,13 +351,17 @@ class RunConfig(_Strict):
 #: Set for the whole run (the config's precision section or --set), they apply to its 4-bit
 #: variants and are left out of its bf16 variants; a bf16 variant's own ``set`` may not hold them.
 FOUR_BIT_ONLY = ("late_switch", "rht_wgrad", "stochastic_rounding_grads", "weight_2d_scaling")
+#: Likewise for the settings of NVFP4 alone (its E4M3 block scales): set for the whole run, they
+#: apply to its nvfp4 variants and are left out of its bf16 and mxfp4 variants.
+NVFP4_ONLY = ("scale_selection", "scale_selection_metric", "scale_selection_cap")
 
 
-def _leave_bf16_alone(data: dict, variant: Variant) -> None:
+def _leave_other_formats_alone(data: dict, variant: Variant) -> None:
     precision = data.get("precision")
-    if not isinstance(precision, dict) or precision.get("format") != "bf16":
+    if not isinstance(precision, dict) or precision.get("format", "nvfp4") == "nvfp4":
         return
-    for key in FOUR_BIT_ONLY:
+    keys = NVFP4_ONLY + (FOUR_BIT_ONLY if precision.get("format") == "bf16" else ())
+    for key in keys:
         path = f"precision.{key}"
         if not any(_covers(s, path) or _covers(path, s) for s in variant.set):
             precision.pop(key, None)
@@ -366,6 +371,10 @@ def _leave_bf16_alone(data: dict, variant: Variant) -> None:
 DEFINING = ("model", "optim", "precision", "train.steps", "train.seed", "train.dtype", "data.seed",
             "data.global_batch_size", "data.seq_len", "data.val_sequences", "data.identity")
 NOT_DEFINING = ("precision.backend", "precision.telemetry_every", "precision.fp4_weight_gather")
+#: Settings added after runs were fingerprinted without them: left out of the fingerprint at their
+#: default value, so that those runs still resume (they computed exactly what the default does).
+OMIT_WHEN_DEFAULT = {"precision.scale_selection": "max6", "precision.scale_selection_metric": "mse",
+                     "precision.scale_selection_cap": "256"}
 
 
 def _covers(prefix: str, key: str) -> bool:

@@ -89,6 +89,13 @@ def export(args) -> Path:
     if args.nvfp4 and variant.config.precision.format != "nvfp4":
         raise ExportInputError(f"--nvfp4: variant {variant.name} trained in {variant.config.precision.format}, "
                                f"not nvfp4; it has no 4-bit weights to export")
+    if args.nvfp4 and variant.config.precision.selection_for("fprop.w") != "max6":
+        raise ExportInputError(f"--nvfp4: variant {variant.name} quantized its weights with precision.scale_selection "
+                               f"four_over_six, whose values are e2m1 * scale * amax / (6 * "
+                               f"{variant.config.precision.scale_selection_cap}); the nvfp4.safetensors layout "
+                               f"decodes with amax / 2688 only")
+    if checkpoint is None:
+        variant.require_checkpoints()
     tokenizer = run_shards(variant).tokenizer()
     trained = load_model(variant, checkpoint, "cpu", warn=lambda m: print(f"[export] {m}", file=sys.stderr))
     cfg = variant.config

@@ -3,8 +3,9 @@
 A backend (the :class:`Backend` protocol says exactly what the quantized linear layer calls) has
 the exact semantics of :mod:`rayfp4.formats`:
 
-- ``quantize_nvfp4(x, tile, rounding, rht, generator, amax, write_gemm_operand) -> NVFP4Tensor``
-  and ``amaxes(xt, rht)``, the tensor amaxes of x and of x^T's Wgrad operand from one read;
+- ``quantize_nvfp4(x, tile, rounding, rht, generator, amax, write_gemm_operand, *,
+  scale_selection, error_metric, scale_cap) -> NVFP4Tensor`` (the last three: Four Over Six) and
+  ``amaxes(xt, rht)``, the tensor amaxes of x and of x^T's Wgrad operand from one read;
 - ``quantize_mxfp4(x, tile, rounding, rht, generator, scale_rule) -> MXFP4Tensor``;
 - ``gemm(a, b, out_dtype) -> Tensor``: ``a @ b.T`` of two quantized operands quantized along the
   same K, FP32 accumulation, the tensor factors applied once in FP32, one rounding to out_dtype

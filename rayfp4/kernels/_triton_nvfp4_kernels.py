@@ -165,12 +165,8 @@ def _to_f32(x):
 @triton.jit
 def _global_scales(amax_ptr, one_sixth):
     """From the tensor amax: (S_dec, S_enc * (1/6), amax is non-finite), in the reference's order."""
-    amax = tl.load(amax_ptr)
-    s_enc = tl.minimum(tl.div_rn(2688.0, amax), FLT_MAX)
-    s_enc = tl.where((amax == 0) | (s_enc == 0), 1.0, s_enc)
-    s_dec = tl.div_rn(1.0, s_enc)
-    bad = (amax != amax) | (amax > FLT_MAX)
-    return s_dec, s_enc * one_sixth, bad
+    s_dec, _s_enc, block_enc, bad = _global_scales_cap(amax_ptr, one_sixth, 2688.0)
+    return s_dec, block_enc, bad
 
 
 @triton.jit
@@ -181,6 +177,123 @@ def _block_scales(bamax, block_enc, s_dec, bad):
     sb = tl.where(bad, float("nan"), sb)
     byte = tl.where(bad, 0x7F, byte)
     return sb, byte, enc
+
+
+@triton.jit
+def _global_scales_cap(amax_ptr, one_sixth, GMAX: tl.constexpr):
+    """_global_scales for the tensor-scale numerator GMAX = 6 * cap (2688 for the recipe's cap 448,
+    1536 for Four Over Six's 256): (S_dec, S_enc, S_enc * (1/6), amax is non-finite)."""
+    amax = tl.load(amax_ptr)
+    s_enc = tl.minimum(tl.div_rn(GMAX, amax), FLT_MAX)
+    s_enc = tl.where((amax == 0) | (s_enc == 0), 1.0, s_enc)
+    s_dec = tl.div_rn(1.0, s_enc)
+    bad = (amax != amax) | (amax > FLT_MAX)
+    return s_dec, s_enc, s_enc * one_sixth, bad
+
+
+@triton.jit
+def _candidate(base, s_dec):
+    """One block-scale candidate from its unrounded FP32 scale: (s_b, E4M3 byte, enc_b)."""
+    sb, byte = _e4m3_rne(tl.minimum(base, 448.0))
+    enc = tl.minimum(tl.div_rn(1.0, sb * s_dec), FLT_MAX)
+    return sb, byte, enc
+
+
+@triton.jit
+def _err(x, enc, sb, s_enc, MAE: tl.constexpr):
+    """Four Over Six error term of element x for one candidate: d = e2m1(rtne(x * enc)) * s_b -
+    x * S_enc in FP32 (two separate roundings: launched with FMA contraction off), d * d or |d|."""
+    y = x * enc
+    m = _e2m1_rne_m(y)
+    d = _dequant_m(m, _code(m, y), sb) - x * s_enc
+    if MAE:
+        return tl.abs(d)
+    else:
+        return d * d
+
+
+@triton.jit
+def _err16(x0, x1, x2, x3, x4, x5, x6, x7, x8, x9, x10, x11, x12, x13, x14, x15, enc, sb, s_enc,
+           MAE: tl.constexpr):
+    """The candidate's error over the 16 elements of each block, summed in order j = 0..15."""
+    acc = _err(x0, enc, sb, s_enc, MAE) + _err(x1, enc, sb, s_enc, MAE)
+    acc = acc + _err(x2, enc, sb, s_enc, MAE)
+    acc = acc + _err(x3, enc, sb, s_enc, MAE)
+    acc = acc + _err(x4, enc, sb, s_enc, MAE)
+    acc = acc + _err(x5, enc, sb, s_enc, MAE)
+    acc = acc + _err(x6, enc, sb, s_enc, MAE)
+    acc = acc + _err(x7, enc, sb, s_enc, MAE)
+    acc = acc + _err(x8, enc, sb, s_enc, MAE)
+    acc = acc + _err(x9, enc, sb, s_enc, MAE)
+    acc = acc + _err(x10, enc, sb, s_enc, MAE)
+    acc = acc + _err(x11, enc, sb, s_enc, MAE)
+    acc = acc + _err(x12, enc, sb, s_enc, MAE)
+    acc = acc + _err(x13, enc, sb, s_enc, MAE)
+    acc = acc + _err(x14, enc, sb, s_enc, MAE)
+    acc = acc + _err(x15, enc, sb, s_enc, MAE)
+    return acc
+
+
+@triton.jit
+def _evens_odds(t):
+    """[BM, G, n] -> (elements 0, 2, 4, ..., elements 1, 3, 5, ...), each [BM, G, n / 2] (n > 2)."""
+    return tl.split(tl.reshape(t, [t.shape[0], t.shape[1], t.shape[2] // 2, 2]))
+
+
+@triton.jit
+def _quarters(t):
+    """[BM, G, 4] holding elements 8l + c of a block (l = 0, 1 twice: c, c + 4 for the two halves)
+    -> the four [BM, G] tensors of its positions 0, 2, 1, 3."""
+    a, b = _evens_odds(t)  # positions 0, 2 and 1, 3, each [BM, G, 2]
+    p0, p2 = tl.split(a)
+    p1, p3 = tl.split(b)
+    return p0, p2, p1, p3
+
+
+@triton.jit
+def _err_rows(x, enc, sb, s_enc, MAE: tl.constexpr):
+    """_err16 for x [BM, G, 16] and per-block enc, sb [BM, G]: the error of each block [BM, G],
+    summed in order j = 0..15 (the 16 elements taken apart by splits, which move no bits)."""
+    e = _err(x, enc[:, :, None], sb[:, :, None], s_enc, MAE)
+    ev, od = _evens_odds(e)  # j = 2i, 2i + 1
+    e0mod4, e2mod4 = _evens_odds(ev)  # j = 4k, 4k + 2  ([BM, G, 4], k = 0..3)
+    e1mod4, e3mod4 = _evens_odds(od)  # j = 4k + 1, 4k + 3
+    e0, e8, e4, e12 = _quarters(e0mod4)
+    e2, e10, e6, e14 = _quarters(e2mod4)
+    e1, e9, e5, e13 = _quarters(e1mod4)
+    e3, e11, e7, e15 = _quarters(e3mod4)
+    acc = e0 + e1
+    acc = acc + e2
+    acc = acc + e3
+    acc = acc + e4
+    acc = acc + e5
+    acc = acc + e6
+    acc = acc + e7
+    acc = acc + e8
+    acc = acc + e9
+    acc = acc + e10
+    acc = acc + e11
+    acc = acc + e12
+    acc = acc + e13
+    acc = acc + e14
+    acc = acc + e15
+    return acc
+
+
+@triton.jit
+def _tile_err(err, BM: tl.constexpr, G: tl.constexpr):
+    """Per-row block errors [BM, G] -> the 16x16 tile's error, broadcast back to its rows [BM, G]:
+    the 16 rows of a tile added in the reference's tree (rows r and r + 8, then r + 4, r + 2, r + 1)."""
+    t = tl.reshape(err, [BM // 16, 2, 8, G])
+    a, b = tl.split(tl.permute(t, (0, 2, 3, 1)))  # rows r, r + 8: [BM // 16, 8, G]
+    t = tl.reshape(a + b, [BM // 16, 2, 4, G])
+    a, b = tl.split(tl.permute(t, (0, 2, 3, 1)))
+    t = tl.reshape(a + b, [BM // 16, 2, 2, G])
+    a, b = tl.split(tl.permute(t, (0, 2, 3, 1)))
+    t = tl.reshape(a + b, [BM // 16, 2, 1, G])
+    a, b = tl.split(tl.permute(t, (0, 2, 3, 1)))
+    s = tl.reshape(a + b, [BM // 16, G])
+    return tl.reshape(tl.broadcast_to(s[:, None, :], [BM // 16, 16, G]), [BM, G])
 
 
 @triton.jit
@@ -416,7 +529,8 @@ def _word32(lo, hi):
 def quant_groups_kernel(x_ptr, data_ptr, scale_ptr, amax_ptr, deq_ptr, M, K, stride_m, stride_k,
                         stride_dm, stride_dk, seed, one_sixth,
                         RHT: tl.constexpr, SIGNS: tl.constexpr, ROUND: tl.constexpr, SR: tl.constexpr,
-                        BM: tl.constexpr, G: tl.constexpr, WRITE_DEQ: tl.constexpr = False):
+                        BM: tl.constexpr, G: tl.constexpr, WRITE_DEQ: tl.constexpr = False,
+                        FOUR6: tl.constexpr = False, MAE: tl.constexpr = False, GMAX: tl.constexpr = 2688.0):
     """1x16 quantization of a strided [M, K] view along K (optionally RHT first): packed int64 words
     [M, K/16] and E4M3 scale bytes [M, K/16], both row-major. For K = the physical row index (the
     transposed, column-wise quantization) the transpose is never written to memory.
@@ -424,6 +538,10 @@ def quant_groups_kernel(x_ptr, data_ptr, scale_ptr, amax_ptr, deq_ptr, M, K, str
     With WRITE_DEQ the unscaled dequantized values e2m1 * s_b (of the transformed values when RHT)
     go to deq_ptr, element (m, k) at m * stride_dm + k * stride_dk: given x's own strides, the GEMM
     operand is written in x's memory order, coalesced like the loads, and is used as a view.
+
+    GMAX is 6 * the block-scale cap (2688 for the recipe). FOUR6 picks each block's scale by Four
+    Over Six (the map-to-4 or map-to-6 candidate with the lower error, MAE or squared; ties: 6),
+    as ``formats.nvfp4.quantize`` does; launch it with FMA contraction off.
     """
     rows = tl.program_id(0) * BM + tl.arange(0, BM)
     grp = tl.program_id(1) * G + tl.arange(0, G)
@@ -435,9 +553,22 @@ def quant_groups_kernel(x_ptr, data_ptr, scale_ptr, amax_ptr, deq_ptr, M, K, str
     if RHT:
         x0, x1, x2, x3, x4, x5, x6, x7, x8, x9, x10, x11, x12, x13, x14, x15 = _rht16(
             x0, x1, x2, x3, x4, x5, x6, x7, x8, x9, x10, x11, x12, x13, x14, x15, SIGNS, ROUND)
-    s_dec, block_enc, bad = _global_scales(amax_ptr, one_sixth)
     bamax = _absmax16(x0, x1, x2, x3, x4, x5, x6, x7, x8, x9, x10, x11, x12, x13, x14, x15)
-    sb, byte, enc = _block_scales(bamax, block_enc, s_dec, bad)
+    s_dec, s_enc, block_enc, bad = _global_scales_cap(amax_ptr, one_sixth, GMAX)
+    if FOUR6:
+        base = bamax * block_enc
+        sb, byte, enc = _candidate(base, s_dec)
+        sb4, byte4, enc4 = _candidate(base * 1.5, s_dec)
+        e6 = _err16(x0, x1, x2, x3, x4, x5, x6, x7, x8, x9, x10, x11, x12, x13, x14, x15, enc, sb, s_enc, MAE)
+        e4 = _err16(x0, x1, x2, x3, x4, x5, x6, x7, x8, x9, x10, x11, x12, x13, x14, x15, enc4, sb4, s_enc, MAE)
+        pick4 = e4 < e6
+        sb = tl.where(pick4, sb4, sb)
+        byte = tl.where(pick4, byte4, byte)
+        enc = tl.where(pick4, enc4, enc)
+        sb = tl.where(bad, float("nan"), sb)
+        byte = tl.where(bad, 0x7F, byte)
+    else:
+        sb, byte, enc = _block_scales(bamax, block_enc, s_dec, bad)
     out = rows[:, None].to(tl.int64) * nb + grp[None, :]
     if SR:
         r0, r1, r2, r3 = tl.randint4x(seed, out.to(tl.uint32, bitcast=False))
@@ -478,7 +609,8 @@ def quant_rows_kernel(x_ptr, data_ptr, scale_ptr, deq_ptr, amax_ptr, datat_ptr, 
                       M, K, stride_m, seed, one_sixth,
                       TILE_ROWS: tl.constexpr, SR: tl.constexpr, WRITE_DEQ: tl.constexpr,
                       WRITE_T: tl.constexpr, BM: tl.constexpr, G: tl.constexpr,
-                      PACK: tl.constexpr = 0):
+                      PACK: tl.constexpr = 0, FOUR6: tl.constexpr = False, MAE: tl.constexpr = False,
+                      GMAX: tl.constexpr = 2688.0):
     """Quantization along a contiguous K with 1x16 blocks (TILE_ROWS=1) or 16x16 tiles (16).
 
     Writes packed int64 words and E4M3 bytes [M, K/16]; with WRITE_DEQ also the unscaled
@@ -491,6 +623,9 @@ def quant_rows_kernel(x_ptr, data_ptr, scale_ptr, deq_ptr, amax_ptr, datat_ptr, 
     for some of the launches in ``triton_nvfp4.LAUNCH``): 0, one int64 word per block by a 64-bit
     sum over the block (data_ptr: int64 [M, K/16]); 1, bytes from the pairs of neighbours
     (data_ptr: uint8 [M, K/2]).
+
+    GMAX is 6 * the block-scale cap (2688 for the recipe). FOUR6 picks each block's (or tile's)
+    scale by Four Over Six, as ``formats.nvfp4.quantize`` does (launch with FMA contraction off).
     """
     rows = tl.program_id(0) * BM + tl.arange(0, BM)
     grp = tl.program_id(1) * G + tl.arange(0, G)
@@ -506,8 +641,24 @@ def quant_rows_kernel(x_ptr, data_ptr, scale_ptr, deq_ptr, amax_ptr, datat_ptr, 
     if TILE_ROWS == 16:
         t = tl.max(tl.reshape(bamax, [BM // 16, 16, G]), axis=1)
         bamax = tl.reshape(tl.broadcast_to(t[:, None, :], [BM // 16, 16, G]), [BM, G])
-    s_dec, block_enc, bad = _global_scales(amax_ptr, one_sixth)
-    sb, byte, enc = _block_scales(bamax, block_enc, s_dec, bad)
+    s_dec, s_enc, block_enc, bad = _global_scales_cap(amax_ptr, one_sixth, GMAX)
+    if FOUR6:
+        base = bamax * block_enc
+        sb, byte, enc = _candidate(base, s_dec)
+        sb4, byte4, enc4 = _candidate(base * 1.5, s_dec)
+        e6 = _err_rows(x, enc, sb, s_enc, MAE)
+        e4 = _err_rows(x, enc4, sb4, s_enc, MAE)
+        if TILE_ROWS == 16:
+            e6 = _tile_err(e6, BM, G)
+            e4 = _tile_err(e4, BM, G)
+        pick4 = e4 < e6
+        sb = tl.where(pick4, sb4, sb)
+        byte = tl.where(pick4, byte4, byte)
+        enc = tl.where(pick4, enc4, enc)
+        sb = tl.where(bad, float("nan"), sb)
+        byte = tl.where(bad, 0x7F, byte)
+    else:
+        sb, byte, enc = _block_scales(bamax, block_enc, s_dec, bad)
 
     y = x * enc[:, :, None]
     if SR:
@@ -572,27 +723,27 @@ def dequant_rows_kernel(data_ptr, scale_ptr, deq_ptr, M, K, BM: tl.constexpr, G:
 
 
 @triton.jit
-def _alpha(amax_a_ptr, amax_b_ptr, inv):
-    """The GEMM's FP32 factor from both tensor amaxes: (amax_a / 2688) * (amax_b / 2688), each
-    quotient computed as torch computes a CUDA tensor divided by a Python scalar -- a product with
-    the FP32 reciprocal ``inv`` -- so it equals ``formats.quantized.gemm_alpha`` on the GPU bit
-    for bit."""
-    return (tl.load(amax_a_ptr) * inv) * (tl.load(amax_b_ptr) * inv)
+def _alpha(amax_a_ptr, amax_b_ptr, inv_a, inv_b):
+    """The GEMM's FP32 factor from both tensor amaxes: (amax_a / (6 cap_a)) * (amax_b / (6 cap_b))
+    (6 cap = 2688 for the recipe), each quotient computed as torch computes a CUDA tensor divided
+    by a Python scalar -- a product with the FP32 reciprocal ``inv_a`` / ``inv_b`` -- so it equals
+    ``formats.quantized.gemm_alpha`` on the GPU bit for bit."""
+    return (tl.load(amax_a_ptr) * inv_a) * (tl.load(amax_b_ptr) * inv_b)
 
 
 @triton.jit
-def alpha_kernel(amax_a_ptr, amax_b_ptr, out_ptr, inv):
+def alpha_kernel(amax_a_ptr, amax_b_ptr, out_ptr, inv_a, inv_b):
     """out[0] = the GEMM factor (one launch instead of three tiny torch kernels)."""
-    tl.store(out_ptr, _alpha(amax_a_ptr, amax_b_ptr, inv))
+    tl.store(out_ptr, _alpha(amax_a_ptr, amax_b_ptr, inv_a, inv_b))
 
 
 @triton.jit
-def scale_cast_kernel(acc_ptr, out_ptr, amax_a_ptr, amax_b_ptr, inv, N, BLOCK: tl.constexpr):
+def scale_cast_kernel(acc_ptr, out_ptr, amax_a_ptr, amax_b_ptr, inv_a, inv_b, N, BLOCK: tl.constexpr):
     """out = (acc * alpha) in out's dtype (out may be acc: in place): the GEMM epilogue, alpha
     computed from the two amaxes in device memory (no host sync, no separate kernels)."""
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     m = offs < N
-    alpha = _alpha(amax_a_ptr, amax_b_ptr, inv)
+    alpha = _alpha(amax_a_ptr, amax_b_ptr, inv_a, inv_b)
     v = tl.load(acc_ptr + offs, mask=m) * alpha
     tl.store(out_ptr + offs, v.to(out_ptr.dtype.element_ty), mask=m)
 

@@ -42,8 +42,10 @@ class CutlassBackend:
             return "the CUTLASS path quantizes with the Triton kernels, which cannot run here"
         return None
 
-    def quantize_nvfp4(self, x, tile, rounding, rht, generator, amax=None, write_gemm_operand=None):
-        return self._fallback(x.device).quantize_nvfp4(x, tile, rounding, rht, generator, amax, write_gemm_operand)
+    def quantize_nvfp4(self, x, tile, rounding, rht, generator, amax=None, write_gemm_operand=None, **selection):
+        # selection: scale_selection, error_metric, scale_cap (Four Over Six), passed on as given
+        return self._fallback(x.device).quantize_nvfp4(x, tile, rounding, rht, generator, amax, write_gemm_operand,
+                                                       **selection)
 
     def amaxes(self, xt, rht: bool):
         return self._fallback(xt.device).amaxes(xt, rht)

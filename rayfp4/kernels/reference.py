@@ -26,9 +26,11 @@ class ReferenceBackend:
         # No shared amax pass: each quantization measures its own amax.
         return None, None
 
-    def quantize_nvfp4(self, x, tile, rounding, rht, generator, amax=None, write_gemm_operand=None):
+    def quantize_nvfp4(self, x, tile, rounding, rht, generator, amax=None, write_gemm_operand=None, *,
+                       scale_selection="max6", error_metric="mse", scale_cap=None):
         # write_gemm_operand asks a fast quantizer for the BF16 operand too; nothing to write here.
-        return nvfp4.quantize(x, tile=tile, rounding=rounding, rht=rht, generator=generator, amax=amax)
+        return nvfp4.quantize(x, tile=tile, rounding=rounding, rht=rht, generator=generator, amax=amax,
+                              scale_selection=scale_selection, error_metric=error_metric, scale_cap=scale_cap)
 
     def quantize_mxfp4(self, x, tile, rounding, rht, generator, scale_rule="ceil"):
         return mxfp4.quantize(x, tile=tile, rounding=rounding, rht=rht, generator=generator, scale_rule=scale_rule)

@@ -40,10 +40,13 @@ class Backend(Protocol):
         without a host sync; (None, None) when the backend has no such pass."""
 
     def quantize_nvfp4(self, x, tile, rounding, rht, generator, amax=None,
-                       write_gemm_operand: bool | None = None) -> NVFP4Tensor:
+                       write_gemm_operand: bool | None = None, *, scale_selection: str = "max6",
+                       error_metric: str = "mse", scale_cap: float | None = None) -> NVFP4Tensor:
         """:func:`rayfp4.formats.nvfp4.quantize` (bit for bit; SR streams may differ).
         ``write_gemm_operand`` asks a fast quantizer to also write the BF16 GEMM operand
-        (``gemm_operand``) in the same pass: True / False, or None for the backend's default."""
+        (``gemm_operand``) in the same pass: True / False, or None for the backend's default.
+        ``scale_selection``, ``error_metric``, ``scale_cap``: the block-scale rule (Four Over Six),
+        as in :func:`rayfp4.formats.nvfp4.quantize`."""
 
     def quantize_mxfp4(self, x, tile, rounding, rht, generator, scale_rule: str = "ceil") -> MXFP4Tensor:
         """:func:`rayfp4.formats.mxfp4.quantize`."""

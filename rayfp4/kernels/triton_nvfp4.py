@@ -2,7 +2,8 @@
 
 On a GPU without FP4 tensor cores (Hopper) NVFP4 training is emulated exactly: quantize, take the
 unscaled dequantized operands ``e2m1 * s_b`` in BF16 (exact), multiply them in BF16 with FP32
-accumulation and apply ``alpha = amax_a * amax_b / 2688^2`` once in FP32 before the one rounding.
+accumulation and apply ``alpha = amax_a * amax_b / 2688^2`` once in FP32 before the one rounding
+(``/ 1536`` for an operand of Four Over Six's cap 256: each operand's own decode factor).
 
 The quantizers here produce the reference's :class:`NVFP4Tensor` bit for bit (codes, scales, amax),
 two passes over memory each: a tensor-amax pass (an integer atomic max, exact) and a quantize pass.
@@ -17,12 +18,16 @@ TRITON_INTERPRET=1 is set before triton is first imported (the CPU test suite do
 checks the very same device code. The backend registers for CUDA only; on the CPU the module-level
 functions (:func:`quantize_nvfp4`, :func:`dequantize_unscaled`, :func:`gemm`) are what tests call.
 
+Four Over Six block-scale selection (``scale_selection="four_over_six"``) runs in the same kernels
+(both candidates and their errors in registers, FMA contraction off for those launches).
+
 Non-finite input is outside the contract. The reference raises; raising here would cost a host
 sync per quantization, so instead a NaN/Inf anywhere makes the tensor amax non-finite, every
 block scale NaN (E4M3 0x7F) and every dequantized value NaN: the error propagates visibly to the
 GEMM output. Pass ``check_finite=True`` to :func:`quantize_nvfp4` to raise like the reference.
 
-MXFP4 is not accelerated: ``quantize_mxfp4`` delegates to the reference.
+MXFP4 quantization has its own Triton kernels (:mod:`.triton_mxfp4`, bit for bit the reference's);
+``TritonBackend.quantize_mxfp4`` calls them.
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ import importlib.util
 
 import torch
 
-from ..formats import mxfp4, nvfp4
+from ..formats import nvfp4
 from ..formats._blocks import check_amax, check_input, check_rounding, check_tile
 from ..formats.hadamard import DEFAULT_SIGNS
 from ..formats.nvfp4 import NVFP4Tensor
@@ -131,10 +136,25 @@ def tensor_amax(x: torch.Tensor, rht: bool = False, signs: int = DEFAULT_SIGN_MA
     return out.view(torch.float32)
 
 
-def launch_quant_rows(x, words, scale, deq, am, words_t, scale_t, seed, tile_rows, sr, cfg=None):
+def _selection_args(selection: tuple[str, str, float] | None) -> dict:
+    """Kernel arguments of a block-scale selection (rule, metric, cap); none for the recipe's
+    max6 with cap 448 (the kernels' defaults, so those launches are exactly as before). Four Over
+    Six launches turn FMA contraction off: its error ``e2m1 * s_b - x * S_enc`` must round the
+    product and the difference separately, as the reference does."""
+    if selection is None:
+        return {}
+    rule, metric, cap = selection
+    args = {} if cap == 448.0 else {"GMAX": 6.0 * cap}
+    if rule == "four_over_six":
+        args.update(FOUR6=True, MAE=metric == "mae", enable_fp_fusion=False)
+    return args
+
+
+def launch_quant_rows(x, words, scale, deq, am, words_t, scale_t, seed, tile_rows, sr, cfg=None, selection=None):
     """quant_rows_kernel over a K-contiguous [M, K] x into the int64 [M, K/16] ``words`` (and the
     optional BF16 ``deq`` and transposed ``words_t``/``scale_t``) with the launch parameters
-    ``cfg`` (default: this module's LAUNCH entry)."""
+    ``cfg`` (default: this module's LAUNCH entry); ``selection``: (rule, metric, cap) or None
+    for the recipe's."""
     if cfg is None:
         cfg = LAUNCH["rows_tile" if tile_rows == 16 else "rows_sr" if sr else "rows"]
     m, k = x.shape
@@ -144,12 +164,15 @@ def launch_quant_rows(x, words, scale, deq, am, words_t, scale_t, seed, tile_row
         x, words.view(_PACK_DTYPE[cfg.get("PACK", 0)]), scale, deq if deq is not None else words, am,
         words_t if write_t else words, scale_t if write_t else scale,
         m, k, x.stride(0), seed, ONE_SIXTH_F32,
-        TILE_ROWS=tile_rows, SR=sr, WRITE_DEQ=deq is not None, WRITE_T=write_t, **cfg)
+        TILE_ROWS=tile_rows, SR=sr, WRITE_DEQ=deq is not None, WRITE_T=write_t, **cfg,
+        **_selection_args(selection))
 
 
-def launch_quant_groups(x, words, scale, am, seed, rht, sr, signs=DEFAULT_SIGN_MASK, cfg=None, deq=None):
+def launch_quant_groups(x, words, scale, am, seed, rht, sr, signs=DEFAULT_SIGN_MASK, cfg=None, deq=None,
+                        selection=None):
     """quant_groups_kernel over a strided [M, K] view x (1x16 blocks along K, optional RHT); with
-    ``deq`` (an [M, K] view, best with x's strides) also the unscaled dequantized operand."""
+    ``deq`` (an [M, K] view, best with x's strides) also the unscaled dequantized operand;
+    ``selection`` as for :func:`launch_quant_rows`."""
     write_deq = deq is not None
     if cfg is None:
         key = "groups" + ("_rht" if rht else "") + ("_sr" if sr else "")
@@ -159,7 +182,8 @@ def launch_quant_groups(x, words, scale, am, seed, rht, sr, signs=DEFAULT_SIGN_M
     _kernel_module().quant_groups_kernel[grid](
         x, words, scale, am, deq if write_deq else words, m, k, x.stride(0), x.stride(1),
         deq.stride(0) if write_deq else 0, deq.stride(1) if write_deq else 0, seed, ONE_SIXTH_F32,
-        RHT=bool(rht), SIGNS=signs, ROUND=_ROUND_CODE[x.dtype], SR=sr, WRITE_DEQ=write_deq, **cfg)
+        RHT=bool(rht), SIGNS=signs, ROUND=_ROUND_CODE[x.dtype], SR=sr, WRITE_DEQ=write_deq, **cfg,
+        **_selection_args(selection))
 
 
 # ---------------------------------------------------------------------------------- quantize
@@ -193,7 +217,8 @@ def _check(x: torch.Tensor, tile: tuple[int, int], what: str) -> None:
 def quantize_nvfp4(x: torch.Tensor, tile=(1, 16), rounding: str = "nearest", rht: bool = False,
                    generator: torch.Generator | None = None, amax=None, *, rht_signs: torch.Tensor | None = None,
                    write_gemm_operand: bool | None = None, check_finite: bool = False,
-                   trust_amax: bool = False) -> NVFP4Tensor:
+                   trust_amax: bool = False, scale_selection: str = "max6", error_metric: str = "mse",
+                   scale_cap: float | None = None) -> NVFP4Tensor:
     """:func:`rayfp4.formats.nvfp4.quantize` with Triton kernels (same arguments, same result).
 
     x may be any 2-D view whose K or M dimension is contiguous; a transposed view (M contiguous)
@@ -204,10 +229,14 @@ def quantize_nvfp4(x: torch.Tensor, tile=(1, 16), rounding: str = "nearest", rht
     ``trust_amax``: ``amax`` is an FP32 device tensor from :func:`tensor_amax` of this very tensor,
     used as it is (the checks of a caller-supplied amax would synchronise with the host).
     SR streams come from ``generator`` (a seed drawn from it) and differ from the reference's.
+    ``scale_selection``, ``error_metric``, ``scale_cap``: the block-scale rule (Four Over Six), in
+    the same kernels, bit for bit as the reference.
     """
     what = "triton.quantize_nvfp4"
     tile = check_tile(tile, nvfp4.TILES, what)
     rounding = check_rounding(rounding, what)
+    cap = nvfp4.check_scale_selection(scale_selection, error_metric, scale_cap, what)
+    selection = None if scale_selection == "max6" and cap == 448.0 else (scale_selection, error_metric, cap)
     _check(x, tile, what)
     if check_finite and not bool(torch.isfinite(x).all()):
         raise ValueError(f"{what}: input of shape {tuple(x.shape)} contains NaN/Inf values")
@@ -246,11 +275,12 @@ def quantize_nvfp4(x: torch.Tensor, tile=(1, 16), rounding: str = "nearest", rht
             words_t = torch.empty(k, m // 16, dtype=torch.int64, device=dev)
             scale_t = torch.empty(k, m // 16, dtype=torch.uint8, device=dev)
         launch_quant_rows(x, words, scale, deq, am, words_t if write_t else None,
-                          scale_t if write_t else None, seed, tile[0], sr)
+                          scale_t if write_t else None, seed, tile[0], sr, selection=selection)
         if write_t:
             transposed = NVFP4Tensor(
                 data=words_t.view(torch.uint8), scale=scale_t.view(torch.float8_e4m3fn), amax=am,
-                shape=(k, m), tile=tile, rht=False, rounding=rounding, orig_dtype=x.dtype)
+                shape=(k, m), tile=tile, rht=False, rounding=rounding, orig_dtype=x.dtype,
+                scale_cap=cap, scale_selection=scale_selection)
             if deq is not None:
                 transposed.gemm_operand = deq.t()
     else:
@@ -259,9 +289,10 @@ def quantize_nvfp4(x: torch.Tensor, tile=(1, 16), rounding: str = "nearest", rht
             phys = x.t() if orient == "cols" else x
             deq = torch.empty(phys.shape, dtype=torch.bfloat16, device=dev)
             deq = deq.t() if orient == "cols" else deq
-        launch_quant_groups(x, words, scale, am, seed, rht, sr, signs, deq=deq)
+        launch_quant_groups(x, words, scale, am, seed, rht, sr, signs, deq=deq, selection=selection)
     t = NVFP4Tensor(data=words.view(torch.uint8), scale=scale.view(torch.float8_e4m3fn), amax=am,
-                    shape=(m, k), tile=tile, rht=bool(rht), rounding=rounding, orig_dtype=x.dtype)
+                    shape=(m, k), tile=tile, rht=bool(rht), rounding=rounding, orig_dtype=x.dtype,
+                    scale_cap=cap, scale_selection=scale_selection)
     t.gemm_operand = deq
     t.transposed = transposed
     return t
@@ -298,15 +329,28 @@ def dequantize_unscaled(t: NVFP4Tensor, dtype: torch.dtype = torch.bfloat16) -> 
 GEMM_MODES = ("device", "host", "triton")
 
 
-#: FP32 1/2688: torch divides a CUDA tensor by a Python scalar as a product with the reciprocal.
-INV_FP4_FP8_MAX = float(torch.tensor(1.0, dtype=torch.float32) / torch.tensor(nvfp4.FP4_FP8_MAX, dtype=torch.float32))
+def inv_decode(scale_cap: float) -> float:
+    """FP32 1 / (6 * cap): torch divides a CUDA tensor by a Python scalar as a product with the
+    reciprocal, so this is how ``NVFP4Tensor.decode_factor`` is computed on the GPU."""
+    return float(torch.tensor(1.0, dtype=torch.float32) / torch.tensor(6.0 * scale_cap, dtype=torch.float32))
+
+
+#: FP32 1/2688, the recipe's (cap 448).
+INV_FP4_FP8_MAX = inv_decode(448.0)
+_INV = {448.0: INV_FP4_FP8_MAX, 256.0: inv_decode(256.0)}
+
+
+def decode_inv(t: NVFP4Tensor) -> float:
+    """The FP32 reciprocal of ``t``'s decode divisor 6 * cap (1/2688 for the recipe, 1/1536 for
+    Four Over Six's cap 256): what the alpha kernels multiply its amax by."""
+    return _INV[float(t.scale_cap)]
 
 
 def alpha(a: NVFP4Tensor, b: NVFP4Tensor) -> torch.Tensor:
     """:func:`rayfp4.formats.quantized.gemm_alpha` as a 1-element FP32 CUDA tensor, in one kernel
     launch instead of three tiny torch kernels (bit for bit: tests/test_kernels_triton_gpu.py)."""
     out = torch.empty(1, dtype=torch.float32, device=a.amax.device)
-    _kernel_module().alpha_kernel[(1,)](a.amax, b.amax, out, INV_FP4_FP8_MAX)
+    _kernel_module().alpha_kernel[(1,)](a.amax, b.amax, out, decode_inv(a), decode_inv(b))
     return out
 
 
@@ -336,8 +380,8 @@ def gemm(a, b, out_dtype: torch.dtype, mode: str = "device") -> torch.Tensor:
         acc = torch.mm(A, B.t(), out_dtype=torch.float32)
         out = acc if out_dtype == torch.float32 else torch.empty_like(acc, dtype=out_dtype)
         n = acc.numel()
-        _kernel_module().scale_cast_kernel[(_cdiv(n, 4096),)](acc, out, a.amax, b.amax, INV_FP4_FP8_MAX, n,
-                                                              BLOCK=4096, num_warps=8)
+        _kernel_module().scale_cast_kernel[(_cdiv(n, 4096),)](acc, out, a.amax, b.amax, decode_inv(a),
+                                                              decode_inv(b), n, BLOCK=4096, num_warps=8)
         return out
     alpha_t = gemm_alpha(a, b).reshape(1)  # raises for an NVFP4 operand with an MXFP4 one
     if mode == "host":
@@ -380,11 +424,13 @@ class TritonBackend:
             return "no CUDA device"
         return None
 
-    def quantize_nvfp4(self, x, tile, rounding, rht, generator, amax=None, write_gemm_operand=None):
+    def quantize_nvfp4(self, x, tile, rounding, rht, generator, amax=None, write_gemm_operand=None, *,
+                       scale_selection="max6", error_metric="mse", scale_cap=None):
         """``write_gemm_operand``: also write the BF16 GEMM operand (default: K-contiguous, no
         RHT); an ``amax`` tensor from :meth:`amaxes` is used without host-side checks."""
         return quantize_nvfp4(x, tile=tile, rounding=rounding, rht=rht, generator=generator, amax=amax,
-                              write_gemm_operand=write_gemm_operand, trust_amax=True)
+                              write_gemm_operand=write_gemm_operand, trust_amax=True,
+                              scale_selection=scale_selection, error_metric=error_metric, scale_cap=scale_cap)
 
     def amaxes(self, xt, rht: bool):
         """(amax of x, amax of x^T's Wgrad operand) for ``xt`` = x^T, from one read of x: the
@@ -393,7 +439,13 @@ class TritonBackend:
         return a[0], (a[1] if rht else a[0])
 
     def quantize_mxfp4(self, x, tile, rounding, rht, generator, scale_rule="ceil"):
-        return mxfp4.quantize(x, tile=tile, rounding=rounding, rht=rht, generator=generator, scale_rule=scale_rule)
+        """:func:`rayfp4.formats.mxfp4.quantize` with the Triton kernels (bit for bit; SR streams
+        differ). No BF16 operand is written: the MXFP4 GEMM decodes the packed operand itself.
+        NaN/Inf input gives NaN scales (0xFF) on the blocks holding it instead of an error."""
+        from . import triton_mxfp4  # imports this module: bound at the first call
+
+        return triton_mxfp4.quantize_mxfp4(x, tile=tile, rounding=rounding, rht=rht, generator=generator,
+                                           scale_rule=scale_rule)
 
     def gemm(self, a, b, out_dtype: torch.dtype) -> torch.Tensor:
         return gemm(a, b, out_dtype, self.gemm_mode)

@@ -32,7 +32,7 @@ import torch
 import torch.distributed as dist
 from torch.utils._pytree import tree_map
 
-from ..formats.nvfp4 import BLOCK, NVFP4Tensor
+from ..formats.nvfp4 import BLOCK, NVFP4Tensor, check_scale_selection
 
 aten = torch.ops.aten
 
@@ -89,37 +89,46 @@ class NVFP4ShardedWeight(torch.Tensor):
         shard = self._tensor
         amax = shard.abs().amax().float() if shard.numel() else torch.zeros((), device=shard.device)
         dist.all_reduce(amax, op=dist.ReduceOp.MAX, group=mesh.get_group())
-        return quantize_shard(shard, amax, module.backend), amax
+        # The layer's block-scale rule (Four Over Six picks per tile, from the tile and the amax
+        # alone, so the shards still concatenate to the full weight's quantization).
+        selection = module.selection_kwargs(module.roles.fprop_w)
+        return quantize_shard(shard, amax, module.backend, **selection), (amax, selection)
 
-    def fsdp_post_all_gather(self, outputs, amax, param_dtype, *, out=None):
+    def fsdp_post_all_gather(self, outputs, metadata, param_dtype, *, out=None):
         # The unsharded parameter has FSDP2's param_dtype (FP32, or BF16 under mixed precision), so
         # that the layer's weight gradient has the dtype FSDP2 reduces all of a group's gradients in.
         codes, tiles = outputs
-        q = assemble(codes, tiles, amax, param_dtype)
+        amax, selection = metadata
+        q = assemble(codes, tiles, amax, param_dtype, **selection)
         if out is not None:  # later steps: FSDP2 reuses the unsharded parameter object
             out._quantized = q
             return None
         return NVFP4GatheredWeight(q, param_dtype), (codes, tiles)
 
 
-def quantize_shard(shard: torch.Tensor, amax: torch.Tensor, backend) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_shard(shard: torch.Tensor, amax: torch.Tensor, backend, **selection) -> tuple[torch.Tensor, torch.Tensor]:
     """(codes [rows, K/2] uint8, tile scales [rows/16, K/16] uint8) of a row shard of a weight,
-    quantized in 16x16 tiles against ``amax``, the whole weight's: what each rank all-gathers."""
+    quantized in 16x16 tiles against ``amax``, the whole weight's: what each rank all-gathers.
+    ``selection``: the layer's block-scale rule (``QuantizedLinear.selection_kwargs``)."""
     if not backend.propagates_nonfinite and not bool(torch.isfinite(amax)):
         # The reference quantizer raises on NaN/Inf; the layer's output becomes NaN through the
         # amax instead (the GEMM's alpha), as on the fast backends, and the loop skips the step.
         rows, k = shard.shape
         return (torch.zeros(rows, k // 2, dtype=torch.uint8, device=shard.device),
                 torch.zeros(rows // BLOCK, k // BLOCK, dtype=torch.uint8, device=shard.device))
-    q = backend.quantize_nvfp4(shard, (BLOCK, BLOCK), "nearest", False, None, amax, False)
+    q = backend.quantize_nvfp4(shard, (BLOCK, BLOCK), "nearest", False, None, amax, False, **selection)
     return q.data.contiguous(), q.tile_scales().view(torch.uint8).contiguous()
 
 
-def assemble(codes: torch.Tensor, tiles: torch.Tensor, amax: torch.Tensor, dtype: torch.dtype) -> NVFP4Tensor:
-    """The quantized weight from the gathered codes and tile scales (rows in rank order)."""
+def assemble(codes: torch.Tensor, tiles: torch.Tensor, amax: torch.Tensor, dtype: torch.dtype,
+             **selection) -> NVFP4Tensor:
+    """The quantized weight from the gathered codes and tile scales (rows in rank order);
+    ``selection`` as given to :func:`quantize_shard` (its cap sets the decode factor)."""
+    rule = selection.get("scale_selection", "max6")
+    cap = check_scale_selection(rule, selection.get("error_metric", "mse"), selection.get("scale_cap"), "assemble")
     return NVFP4Tensor(data=codes, scale=tiles.repeat_interleave(BLOCK, dim=0).view(torch.float8_e4m3fn),
                        amax=amax, shape=(codes.shape[0], codes.shape[1] * 2), tile=(BLOCK, BLOCK),
-                       orig_dtype=dtype)
+                       orig_dtype=dtype, scale_cap=cap, scale_selection=rule)
 
 
 class NVFP4GatheredWeight(torch.Tensor):

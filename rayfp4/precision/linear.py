@@ -54,6 +54,7 @@ class OperandRole:
     write_gemm_operand: whether a fast quantizer should also write the BF16 GEMM operand in the
                 same pass (True: the GEMM uses it at once; False: the operand is saved packed
                 for later; None: the backend's default)
+    scale_selection: NVFP4 block-scale rule, "max6" (the recipe) or "four_over_six"
     """
 
     name: str
@@ -61,6 +62,7 @@ class OperandRole:
     stochastic: bool = False
     rht: bool = False
     write_gemm_operand: bool | None = None
+    scale_selection: str = "max6"
 
     @property
     def gemm(self) -> str:
@@ -87,16 +89,19 @@ class OperandRoles:
     def from_policy(cls, policy: PrecisionPolicy) -> OperandRoles:
         blocks = (1, policy.block)
         sr, rht = policy.stochastic_rounding_grads, policy.rht_wgrad
+        sel = policy.selection_for
         return cls(
-            fprop_x=OperandRole("fprop.x", blocks),
-            fprop_w=OperandRole("fprop.w", policy.weight_tile),
-            dgrad_dy=OperandRole("dgrad.dy", blocks, stochastic=sr),
+            fprop_x=OperandRole("fprop.x", blocks, scale_selection=sel("fprop.x")),
+            fprop_w=OperandRole("fprop.w", policy.weight_tile, scale_selection=sel("fprop.w")),
+            dgrad_dy=OperandRole("dgrad.dy", blocks, stochastic=sr, scale_selection=sel("dgrad.dy")),
             # W^T in the weight's tiles. With 2-D tiles those codes are Fprop's, transposed: the
             # layer reuses them instead of quantizing W^T (recipe section 5).
-            dgrad_w=OperandRole("dgrad.w", policy.weight_tile),
-            wgrad_dy=OperandRole("wgrad.dy", blocks, stochastic=sr, rht=rht, write_gemm_operand=True),
+            dgrad_w=OperandRole("dgrad.w", policy.weight_tile, scale_selection=sel("dgrad.w")),
+            wgrad_dy=OperandRole("wgrad.dy", blocks, stochastic=sr, rht=rht, write_gemm_operand=True,
+                                 scale_selection=sel("wgrad.dy")),
             # Saved packed for backward: a BF16 operand would be activation memory meanwhile.
-            wgrad_x=OperandRole("wgrad.x", blocks, rht=rht, write_gemm_operand=False),
+            wgrad_x=OperandRole("wgrad.x", blocks, rht=rht, write_gemm_operand=False,
+                                scale_selection=sel("wgrad.x")),
         )
 
 
@@ -297,9 +302,18 @@ class QuantizedLinear(nn.Linear):
         generator = self.runtime.generator(self.layer_index, role.gemm, t.device) if role.stochastic else None
         if self.format == "nvfp4":
             return self.backend.quantize_nvfp4(t, role.tile, role.rounding, role.rht, generator, amax,
-                                               role.write_gemm_operand)
+                                               role.write_gemm_operand, **self.selection_kwargs(role))
         return self.backend.quantize_mxfp4(t, role.tile, role.rounding, role.rht, generator,
                                            self.policy.mxfp4_scale_rule)
+
+    def selection_kwargs(self, role: OperandRole) -> dict:
+        """The block-scale selection arguments of ``quantize_nvfp4`` for ``role``: none for the
+        recipe's max6 (the backends' default), else the rule, its metric and its cap."""
+        if role.scale_selection == "max6":
+            return {}
+        p = self.policy
+        return {"scale_selection": role.scale_selection, "error_metric": p.scale_selection_metric,
+                "scale_cap": float(p.scale_selection_cap)}
 
     def amaxes(self, xt: torch.Tensor, role: OperandRole):
         """(amax of x, amax of ``xt`` = x^T quantized as ``role``) from one read of x where the
@@ -341,8 +355,9 @@ class QuantizedLinear(nn.Linear):
 
     def extra_repr(self) -> str:
         p = self.policy
+        extra = "" if p.scale_selection == "max6" else f", scale_selection={p.scale_selection}"
         return (f"{super().extra_repr()}, format={self.format}, weight_tile={p.weight_tile}, "
-                f"sr_grads={p.stochastic_rounding_grads}, rht_wgrad={p.rht_wgrad}")
+                f"sr_grads={p.stochastic_rounding_grads}, rht_wgrad={p.rht_wgrad}{extra}")
 
 
 class NVFP4Linear(QuantizedLinear):

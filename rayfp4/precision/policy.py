@@ -11,7 +11,11 @@ The recipe is data. A :class:`PrecisionPolicy` (pydantic, loadable from YAML) sa
   globs (the LM head, embeddings and norms are always high precision);
 - an optional late switch to BF16 at a step or fraction of training, for the forward pass, the
   backward pass or both;
-- the GEMM backend (``auto`` picks the best for the device).
+- the GEMM backend (``auto`` picks the best for the device);
+- NVFP4's block-scale selection (``scale_selection``): the recipe's ``max6`` (block amax -> 6) or
+  ``four_over_six`` (arXiv 2512.02010: per block, map to 4 or to 6, whichever errs less), for all
+  operands or per operand role (``fprop.x``, ``fprop.w``, ``dgrad.dy``, ``dgrad.w``, ``wgrad.dy``,
+  ``wgrad.x``), with ``scale_selection_metric`` and ``scale_selection_cap``.
 
 With every switch off and 1x16 weights the policy is the paper's "base" NVFP4 recipe.
 """
@@ -59,6 +63,11 @@ class LateSwitch(BaseModel):
         return int(round(self.at_fraction * total_steps))
 
 
+#: The operand roles of a linear layer's three GEMMs (``precision.linear.OperandRoles``).
+OPERAND_ROLES = ("fprop.x", "fprop.w", "dgrad.dy", "dgrad.w", "wgrad.dy", "wgrad.x")
+SCALE_SELECTIONS = ("max6", "four_over_six")
+
+
 class PrecisionPolicy(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -78,6 +87,28 @@ class PrecisionPolicy(BaseModel):
                           "quantized on the shards (default: on; it applies to nvfp4 layers, the others "
                           "gather FP32, and the policy summary says which and why)")
     block_pattern: str = Field(r"(?:^|\.)layers\.(\d+)\.", description="regex whose group 1 is the block index")
+    scale_selection: str | dict[str, str] = Field(
+        "max6", description="NVFP4 block-scale selection: max6 (the recipe) or four_over_six, for every "
+                            "operand, or a mapping operand role -> rule (roles left out: max6)")
+    scale_selection_metric: Literal["mse", "mae"] = Field(
+        "mse", description="error the four_over_six choice minimises per block: squared or absolute")
+    scale_selection_cap: Literal[256, 448] = Field(
+        256, description="block-scale cap of the tensor scale of four_over_six operands (6 * cap / amax)")
+
+    @field_validator("scale_selection")
+    @classmethod
+    def _selection(cls, v):
+        if isinstance(v, str):
+            if v not in SCALE_SELECTIONS:
+                raise ValueError(f"unknown rule {v!r}; expected max6 or four_over_six, or a mapping "
+                                 f"operand role -> rule")
+            return v
+        for role, rule in v.items():
+            if role not in OPERAND_ROLES:
+                raise ValueError(f"unknown operand role {role!r}; expected one of {', '.join(OPERAND_ROLES)}")
+            if rule not in SCALE_SELECTIONS:
+                raise ValueError(f"{role}: unknown rule {rule!r}; expected max6 or four_over_six")
+        return dict(v)
 
     @field_validator("block_pattern")
     @classmethod
@@ -99,13 +130,31 @@ class PrecisionPolicy(BaseModel):
                 raise ValueError(f"{', '.join(on)} only apply to 4-bit formats, not format=bf16")
             if self.late_switch is not None:
                 raise ValueError("late_switch to BF16 makes no sense with format=bf16")
+        four6 = [r for r in OPERAND_ROLES if self.selection_for(r) == "four_over_six"]
+        if four6 and self.format != "nvfp4":
+            raise ValueError(f"scale_selection: four_over_six chooses NVFP4's E4M3 block scales; "
+                             f"format={self.format} has none (operands: {', '.join(four6)})")
         defaulted = [s for s in switches if getattr(self, s) is None]
         for s in defaulted:
             setattr(self, s, self.format != "bf16")
         # Resolved defaults are not the user's choice: a dump with exclude_unset (used to apply a
         # variant's overrides, e.g. format: bf16) must not carry them over.
         self.__pydantic_fields_set__.difference_update(defaulted)
+        if self.weight_2d_scaling and self.selection_for("dgrad.w") != self.selection_for("fprop.w"):
+            raise ValueError(
+                f"scale_selection: dgrad.w is {self.selection_for('dgrad.w')} but fprop.w is "
+                f"{self.selection_for('fprop.w')}; with weight_2d_scaling Dgrad reuses the Fprop weight codes, "
+                f"so give both roles the same rule")
         return self
+
+    def selection_for(self, role: str) -> str:
+        """The block-scale selection rule of operand ``role`` (e.g. "dgrad.dy"). With 2-D weight
+        scaling, dgrad.w follows fprop.w unless the mapping names it."""
+        if isinstance(self.scale_selection, str):
+            return self.scale_selection
+        if role == "dgrad.w" and role not in self.scale_selection and self.weight_2d_scaling:
+            return self.selection_for("fprop.w")  # Dgrad reuses the Fprop weight codes
+        return self.scale_selection.get(role, "max6")
 
     # -- derived facts -------------------------------------------------------------------------
 

@@ -128,6 +128,15 @@ class Variant:
         where = self.checkpoint_dir
         return sorted((p for p in where.glob("checkpoint_*") if p.is_dir() and step_of(p) >= 0), key=step_of)
 
+    def require_checkpoints(self) -> list[Path]:
+        """:meth:`checkpoints`, or RunPathError when there is none: commands check this first,
+        before they prepare data or a tokenizer for a model that cannot be loaded."""
+        found = self.checkpoints()
+        if not found:
+            raise RunPathError(f"{self.path}: no checkpoint_* folder in {self.checkpoint_dir} "
+                               f"(the run has not written a checkpoint yet)")
+        return found
+
 
 def _is_variant(path: Path) -> bool:
     return (path / CONFIG_FILE).is_file() and (path / FINGERPRINT_FILE).is_file()
@@ -208,10 +217,7 @@ def load_model(variant: Variant, checkpoint: Path | None = None, device: str | t
     """The variant's model with the weights of ``checkpoint`` (verified; CheckpointError when it
     does not load) or, when None, of its newest checkpoint that loads."""
     if checkpoint is None:
-        found = variant.checkpoints()
-        if not found:
-            raise RunPathError(f"{variant.path}: no checkpoint_* folder in {variant.checkpoint_dir} "
-                               f"(the run has not written a checkpoint yet)")
+        found = variant.require_checkpoints()
         state, checkpoint = load_latest(found[-1], warn)
     else:
         state = load_state(checkpoint)

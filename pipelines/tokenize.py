@@ -8,7 +8,9 @@
 Inputs are files, directories (searched recursively) or globs of ``.txt`` (one document per file),
 ``.jsonl`` (one document per line, text in ``--text-field``) and ``.parquet`` (one document per row
 of the ``--text-field`` column). ``--plain-suffix .py`` (repeatable) reads files with that suffix
-like ``.txt`` (e.g. a tree of source code); ``--skip-undecodable`` leaves out plain-text files that
+like ``.txt`` (e.g. a tree of source code); ``--exclude PATTERN`` (repeatable) leaves out the files
+of a directory input whose path below it, or any folder on that path, matches the glob (e.g.
+``--exclude site-packages --exclude 'test*'``); ``--skip-undecodable`` leaves out plain-text files that
 are not UTF-8 (listed on the driver before Ray starts) instead of failing. Files are taken in sorted
 order, documents in file order.
 
@@ -29,6 +31,7 @@ one line with exit status 2.
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import glob
 import json
 import logging
@@ -66,10 +69,23 @@ def _plain_suffixes(plain_suffixes) -> dict[str, str]:
     return out
 
 
-def resolve_inputs(inputs: list[str], plain_suffixes: tuple[str, ...] | list[str] = ()) -> list[tuple[str, str]]:
+def _excluded(rel: Path, patterns) -> bool:
+    """Whether the path ``rel`` (relative to a directory input) or one of its folders matches a glob."""
+    parts = rel.parts
+    candidates = [rel.as_posix()] + ["/".join(parts[:i]) for i in range(1, len(parts))] + list(parts)
+    return any(fnmatch.fnmatchcase(c, pat) for pat in patterns for c in candidates)
+
+
+def resolve_inputs(inputs: list[str], plain_suffixes: tuple[str, ...] | list[str] = (),
+                   exclude: tuple[str, ...] | list[str] = ()) -> list[tuple[str, str]]:
     """``[(path, kind)]`` for every input file, sorted within each argument; errors name the path.
-    ``plain_suffixes``: more suffixes read as one plain-text document per file, like ``.txt``."""
+    ``plain_suffixes``: more suffixes read as one plain-text document per file, like ``.txt``.
+    ``exclude``: globs; a file of a directory input is left out when its path below the directory,
+    or a folder on that path, matches one (``site-packages``, ``test*``, ``*/data/*.txt``)."""
     suffixes = _plain_suffixes(plain_suffixes)
+    for pat in exclude:
+        if not pat or pat.startswith("/"):
+            raise DataError(f"--exclude {pat!r}: expected a glob relative to the input directory, such as site-packages")
     kinds = ", ".join(sorted(suffixes))
     found: list[tuple[str, str]] = []
     for arg in inputs:
@@ -78,9 +94,11 @@ def resolve_inputs(inputs: list[str], plain_suffixes: tuple[str, ...] | list[str
             if not paths:
                 raise DataError(f"{arg}: no file matches this pattern")
         elif os.path.isdir(arg):
-            paths = sorted(str(p) for p in Path(arg).rglob("*") if p.suffix in suffixes and p.is_file())
+            paths = sorted(str(p) for p in Path(arg).rglob("*") if p.suffix in suffixes and p.is_file()
+                           and not _excluded(p.relative_to(arg), exclude))
             if not paths:
-                raise DataError(f"{arg}: directory holds no {kinds} files")
+                raise DataError(f"{arg}: directory holds no {kinds} files"
+                                + (f" outside --exclude {' '.join(exclude)}" if exclude else ""))
         elif os.path.exists(arg):
             paths = [arg]
         else:
@@ -237,7 +255,7 @@ def tokenize_corpus(inputs: list[str], out_dir: str | Path, *, tokenizer: str = 
                     eot_token: str | None = None, overwrite: bool = False,
                     progress: bool = True, ray_address: str | None = None,
                     plain_suffixes: tuple[str, ...] | list[str] = (),
-                    skip_undecodable: bool = False) -> ShardManifest:
+                    skip_undecodable: bool = False, exclude: tuple[str, ...] | list[str] = ()) -> ShardManifest:
     """Tokenize ``inputs`` (empty: the embedded corpus) into a shard directory.
 
     Inputs are checked before Ray is touched; Ray is started (or joined at ``ray_address`` /
@@ -249,7 +267,7 @@ def tokenize_corpus(inputs: list[str], out_dir: str | Path, *, tokenizer: str = 
     kind, _ = parse_tokenizer_spec(tokenizer)
     if kind == "file":  # a tokenizer file that does not parse fails before any reading
         build_tokenizer(tokenizer, eot_token=eot_token)
-    files = resolve_inputs(inputs, plain_suffixes) if inputs else []
+    files = resolve_inputs(inputs, plain_suffixes, exclude) if inputs else []
     if skip_undecodable and files:
         files, dropped = drop_undecodable(files)
         if dropped:
@@ -322,6 +340,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
     p.add_argument("--plain-suffix", dest="plain_suffixes", action="append", default=[], metavar=".SUFFIX",
                    help="also read files with this suffix as one plain-text document each (e.g. .py); repeatable")
+    p.add_argument("--exclude", action="append", default=[], metavar="PATTERN",
+                   help="leave out the files of a directory input whose relative path or a folder on it matches "
+                        "this glob (repeatable), e.g. site-packages")
     p.add_argument("--skip-undecodable", action="store_true",
                    help="leave out plain-text files that are not UTF-8 instead of failing")
     p.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or local)")
@@ -340,7 +361,7 @@ def main(argv: list[str] | None = None) -> int:
             rows_per_group=args.rows_per_group, shard_sequences=args.shard_sequences,
             eot_token=args.eot_token, overwrite=args.overwrite, progress=not args.quiet,
             ray_address=args.address, plain_suffixes=args.plain_suffixes,
-            skip_undecodable=args.skip_undecodable)
+            skip_undecodable=args.skip_undecodable, exclude=args.exclude)
     except DataError as err:  # user errors: one line, no traceback
         print(f"tokenize: error: {err}", file=sys.stderr)
         return 2

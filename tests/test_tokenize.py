@@ -113,6 +113,29 @@ def test_source_trees_as_plain_text_and_undecodable_files(ray_session, tmp_path,
         tokenize_corpus([str(src)], tmp_path / "o3", tokenizer="byte", progress=False, plain_suffixes=["py"])
 
 
+def test_exclude_leaves_out_matching_files_and_folders(tmp_path):
+    from pipelines.tokenize import resolve_inputs
+
+    root = tmp_path / "lib"
+    for rel in ["os.py", "json/decoder.py", "site-packages/numpy/core.py", "test/test_os.py",
+                "idlelib/idle_test/t.py", "README.txt"]:
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text("x = 1\n")
+
+    def names(*exclude):
+        return [str(Path(p).relative_to(root)) for p, _ in resolve_inputs([str(root)], [".py"], exclude)]
+
+    assert names() == ["README.txt", "idlelib/idle_test/t.py", "json/decoder.py", "os.py",
+                       "site-packages/numpy/core.py", "test/test_os.py"]
+    assert names("site-packages", "*test*") == ["README.txt", "json/decoder.py", "os.py"]
+    assert names("json/*.py", "*.txt") == ["idlelib/idle_test/t.py", "os.py", "site-packages/numpy/core.py",
+                                          "test/test_os.py"]
+    with pytest.raises(DataError, match=r"holds no .* files outside --exclude \*"):
+        resolve_inputs([str(root)], [".py"], ["*"])
+    with pytest.raises(DataError, match="--exclude '/abs': expected a glob relative"):
+        resolve_inputs([str(root)], [".py"], ["/abs"])
+
+
 def run_cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "pipelines.tokenize", *args], cwd=ROOT,
                           capture_output=True, text=True, timeout=120)

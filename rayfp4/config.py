@@ -283,6 +283,9 @@ class RunConfig(_Strict):
         if self.scaling.fsdp_param_dtype != "fp32" and self.scaling.strategy != "fsdp2":
             raise ValueError(f"scaling.fsdp_param_dtype={self.scaling.fsdp_param_dtype} applies to FSDP2 only; "
                              f"set scaling.strategy: fsdp2 (DDP computes in train.dtype through autocast)")
+        if self.precision.oscillation_reset is not None and self.scaling.strategy == "fsdp2":
+            raise ValueError("precision.oscillation_reset: not available with scaling.strategy: fsdp2 yet (its "
+                             "detection works on whole weights, which FSDP2 shards); use ddp")
         if self.precision.fp4_weight_gather and self.scaling.strategy != "fsdp2":
             raise ValueError("precision.fp4_weight_gather: only FSDP2 gathers weights; it needs "
                              "scaling.strategy: fsdp2")
@@ -350,7 +353,7 @@ class RunConfig(_Strict):
 #: Precision settings that mean something only for the 4-bit formats (format=bf16 refuses them).
 #: Set for the whole run (the config's precision section or --set), they apply to its 4-bit
 #: variants and are left out of its bf16 variants; a bf16 variant's own ``set`` may not hold them.
-FOUR_BIT_ONLY = ("late_switch", "rht_wgrad", "stochastic_rounding_grads", "weight_2d_scaling")
+FOUR_BIT_ONLY = ("late_switch", "rht_wgrad", "stochastic_rounding_grads", "weight_2d_scaling", "oscillation_reset")
 #: Likewise for the settings of NVFP4 alone (its E4M3 block scales): set for the whole run, they
 #: apply to its nvfp4 variants and are left out of its bf16 and mxfp4 variants.
 NVFP4_ONLY = ("scale_selection", "scale_selection_metric", "scale_selection_cap")
@@ -374,7 +377,7 @@ NOT_DEFINING = ("precision.backend", "precision.telemetry_every", "precision.fp4
 #: Settings added after runs were fingerprinted without them: left out of the fingerprint at their
 #: default value, so that those runs still resume (they computed exactly what the default does).
 OMIT_WHEN_DEFAULT = {"precision.scale_selection": "max6", "precision.scale_selection_metric": "mse",
-                     "precision.scale_selection_cap": "256"}
+                     "precision.scale_selection_cap": "256", "precision.oscillation_reset": "None"}
 
 
 def _covers(prefix: str, key: str) -> bool:

@@ -29,7 +29,10 @@ from rayfp4.tracking import read_metrics
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "configs" / "tiny.yaml")
 RUN = ["variants=[]", "precision.bf16_last_blocks=0", "model.n_layers=2", "data.val_sequences=16",
-       "optim.warmup_steps=2", "train.steps=10", "checkpoint.every=4", "train.log_every=1", "train.val_every=5"]
+       "optim.warmup_steps=2", "train.steps=10", "checkpoint.every=4", "train.log_every=1", "train.val_every=5",
+       # oscillation-reset windows open after updates 3 and 7 and reset after 5 and 9: the checkpoints
+       # at 4 and 8 fall inside them, so every resume must carry an open window exactly
+       "precision.oscillation_reset={start_step: 3, period: 4, window: 2, threshold: 2.0}"]
 
 
 def sets(*items):
@@ -82,6 +85,9 @@ def assert_same_run(run: Path, clean: Path) -> None:
     assert list(b) == list(a) == list(range(1, 11))
     assert [b[s]["train_loss"] for s in b] == [a[s]["train_loss"] for s in a]
     assert b[10]["val_loss"] == a[10]["val_loss"]
+    resets = [(s, b[s].get("quant/oscillation_reset_count")) for s in b]
+    assert resets == [(s, a[s].get("quant/oscillation_reset_count")) for s in a]
+    assert [s for s, n in resets if n is not None] == [5, 9] and any(n for _, n in resets)
     assert read_ledger(run / "ledger").ordered() == read_ledger(clean / "ledger").ordered()
     assert not (run / ".staging").exists()
 

@@ -6,7 +6,8 @@
 
 from .apply import LayerDecision, PrecisionSummary, apply_precision_policy
 from .linear import MXFP4Linear, NVFP4Linear, QuantizedLinear
-from .policy import LateSwitch, PolicyError, PrecisionPolicy, format_validation_error
+from .oscillation import OscillationTracker
+from .policy import LateSwitch, OscillationReset, PolicyError, PrecisionPolicy, format_validation_error
 from .runtime import PrecisionRuntime
 from .telemetry import collect_telemetry, operand_stats
 
@@ -15,6 +16,8 @@ __all__ = [
     "LayerDecision",
     "MXFP4Linear",
     "NVFP4Linear",
+    "OscillationReset",
+    "OscillationTracker",
     "PolicyError",
     "PrecisionPolicy",
     "PrecisionRuntime",

@@ -63,6 +63,36 @@ class LateSwitch(BaseModel):
         return int(round(self.at_fraction * total_steps))
 
 
+class OscillationReset(BaseModel):
+    """Reset oscillating weights late in training (TetraJet-v2's OsciReset; rayfp4.precision.oscillation)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    start_step: int | None = Field(None, ge=1, description="first update after which a detection window opens")
+    start_fraction: float | None = Field(None, description="or that step as a fraction of the run's steps, in (0, 1)")
+    period: int = Field(200, ge=2, description="a window opens every this many updates")
+    window: int = Field(50, ge=1, description="updates each window measures, then resets (less than period)")
+    threshold: float = Field(8.0, gt=0, description="reset where the quantized weight moved this many times "
+                                                    "the distance the master weight moved")
+
+    @model_validator(mode="after")
+    def _check(self):
+        if (self.start_step is None) == (self.start_fraction is None):
+            raise ValueError("give exactly one of start_step or start_fraction")
+        if self.start_fraction is not None and not (0.0 < self.start_fraction < 1.0):
+            raise ValueError(f"start_fraction must be in (0, 1), got {self.start_fraction}")
+        if self.window >= self.period:
+            raise ValueError(f"window ({self.window}) must be less than period ({self.period})")
+        return self
+
+    def first_step(self, total_steps: int | None) -> int:
+        if self.start_step is not None:
+            return self.start_step
+        if total_steps is None:
+            raise PolicyError("precision.oscillation_reset.start_fraction needs the run's total number of steps")
+        return max(1, int(round(self.start_fraction * total_steps)))
+
+
 #: The operand roles of a linear layer's three GEMMs (``precision.linear.OperandRoles``).
 OPERAND_ROLES = ("fprop.x", "fprop.w", "dgrad.dy", "dgrad.w", "wgrad.dy", "wgrad.x")
 SCALE_SELECTIONS = ("max6", "four_over_six")
@@ -79,6 +109,8 @@ class PrecisionPolicy(BaseModel):
     bf16_last_blocks: int = Field(0, ge=0, description="keep the last M transformer blocks' linears in BF16")
     bf16_modules: list[str] = Field(default_factory=list, description="module-name globs kept in BF16")
     late_switch: LateSwitch | None = None
+    oscillation_reset: OscillationReset | None = Field(
+        None, description="reset weights whose 4-bit value oscillates, late in training (off by default)")
     backend: Literal["auto", "reference", "triton", "cutlass"] = "auto"
     mxfp4_scale_rule: Literal["ceil", "floor"] = "ceil"
     telemetry_every: int = Field(0, ge=0, description="quantization telemetry every N steps (0: off)")
@@ -130,6 +162,11 @@ class PrecisionPolicy(BaseModel):
                 raise ValueError(f"{', '.join(on)} only apply to 4-bit formats, not format=bf16")
             if self.late_switch is not None:
                 raise ValueError("late_switch to BF16 makes no sense with format=bf16")
+            if self.oscillation_reset is not None:
+                raise ValueError("oscillation_reset acts on 4-bit weights; format=bf16 has none")
+        if self.oscillation_reset is not None and self.late_switch is not None:
+            raise ValueError("oscillation_reset and late_switch: choose one (after the switch the forward pass no "
+                             "longer quantizes the weights the reset acts on)")
         four6 = [r for r in OPERAND_ROLES if self.selection_for(r) == "four_over_six"]
         if four6 and self.format != "nvfp4":
             raise ValueError(f"scale_selection: four_over_six chooses NVFP4's E4M3 block scales; "

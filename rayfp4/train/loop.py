@@ -21,7 +21,7 @@ import torch.distributed as dist
 
 from ..config import ConfigError, RunConfig, fingerprint_changes
 from ..model import build_model
-from ..precision import apply_precision_policy, collect_telemetry
+from ..precision import OscillationTracker, apply_precision_policy, collect_telemetry
 from .checkpoint import file_digests, read_info, save_state
 from .errors import CheckpointError, NonFiniteTrainingError, RunMismatchError, StorageError
 from .hooks import build_hooks
@@ -66,6 +66,10 @@ def _train(loop_config: dict) -> None:
     model, opt, summary = build(cfg, rank, world, device)
     log = _rank_zero_log(cfg, rank, run_dir, loop_config, summary)
     progress = restore(model, opt, cfg, loop_config["fingerprint"], log.notice, run_dir, storage, rank)
+    oscillation = None
+    if cfg.precision.oscillation_reset is not None:
+        oscillation = OscillationTracker(_unwrap(model), cfg.precision.oscillation_reset, cfg.train.steps)
+        oscillation.load_state_dict(progress.oscillation)  # a window open at the checkpoint goes on
     record_workers(run_dir, rank, world, progress.step, log.notice)
     data = TrainData(cfg, loop_config["shards"], rank, world, run_dir)
     hooks = build_hooks(cfg.debug, rank, run_dir)
@@ -94,12 +98,13 @@ def _train(loop_config: dict) -> None:
         progress.count(loss, grad_norm, cfg.train.max_nonfinite_in_a_row)
         step = progress.step
         last = step >= total
+        reset = oscillation.after_update(step) if oscillation is not None else {}
 
         metrics = {"train_loss": loss, "lr": lr, "grad_norm": grad_norm, "skipped_steps": progress.skipped,
                    **timer.end_step()}
         if validate_due(step, last):
             metrics["val_loss"] = evaluate(model, data, rank, world, device, autocast)
-        tele = collect_telemetry(_unwrap(model))
+        tele = {**collect_telemetry(_unwrap(model)), **reset}
         metrics.update({f"quant/{k}": v for k, v in tele.items()})
         if step % cfg.train.log_every == 0 or "val_loss" in metrics or tele or last:
             log.write(step, metrics, {"step": step, "total_steps": total, "train_loss": loss,
@@ -107,6 +112,7 @@ def _train(loop_config: dict) -> None:
                                       "skipped_steps": progress.skipped, "eta_s": timer.eta_s(total - step)})
         if checkpoint_due(step, last):
             progress.stream = batch.next_state.to_dict()
+            progress.oscillation = oscillation.state_dict() if oscillation is not None else None
             checkpointer.save(model, opt, progress, {"step": step, "train_loss": loss,
                                                      "val_loss": metrics.get("val_loss")})
 
@@ -151,6 +157,7 @@ class Progress:
     skipped: int = 0  # steps whose loss or gradient was not finite (not applied)
     in_a_row: int = 0
     stream: dict | None = None  # the data stream's position (rayfp4.data.StreamState)
+    oscillation: dict | None = None  # an open oscillation-reset window (precision.oscillation.OscillationTracker)
 
     def count(self, loss: float, grad_norm: float, max_in_a_row: int) -> None:
         """One step done; stop when too many in a row were not finite (a restart would not help)."""
@@ -167,12 +174,16 @@ class Progress:
         self.step += 1
 
     def to_state(self) -> dict:
-        return {"step": self.step, "skipped_steps": self.skipped, "nonfinite_in_a_row": self.in_a_row,
-                "stream": self.stream}
+        out = {"step": self.step, "skipped_steps": self.skipped, "nonfinite_in_a_row": self.in_a_row,
+               "stream": self.stream}
+        if self.oscillation is not None:
+            out["oscillation_reset"] = self.oscillation
+        return out
 
     @classmethod
     def from_state(cls, state: dict) -> "Progress":
-        return cls(state["step"], state["skipped_steps"], state["nonfinite_in_a_row"], state["stream"])
+        return cls(state["step"], state["skipped_steps"], state["nonfinite_in_a_row"], state["stream"],
+                   state.get("oscillation_reset"))
 
 
 def restore(model, opt, cfg: RunConfig, fingerprint: dict, notice, run_dir: Path,

@@ -68,9 +68,10 @@ class OscillationTracker:
     def window_open(self) -> bool:
         return bool(self._prev)
 
-    def quantized_values(self, layer: QuantizedLinear) -> torch.Tensor:
-        """Q(W): the layer's forward weight quantization of its weight, as FP32 values."""
-        return layer.quantize(layer.weight.detach(), layer.roles.fprop_w).dequantize(torch.float32)
+    def quantized_values(self, layer: QuantizedLinear, w: torch.Tensor | None = None) -> torch.Tensor:
+        """Q(W): the layer's forward weight quantization of ``w`` (default: its weight), as FP32 values."""
+        w = layer.weight.detach() if w is None else w
+        return layer.quantize(w, layer.roles.fprop_w).dequantize(torch.float32)
 
     @torch.no_grad()
     def after_update(self, step: int) -> dict[str, float]:
@@ -88,7 +89,7 @@ class OscillationTracker:
             q = self.quantized_values(layer)
             prev_q = self._prev_q.get(name)
             if prev_q is None:
-                prev_q = self._quantize_as(layer, self._prev[name])
+                prev_q = self.quantized_values(layer, self._prev[name])
             self._dist_q[name].add_((q - prev_q).abs())
             self._dist_w[name].add_((w.float() - self._prev[name]).abs())
             self._prev[name].copy_(w)
@@ -105,9 +106,6 @@ class OscillationTracker:
             self._prev[name] = w.float().clone()
             self._dist_q[name] = torch.zeros_like(self._prev[name])
             self._dist_w[name] = torch.zeros_like(self._prev[name])
-
-    def _quantize_as(self, layer: QuantizedLinear, w: torch.Tensor) -> torch.Tensor:
-        return layer.quantize(w, layer.roles.fprop_w).dequantize(torch.float32)
 
     def _reset(self, current_q: dict[str, torch.Tensor]) -> dict[str, float]:
         reset = total = 0

@@ -200,16 +200,6 @@ def _candidate(base, s_dec):
 
 
 @triton.jit
-def _pick(pick4, sb, byte, enc, sb4, byte4, enc4, bad):
-    """The chosen candidate's (s_b, E4M3 byte, enc_b): map-to-4 where ``pick4``, else map-to-6;
-    NaN scales (byte 0x7F) when the tensor amax is non-finite, as ``_block_scales`` gives."""
-    sb = tl.where(pick4, sb4, sb)
-    byte = tl.where(pick4, byte4, byte)
-    enc = tl.where(pick4, enc4, enc)
-    return tl.where(bad, float("nan"), sb), tl.where(bad, 0x7F, byte), enc
-
-
-@triton.jit
 def _err(x, enc, sb, s_enc, MAE: tl.constexpr):
     """Four Over Six error term of element x for one candidate: d = e2m1(rtne(x * enc)) * s_b -
     x * S_enc in FP32 (two separate roundings: launched with FMA contraction off), d * d or |d|."""
@@ -571,7 +561,12 @@ def quant_groups_kernel(x_ptr, data_ptr, scale_ptr, amax_ptr, deq_ptr, M, K, str
         sb4, byte4, enc4 = _candidate(base * 1.5, s_dec)
         e6 = _err16(x0, x1, x2, x3, x4, x5, x6, x7, x8, x9, x10, x11, x12, x13, x14, x15, enc, sb, s_enc, MAE)
         e4 = _err16(x0, x1, x2, x3, x4, x5, x6, x7, x8, x9, x10, x11, x12, x13, x14, x15, enc4, sb4, s_enc, MAE)
-        sb, byte, enc = _pick(e4 < e6, sb, byte, enc, sb4, byte4, enc4, bad)
+        pick4 = e4 < e6
+        sb = tl.where(pick4, sb4, sb)
+        byte = tl.where(pick4, byte4, byte)
+        enc = tl.where(pick4, enc4, enc)
+        sb = tl.where(bad, float("nan"), sb)
+        byte = tl.where(bad, 0x7F, byte)
     else:
         sb, byte, enc = _block_scales(bamax, block_enc, s_dec, bad)
     out = rows[:, None].to(tl.int64) * nb + grp[None, :]
@@ -656,7 +651,12 @@ def quant_rows_kernel(x_ptr, data_ptr, scale_ptr, deq_ptr, amax_ptr, datat_ptr, 
         if TILE_ROWS == 16:
             e6 = _tile_err(e6, BM, G)
             e4 = _tile_err(e4, BM, G)
-        sb, byte, enc = _pick(e4 < e6, sb, byte, enc, sb4, byte4, enc4, bad)
+        pick4 = e4 < e6
+        sb = tl.where(pick4, sb4, sb)
+        byte = tl.where(pick4, byte4, byte)
+        enc = tl.where(pick4, enc4, enc)
+        sb = tl.where(bad, float("nan"), sb)
+        byte = tl.where(bad, 0x7F, byte)
     else:
         sb, byte, enc = _block_scales(bamax, block_enc, s_dec, bad)
 

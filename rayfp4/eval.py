@@ -239,9 +239,6 @@ def evaluate(args) -> tuple[list, str]:
     names = [v.name for v in variants]
     if args.baseline is not None and args.baseline not in names:
         raise RunPathError(f"--baseline {args.baseline}: not among the variants scored ({', '.join(names)})")
-    if checkpoint is None:
-        for v in variants:
-            v.require_checkpoints()
     precisions = PRECISIONS if args.precision == "both" else (args.precision,)
     specs = list(dict.fromkeys(args.data or ["val"]))
     for spec in specs:  # before any checkpoint is loaded

@@ -94,8 +94,6 @@ def export(args) -> Path:
                                f"four_over_six, whose values are e2m1 * scale * amax / (6 * "
                                f"{variant.config.precision.scale_selection_cap}); the nvfp4.safetensors layout "
                                f"decodes with amax / 2688 only")
-    if checkpoint is None:
-        variant.require_checkpoints()
     tokenizer = run_shards(variant).tokenizer()
     trained = load_model(variant, checkpoint, "cpu", warn=lambda m: print(f"[export] {m}", file=sys.stderr))
     cfg = variant.config

@@ -71,8 +71,6 @@ def generate_text(args) -> str:
 
     device = pick_device(args.device)
     variant, checkpoint = locate_one(args.path, args.variant)
-    if checkpoint is None:
-        variant.require_checkpoints()
     tokenizer = run_shards(variant).tokenizer()
     prompt = [int(i) for i in tokenizer.encode_batch([args.prompt])[0]]
     if not prompt:

@@ -129,8 +129,7 @@ class Variant:
         return sorted((p for p in where.glob("checkpoint_*") if p.is_dir() and step_of(p) >= 0), key=step_of)
 
     def require_checkpoints(self) -> list[Path]:
-        """:meth:`checkpoints`, or RunPathError when there is none: commands check this first,
-        before they prepare data or a tokenizer for a model that cannot be loaded."""
+        """:meth:`checkpoints`, or RunPathError when there is none."""
         found = self.checkpoints()
         if not found:
             raise RunPathError(f"{self.path}: no checkpoint_* folder in {self.checkpoint_dir} "
@@ -165,7 +164,7 @@ def _read_variant(path: Path) -> Variant:
 def locate(path: str | Path, names: list[str] | tuple[str, ...] = ()) -> tuple[list[Variant], Path | None]:
     """The variants ``path`` designates (narrowed to ``names`` when given, in that order; else in
     name order) and, when ``path`` is a checkpoint folder, that checkpoint. RunPathError naming
-    the problem otherwise."""
+    the problem otherwise, a variant without any checkpoint included."""
     path = Path(path).expanduser()
     if not path.exists():
         raise RunPathError(f"{path}: does not exist")
@@ -192,6 +191,9 @@ def locate(path: str | Path, names: list[str] | tuple[str, ...] = ()) -> tuple[l
             raise RunPathError(f"{path}: no variant {', '.join(map(repr, missing))} "
                                f"(there: {', '.join(by_name)})")
         found = [by_name[n] for n in dict.fromkeys(names)]
+    if checkpoint is None:  # before a command prepares data or a tokenizer for a model it cannot load
+        for v in found:
+            v.require_checkpoints()
     return found, checkpoint
 
 

@@ -237,21 +237,26 @@ def _driver(base: Path, name: str, *extra: str) -> subprocess.Popen:
                             stdout=out, stderr=subprocess.STDOUT, start_new_session=True, text=True)
 
 
-def _group(pgid: int) -> list[int]:
-    """The live (not zombie) processes of process group ``pgid``."""
-    return [pid for pid, fields in _processes() if int(fields[2]) == pgid and fields[0] != "Z"]
+def _session(sid: int) -> list[int]:
+    """The live (not zombie) processes of session ``sid``. Ray's actor processes (a Ray Train
+    controller among them) move into process groups of their own but stay in the session."""
+    return [pid for pid, fields in _processes() if int(fields[3]) == sid and fields[0] != "Z"]
 
 
 def _reap(proc: subprocess.Popen) -> None:
     """Whatever the driver's own Ray left (it shares the driver's session) goes too, and is gone
     when this returns: a Ray Train controller still alive for a moment may write its snapshot."""
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    proc.wait()
     deadline = time.monotonic() + 30
-    while _group(proc.pid) and time.monotonic() < deadline:
+    while True:
+        for pid in _session(proc.pid):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        if proc.poll() is None:
+            proc.wait()
+        if not _session(proc.pid) or time.monotonic() > deadline:
+            break
         time.sleep(0.1)
 
 

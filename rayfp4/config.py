@@ -356,7 +356,8 @@ class RunConfig(_Strict):
 FOUR_BIT_ONLY = ("late_switch", "rht_wgrad", "stochastic_rounding_grads", "weight_2d_scaling", "oscillation_reset")
 #: Likewise for the settings of NVFP4 alone (its E4M3 block scales): set for the whole run, they
 #: apply to its nvfp4 variants and are left out of its bf16 and mxfp4 variants.
-NVFP4_ONLY = ("scale_selection", "scale_selection_metric", "scale_selection_cap")
+NVFP4_ONLY = ("scale_selection", "scale_selection_metric", "scale_selection_cap", "backward_rounding",
+              "ms_eden_hadamard")
 
 
 def _leave_other_formats_alone(data: dict, variant: Variant) -> None:
@@ -377,7 +378,8 @@ NOT_DEFINING = ("precision.backend", "precision.telemetry_every", "precision.fp4
 #: Settings added after runs were fingerprinted without them: left out of the fingerprint at their
 #: default value, so that those runs still resume (they computed exactly what the default does).
 OMIT_WHEN_DEFAULT = {"precision.scale_selection": "max6", "precision.scale_selection_metric": "mse",
-                     "precision.scale_selection_cap": "256", "precision.oscillation_reset": "None"}
+                     "precision.scale_selection_cap": "256", "precision.oscillation_reset": "None",
+                     "precision.backward_rounding": "sr", "precision.ms_eden_hadamard": "128"}
 
 
 def _covers(prefix: str, key: str) -> bool:

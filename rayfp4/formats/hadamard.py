@@ -59,13 +59,14 @@ def rht_matrix(signs: torch.Tensor | None = None) -> torch.Tensor:
 
 
 def _butterfly(v: torch.Tensor) -> torch.Tensor:
-    """Unnormalised Walsh-Hadamard transform of the last dim (size 16), Sylvester order."""
-    lead = v.shape[:-1]
+    """Unnormalised Walsh-Hadamard transform of the last dim (a power of two), Sylvester order:
+    log2(n) radix-2 stages, each ``a + b`` / ``a - b`` rounded to FP32."""
+    lead, n = v.shape[:-1], v.shape[-1]
     h = 1
-    while h < RHT_SIZE:
-        w = v.reshape(*lead, RHT_SIZE // (2 * h), 2, h)
+    while h < n:
+        w = v.reshape(*lead, n // (2 * h), 2, h)
         a, b = w[..., 0, :], w[..., 1, :]
-        v = torch.stack([a + b, a - b], dim=-2).reshape(*lead, RHT_SIZE)
+        v = torch.stack([a + b, a - b], dim=-2).reshape(*lead, n)
         h *= 2
     return v
 

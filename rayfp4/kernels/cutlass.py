@@ -53,6 +53,9 @@ class CutlassBackend:
     def quantize_mxfp4(self, x, tile, rounding, rht, generator, scale_rule="ceil"):
         return self._fallback(x.device).quantize_mxfp4(x, tile, rounding, rht, generator, scale_rule)
 
+    def quantize_ms_eden(self, x, hadamard, signs, generator, amax=None):
+        return self._fallback(x.device).quantize_ms_eden(x, hadamard, signs, generator, amax)
+
     def _kernels(self, device: torch.device) -> tuple[str | None, bool]:
         """(family, whether the FP32-output Wgrad kernel is built), asked once per device: the
         check reads the build index and the GPU."""

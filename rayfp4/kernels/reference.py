@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from ..formats import mxfp4, nvfp4
+from ..formats import ms_eden, mxfp4, nvfp4
 from ..formats.quantized import emulated_gemm
 from .registry import register
 
@@ -34,6 +34,9 @@ class ReferenceBackend:
 
     def quantize_mxfp4(self, x, tile, rounding, rht, generator, scale_rule="ceil"):
         return mxfp4.quantize(x, tile=tile, rounding=rounding, rht=rht, generator=generator, scale_rule=scale_rule)
+
+    def quantize_ms_eden(self, x, hadamard, signs, generator, amax=None):
+        return ms_eden.quantize(x, hadamard=hadamard, signs=signs, generator=generator, amax=amax)
 
     def gemm(self, a, b, out_dtype: torch.dtype) -> torch.Tensor:
         return emulated_gemm(a, b, out_dtype)

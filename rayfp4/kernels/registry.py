@@ -51,6 +51,10 @@ class Backend(Protocol):
     def quantize_mxfp4(self, x, tile, rounding, rht, generator, scale_rule: str = "ceil") -> MXFP4Tensor:
         """:func:`rayfp4.formats.mxfp4.quantize`."""
 
+    def quantize_ms_eden(self, x, hadamard: int, signs: torch.Tensor, generator, amax=None) -> NVFP4Tensor:
+        """:func:`rayfp4.formats.ms_eden.quantize` (bit for bit given the same uniform draws; the
+        draws themselves may differ between backends)."""
+
     def gemm(self, a: QuantizedTensor, b: QuantizedTensor, out_dtype: torch.dtype) -> torch.Tensor:
         """``a @ b.T`` of two operands quantized along the same K: FP32 accumulation, the tensor
         factors applied once in FP32, one rounding to ``out_dtype``

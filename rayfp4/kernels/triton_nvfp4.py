@@ -447,5 +447,12 @@ class TritonBackend:
         return triton_mxfp4.quantize_mxfp4(x, tile=tile, rounding=rounding, rht=rht, generator=generator,
                                            scale_rule=scale_rule)
 
+    def quantize_ms_eden(self, x, hadamard, signs, generator, amax=None):
+        """:func:`rayfp4.formats.ms_eden.quantize` with the Triton kernels (bit for bit given the
+        same uniform draws; the scale-rounding draws come from Philox)."""
+        from . import triton_eden  # imports this module: bound at the first call
+
+        return triton_eden.quantize_ms_eden(x, hadamard=hadamard, signs=signs, generator=generator, amax=amax)
+
     def gemm(self, a, b, out_dtype: torch.dtype) -> torch.Tensor:
         return gemm(a, b, out_dtype, self.gemm_mode)

@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..formats import ms_eden
 from ..kernels import resolve
 from .fsdp import gathered_quantized
 from .policy import PolicyError, PrecisionPolicy
@@ -55,6 +56,8 @@ class OperandRole:
                 same pass (True: the GEMM uses it at once; False: the operand is saved packed
                 for later; None: the backend's default)
     scale_selection: NVFP4 block-scale rule, "max6" (the recipe) or "four_over_six"
+    ms_eden:    the Hadamard size of MS-EDEN quantization (16 or 128), or 0 when the operand is
+                quantized as above (``stochastic`` and ``rht`` are then off)
     """
 
     name: str
@@ -63,6 +66,7 @@ class OperandRole:
     rht: bool = False
     write_gemm_operand: bool | None = None
     scale_selection: str = "max6"
+    ms_eden: int = 0
 
     @property
     def gemm(self) -> str:
@@ -71,7 +75,7 @@ class OperandRole:
 
     @property
     def rounding(self) -> str:
-        return "stochastic" if self.stochastic else "nearest"
+        return "ms_eden" if self.ms_eden else "stochastic" if self.stochastic else "nearest"
 
 
 @dataclass(frozen=True)
@@ -90,6 +94,19 @@ class OperandRoles:
         blocks = (1, policy.block)
         sr, rht = policy.stochastic_rounding_grads, policy.rht_wgrad
         sel = policy.selection_for
+        if policy.backward_rounding == "ms_eden":
+            # Every backward operand is rotated and MS-EDEN-quantized from the Fprop operands'
+            # values (Quartet II): dY along N_out and along the tokens, W^T along N_out, x^T along
+            # the tokens.
+            n = policy.ms_eden_hadamard
+            return cls(
+                fprop_x=OperandRole("fprop.x", blocks, scale_selection=sel("fprop.x")),
+                fprop_w=OperandRole("fprop.w", policy.weight_tile, scale_selection=sel("fprop.w")),
+                dgrad_dy=OperandRole("dgrad.dy", blocks, ms_eden=n),
+                dgrad_w=OperandRole("dgrad.w", blocks, ms_eden=n),
+                wgrad_dy=OperandRole("wgrad.dy", blocks, ms_eden=n),
+                wgrad_x=OperandRole("wgrad.x", blocks, ms_eden=n),
+            )
         return cls(
             fprop_x=OperandRole("fprop.x", blocks, scale_selection=sel("fprop.x")),
             fprop_w=OperandRole("fprop.w", policy.weight_tile, scale_selection=sel("fprop.w")),
@@ -107,7 +124,7 @@ class OperandRoles:
 
 #: Saved quantized tensors whose BF16 GEMM operand (``gemm_operand``) is kept across
 #: save_for_backward: only the weight's (weight-sized, not activation memory).
-_KEEP_GEMM_OPERAND = frozenset({"wq_t"})
+_KEEP_GEMM_OPERAND = frozenset({"wq_t", "wq"})
 
 
 def _save(ctx, items: dict) -> None:
@@ -151,6 +168,14 @@ def _pad_tokens(t: torch.Tensor, block: int) -> torch.Tensor:
     return F.pad(t, (0, 0, 0, pad)) if pad else t
 
 
+def _values(q) -> torch.Tensor:
+    """The FP32 values of a quantized tensor, ``q.dequantize()``, from the BF16 GEMM operand a fast
+    quantizer wrote when there is one (e2m1 * s_b is exact in BF16: the same values)."""
+    if q.gemm_operand is not None:
+        return q.gemm_operand.float() * q.decode_factor()
+    return q.dequantize(torch.float32)
+
+
 def _finite(layer, *tensors: torch.Tensor) -> bool:
     """Whether every value is finite, asked only where the quantizer raises on non-finite input.
 
@@ -170,6 +195,9 @@ class _QuantizedLinearFn(torch.autograd.Function):
         b = pol.block
         # Without a backward pass to come (eval, generation) its operands are not quantized.
         quantize_fwd, quantize_bwd = not rt.forward_bf16, not rt.backward_bf16 and backward_needed
+        # MS-EDEN quantizes the backward operands from the Fprop operands' values (or from x and
+        # W where Fprop ran in BF16), so nothing of x^T is quantized here.
+        eden = bool(roles.wgrad_x.ms_eden)
         # Under FSDP2 with the 4-bit weight gather, the weight arrives quantized (its amax says
         # whether it is finite); Fprop and Dgrad use those codes, which equal quantizing it here.
         gathered = gathered_quantized(weight)
@@ -180,8 +208,8 @@ class _QuantizedLinearFn(torch.autograd.Function):
             quantize_bwd = False
         elif quantize_fwd:
             # One read of x gives the tensor amax of both of its operands (x and x^T's RHT).
-            xt_src = _pad_tokens(x, b).t() if quantize_bwd else None
-            am_x, am_xt = layer.amaxes(xt_src, roles.wgrad_x) if quantize_bwd else (None, None)
+            xt_src = _pad_tokens(x, b).t() if quantize_bwd and not eden else None
+            am_x, am_xt = layer.amaxes(xt_src, roles.wgrad_x) if xt_src is not None else (None, None)
             xq = layer.quantize(x, roles.fprop_x, amax=am_x)
             wq = layer.quantize(weight, roles.fprop_w) if gathered is None else gathered
             layer.record(roles.fprop_x, x, xq)
@@ -194,7 +222,11 @@ class _QuantizedLinearFn(torch.autograd.Function):
             y = y.float() + bias.float()
 
         saved = {"weight": weight}  # a parameter: saving it costs no activation memory
-        if quantize_bwd:
+        if quantize_bwd and eden:
+            saved["xsrc"] = xq if quantize_fwd else x  # packed: ~0.28x of BF16
+            if wq is not None:
+                saved["wq"] = wq
+        elif quantize_bwd:
             if not quantize_fwd:
                 xt_src = _pad_tokens(x, b).t()
             saved["xt"] = layer.quantize(xt_src, roles.wgrad_x, amax=am_xt if quantize_fwd else None)
@@ -225,7 +257,9 @@ class _QuantizedLinearFn(torch.autograd.Function):
             dw = torch.full_like(weight, nan)
             db = torch.full((weight.shape[0],), nan, device=dy.device) if ctx.has_bias else None
             return dx, dw, db, None, None
-        if ctx.quantize_bwd:
+        if ctx.quantize_bwd and roles.dgrad_dy.ms_eden:
+            dx, dw = _ms_eden_backward(ctx, layer, s, dy)
+        elif ctx.quantize_bwd:
             dyt_src = _pad_tokens(dy, b).t() if ctx.needs_input_grad[1] else None
             am_dy = am_dyt = None
             if ctx.needs_input_grad[0] and ctx.needs_input_grad[1]:
@@ -250,6 +284,33 @@ class _QuantizedLinearFn(torch.autograd.Function):
         if ctx.has_bias and ctx.needs_input_grad[2]:
             db = dy.float().sum(0)
         return dx, dw, db, None, None
+
+
+def _ms_eden_backward(ctx, layer, s: dict, dy: torch.Tensor):
+    """Dgrad and Wgrad with MS-EDEN operands (Quartet II): each GEMM draws one set of random
+    Hadamard signs for both of its operands; W and x enter as the values Fprop multiplied."""
+    roles, be = layer.roles, layer.backend
+    n = roles.dgrad_dy.ms_eden
+    weight = s["weight"]
+    dx = dw = None
+    if ctx.needs_input_grad[0]:
+        signs = layer.hadamard_signs("dgrad", n, dy.device)
+        dyq = layer.quantize(dy, roles.dgrad_dy, signs=signs)
+        w_vals = _values(s["wq"]) if "wq" in s else weight.float()
+        wt = layer.quantize(w_vals.t(), roles.dgrad_w, signs=signs)
+        layer.record(roles.dgrad_dy, None, dyq)
+        layer.record(roles.dgrad_w, None, wt)
+        dx = be.gemm(dyq, wt, ctx.x_dtype)
+    if ctx.needs_input_grad[1]:
+        signs = layer.hadamard_signs("wgrad", n, dy.device)
+        dyt = layer.quantize(_pad_tokens(dy, n).t(), roles.wgrad_dy, signs=signs)
+        xsrc = s["xsrc"]
+        x_vals = xsrc if isinstance(xsrc, torch.Tensor) else _values(xsrc)
+        xt = layer.quantize(_pad_tokens(x_vals, n).t(), roles.wgrad_x, signs=signs)
+        layer.record(roles.wgrad_dy, None, dyt)
+        layer.record(roles.wgrad_x, None, xt)
+        dw = be.gemm(dyt, xt, torch.float32).to(weight.dtype)
+    return dx, dw
 
 
 class QuantizedLinear(nn.Linear):
@@ -277,6 +338,11 @@ class QuantizedLinear(nn.Linear):
                     f"{self.format} block size {b} (its GEMMs quantize along both dimensions); keep it in BF16 "
                     f"with precision.bf16_modules"
                 )
+        if policy.backward_rounding == "ms_eden" and out_features % policy.ms_eden_hadamard:
+            raise PolicyError(
+                f"precision.ms_eden_hadamard: layer {name or '(unnamed)'} has out_features={out_features}, not a "
+                f"multiple of the Hadamard size {policy.ms_eden_hadamard} (Dgrad rotates along it); use "
+                f"ms_eden_hadamard: 16, or keep the layer in BF16 with precision.bf16_modules")
         self.policy = policy
         self.roles = OperandRoles.from_policy(policy)
         self.runtime = runtime if runtime is not None else PrecisionRuntime(policy)
@@ -296,15 +362,24 @@ class QuantizedLinear(nn.Linear):
         new.backend = resolve(new.policy.backend, linear.weight.device) if linear.weight.device.type != "meta" else None
         return new
 
-    def quantize(self, t: torch.Tensor, role: OperandRole, amax=None):
+    def quantize(self, t: torch.Tensor, role: OperandRole, amax=None, signs: torch.Tensor | None = None):
         """Quantize ``t`` as ``role`` says with the layer's backend; ``amax`` (NVFP4 only) comes
-        from :meth:`amaxes`. SR draws from this layer's stream of the role's GEMM for the step."""
+        from :meth:`amaxes`. SR draws from this layer's stream of the role's GEMM for the step;
+        MS-EDEN (``signs`` from :meth:`hadamard_signs`) rounds its scales from the role's own stream."""
+        if role.ms_eden:
+            generator = self.runtime.generator(self.layer_index, role.name, t.device)
+            return self.backend.quantize_ms_eden(t, role.ms_eden, signs, generator)
         generator = self.runtime.generator(self.layer_index, role.gemm, t.device) if role.stochastic else None
         if self.format == "nvfp4":
             return self.backend.quantize_nvfp4(t, role.tile, role.rounding, role.rht, generator, amax,
                                                role.write_gemm_operand, **self.selection_kwargs(role))
         return self.backend.quantize_mxfp4(t, role.tile, role.rounding, role.rht, generator,
                                            self.policy.mxfp4_scale_rule)
+
+    def hadamard_signs(self, gemm: str, n: int, device) -> torch.Tensor:
+        """The random signs of MS-EDEN's rotation for this layer's ``gemm`` at this step and
+        micro-batch, shared by both of its operands (a stream of their own)."""
+        return ms_eden.random_signs(n, self.runtime.generator(self.layer_index, f"{gemm}.signs", device), device)
 
     def selection_kwargs(self, role: OperandRole) -> dict:
         """The block-scale selection arguments of ``quantize_nvfp4`` for ``role``: none for the
@@ -356,6 +431,8 @@ class QuantizedLinear(nn.Linear):
     def extra_repr(self) -> str:
         p = self.policy
         extra = "" if p.scale_selection == "max6" else f", scale_selection={p.scale_selection}"
+        if p.backward_rounding != "sr":
+            extra += f", backward_rounding={p.backward_rounding}/{p.ms_eden_hadamard}"
         return (f"{super().extra_repr()}, format={self.format}, weight_tile={p.weight_tile}, "
                 f"sr_grads={p.stochastic_rounding_grads}, rht_wgrad={p.rht_wgrad}{extra}")
 

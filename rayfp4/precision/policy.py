@@ -15,7 +15,12 @@ The recipe is data. A :class:`PrecisionPolicy` (pydantic, loadable from YAML) sa
 - NVFP4's block-scale selection (``scale_selection``): the recipe's ``max6`` (block amax -> 6) or
   ``four_over_six`` (arXiv 2512.02010: per block, map to 4 or to 6, whichever errs less), for all
   operands or per operand role (``fprop.x``, ``fprop.w``, ``dgrad.dy``, ``dgrad.w``, ``wgrad.dy``,
-  ``wgrad.x``), with ``scale_selection_metric`` and ``scale_selection_cap``.
+  ``wgrad.x``), with ``scale_selection_metric`` and ``scale_selection_cap``;
+- NVFP4's backward rounding (``backward_rounding``): the recipe's ``sr`` (stochastic rounding of dY,
+  the 16x16 RHT on the Wgrad operands) or ``ms_eden`` (Quartet II, arXiv 2601.22813: every backward
+  operand rotated by a random Hadamard transform of ``ms_eden_hadamard`` = 16 or 128, rounded to
+  nearest, and made unbiased by stochastic rounding of the corrected block scales;
+  ``rayfp4.formats.ms_eden``).
 
 With every switch off and 1x16 weights the policy is the paper's "base" NVFP4 recipe.
 """
@@ -126,6 +131,12 @@ class PrecisionPolicy(BaseModel):
         "mse", description="error the four_over_six choice minimises per block: squared or absolute")
     scale_selection_cap: Literal[256, 448] = Field(
         256, description="block-scale cap of the tensor scale of four_over_six operands (6 * cap / amax)")
+    backward_rounding: Literal["sr", "ms_eden"] = Field(
+        "sr", description="how the backward GEMMs' operands are made unbiased: sr (the recipe: stochastic "
+                          "rounding of dY, RHT of the Wgrad operands) or ms_eden (random Hadamard rotation, "
+                          "round to nearest, stochastic rounding of the corrected block scales)")
+    ms_eden_hadamard: Literal[16, 128] = Field(
+        128, description="size of MS-EDEN's random Hadamard rotation and correction groups")
 
     @field_validator("scale_selection")
     @classmethod
@@ -171,6 +182,26 @@ class PrecisionPolicy(BaseModel):
         if four6 and self.format != "nvfp4":
             raise ValueError(f"scale_selection: four_over_six chooses NVFP4's E4M3 block scales; "
                              f"format={self.format} has none (operands: {', '.join(four6)})")
+        if self.backward_rounding == "ms_eden":
+            if self.format != "nvfp4":
+                raise ValueError(f"backward_rounding: ms_eden rounds NVFP4's E4M3 block scales; format={self.format} "
+                                 f"has none")
+            four6 = [r for r in ("dgrad.dy", "dgrad.w", "wgrad.dy", "wgrad.x") if self.selection_for(r) != "max6"]
+            if four6:
+                raise ValueError(f"scale_selection: four_over_six on the backward operands ({', '.join(four6)}) and "
+                                 f"backward_rounding: ms_eden both choose those block scales; use four_over_six on "
+                                 f"the forward operands only (fprop.x, fprop.w) with ms_eden")
+            # MS-EDEN replaces SR and the 16x16 RHT of the backward operands: they would do nothing.
+            on = [s for s in ("stochastic_rounding_grads", "rht_wgrad") if getattr(self, s)]
+            if on:
+                raise ValueError(f"{', '.join(on)}: backward_rounding: ms_eden replaces the stochastic rounding "
+                                 f"and the RHT of the backward operands; leave {' and '.join(on)} unset")
+            for s in ("stochastic_rounding_grads", "rht_wgrad"):
+                if getattr(self, s) is None:
+                    setattr(self, s, False)
+                    self.__pydantic_fields_set__.discard(s)
+        elif "ms_eden_hadamard" in self.model_fields_set:
+            raise ValueError("ms_eden_hadamard: only applies with backward_rounding: ms_eden")
         defaulted = [s for s in switches if getattr(self, s) is None]
         for s in defaulted:
             setattr(self, s, self.format != "bf16")

@@ -20,13 +20,20 @@ the seed; every run reads the same data in the same order, so the spread over se
 method's own. The runs share one Ray cluster (this process starts it, or joins ``RAY_ADDRESS``),
 so fractional ``scaling.gpus_per_worker`` / ``cpus_per_worker`` pack several onto one device and
 Ray holds back a run until its resources are free. In MLflow the study is one parent run with every
-(variant, seed) run nested under it; the table is its description and its ``study.md`` /
-``study.json`` artifacts.
+(variant, seed) run nested under it; the tables (per variant: mean ± std over seeds; per run: each
+seed's loss and gap) are its description, and ``study.md``, ``study.results.json`` and the plots
+(``val_loss.png``, ``gap.png``, ``train_loss.png``, see rayfp4.tracking.study_plots) its artifacts,
+all also written to ``<output_dir>/<study>/``.
+
+``--report`` rebuilds the tables and plots from the runs on disk without starting Ray or training,
+e.g. for a study that ran on another machine (``--out DIR``: where its run directories are);
+missing or unfinished runs are listed as such.
 
 Running the same study again skips the runs that finished and resumes the others from their
 checkpoints (each run resumes as ``rayfp4.run`` does). Ctrl-C (or SIGTERM) stops every run; their
-MLflow runs end KILLED. Exit codes: 0 when every run finished, 1 when one failed, 2 for a bad
-study or run config (before anything starts), 130/143 when interrupted.
+MLflow runs end KILLED. Exit codes: 0 when every run finished, 1 when one failed (``--report``:
+did not finish), 2 for a bad study or run config (before anything starts; ``--report``: no run of
+the study on disk), 130/143 when interrupted.
 """
 
 from __future__ import annotations
@@ -105,6 +112,7 @@ class StudyRun:
     seconds: float | None = None
     log: str | None = None
     run_dir: str | None = None
+    detail: str | None = None  # why a run counts as not finished in a report, e.g. "step 60 of 120"
 
 
 def _override(key: str, value: Any) -> str:
@@ -183,7 +191,8 @@ def summarize(study: StudyConfig, runs: list[StudyRun], results: dict[str, tuple
             r = by[(v.name, seed)]
             got = results.get(r.name) if r.status == "FINISHED" else None
             if got is None or got[0] is None or not math.isfinite(got[0]):
-                s.missing.append(f"s{seed}: {r.status if r.status != 'FINISHED' else 'no validation loss'}")
+                why = r.status if r.status != "FINISHED" else "no validation loss"
+                s.missing.append(f"s{seed}: {why}" + (f" ({r.detail})" if r.detail else ""))
                 continue
             s.seeds.append(seed)
             s.final_val.append(got[0])
@@ -220,6 +229,36 @@ def study_table(study: StudyConfig, summaries: list[VariantSummary]) -> tuple[st
         gap = "(baseline)" if s.name == base else pm(gm, gs, "+.2f")
         lines.append("| " + " | ".join([s.name, str(len(s.seeds)), pm(lm, ls, ".4f"), gap,
                                          f"{tm:,.0f}" if tm is not None else "-", ", ".join(s.missing) or "-"]) + " |")
+    return "\n".join(lines), rows
+
+
+def seed_table(study: StudyConfig, runs: list[StudyRun], results: dict[str, tuple[float | None, float | None]]
+               ) -> tuple[str, list[dict]]:
+    """Every run on its own row (variants in the file's order, then seeds): its status, final
+    validation loss, gap to the baseline of the same seed and tokens/s, so the spread behind each
+    mean of ``study_table`` is visible. As Markdown and as rows."""
+    base = study.baseline_name
+    by = {(r.variant, r.seed): r for r in runs}
+
+    def final(r: StudyRun) -> float | None:
+        got = results.get(r.name) if r.status == "FINISHED" else None
+        return got[0] if got is not None and got[0] is not None and math.isfinite(got[0]) else None
+
+    head = ["variant", "seed", "status", "final val loss", f"gap vs {base} % (same seed)", "tokens/s"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    rows = []
+    for v in study.variants:
+        for seed in study.seeds:
+            r = by[(v.name, seed)]
+            loss, b = final(r), final(by[(base, seed)])
+            tps = results.get(r.name, (None, None))[1] if r.status == "FINISHED" else None
+            gap = 100.0 * (loss - b) / b if loss is not None and b else None
+            status = r.status + (f" ({r.detail})" if r.detail else "")
+            rows.append({"variant": v.name, "seed": seed, "run": r.name, "status": status, "final_val_loss": loss,
+                         "gap_pct": None if v.name == base else gap, "tokens_per_s": tps})
+            gap_text = "(baseline)" if v.name == base else f"{gap:+.2f}" if gap is not None else "-"
+            lines.append("| " + " | ".join([v.name, str(seed), status, f"{loss:.4f}" if loss is not None else "-",
+                                             gap_text, f"{tps:,.0f}" if tps is not None else "-"]) + " |")
     return "\n".join(lines), rows
 
 
@@ -332,22 +371,61 @@ def _run_root(cfg) -> Path:
     return Path(cfg.output_dir).expanduser().resolve() / cfg.name
 
 
-def _results(runs: list[StudyRun], configs: dict) -> dict[str, tuple[float | None, float | None]]:
-    """run name -> (final val loss, tokens/s), read from each finished run's metrics file."""
+def _read_runs(runs: list[StudyRun], configs: dict) -> dict[str, dict[int, dict]]:
+    """run name -> its per-step records, for every run with a metrics file on disk. A run of a
+    study trains one variant, so its metrics are ``<output_dir>/<run name>/<variant>/metrics.jsonl``
+    (rayfp4.train.metrics.RankZeroLog writes them)."""
     from .tracking.compare import read_metrics
 
     out = {}
     for r in runs:
-        if r.status != "FINISHED":
-            continue
         files = sorted(_run_root(configs[r.name]).glob("*/metrics.jsonl"))
-        if not files:
+        if files:
+            out[r.name] = read_metrics(files[0])
+            r.run_dir = str(files[0].parent)
+    return out
+
+
+def _results(runs: list[StudyRun], configs: dict, metrics: dict[str, dict[int, dict]] | None = None
+             ) -> dict[str, tuple[float | None, float | None]]:
+    """run name -> (final val loss, tokens/s) of each finished run, from its metrics file
+    (``metrics``: what _read_runs read, to read each file once)."""
+    if metrics is None:
+        metrics = _read_runs(runs, configs)
+    out = {}
+    for r in runs:
+        if r.status != "FINISHED" or r.name not in metrics:
             continue
-        recs = read_metrics(files[0])
+        recs = metrics[r.name]
         vals = [rec["val_loss"] for rec in recs.values() if rec.get("val_loss") is not None]
         out[r.name] = (vals[-1] if vals else None, run_throughput(recs))
-        r.run_dir = str(files[0].parent)
     return out
+
+
+def status_on_disk(runs: list[StudyRun], configs: dict, metrics: dict[str, dict[int, dict]],
+                   state: dict[str, dict]) -> None:
+    """For a report of runs that this process did not train (``--report``): each run's status from
+    what is on disk. A run whose metrics reach its ``train.steps`` is FINISHED; one that the
+    study's state file (``study.json``) records as FAILED or KILLED keeps that; one with a run
+    directory but fewer steps is UNFINISHED, one without is MISSING; ``detail`` says how far each
+    not-finished run got."""
+    for r in runs:
+        cfg = configs[r.name]
+        recs = metrics.get(r.name, {})
+        last = max(recs, default=0)
+        r.detail = None
+        if recs and last >= cfg.train.steps:
+            r.status = "FINISHED"
+            continue
+        prev = state.get(r.name, {}).get("status")
+        if prev in ("FAILED", "KILLED"):
+            r.status = prev
+        elif _run_root(cfg).is_dir():
+            r.status = "UNFINISHED"
+        else:
+            r.status, r.detail = "MISSING", "not on disk"
+            continue
+        r.detail = f"step {last} of {cfg.train.steps}" if recs else "no metrics"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -359,12 +437,23 @@ def _parser() -> argparse.ArgumentParser:
                         "--set 'set={train.steps: 100}'")
     p.add_argument("--check", action="store_true", help="validate the study and every run's config, then exit")
     p.add_argument("--rerun", action="store_true", help="train again the runs that already finished")
+    p.add_argument("--report", action="store_true",
+                   help="only rebuild the tables (study.md, study.results.json) and plots from the runs on disk: "
+                        "no Ray, no training (e.g. for runs copied back from another machine)")
+    p.add_argument("--out", metavar="DIR", default=None,
+                   help="with --report: the directory that holds the study's run directories (default: the runs' "
+                        "output_dir)")
     return p
 
 
 def main(argv: list[str] | None = None, command=None) -> int:
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.out is not None and not args.report:
+        parser.error("--out goes with --report (to train into another directory: --set 'set={output_dir: DIR}')")
+    if args.report and (args.check or args.rerun):
+        parser.error("--report trains nothing: it does not go with --check or --rerun")
     from .data.errors import DataError
     from .precision import PolicyError
 
@@ -378,11 +467,15 @@ def main(argv: list[str] | None = None, command=None) -> int:
             study, base = load_study(args.study, args.overrides)
             runs = expand(study)
             configs = {}
+            # --out moves where the runs are looked for, not what they are (their overrides).
+            where = [_override("output_dir", str(Path(args.out).expanduser().resolve()))] if args.out else []
             for r in runs:  # every run's config, validated before anything starts
                 try:
-                    configs[r.name] = load_config(base, r.overrides)
+                    configs[r.name] = load_config(base, r.overrides + where)
                 except ConfigError as e:
                     raise ConfigError(f"run {r.name}: {e}") from None
+            if args.report:
+                return report_from_disk(study, runs, configs)
             from .train.launch import check_model_and_policy, preflight
 
             for r in runs:
@@ -487,23 +580,104 @@ def _parent_run(tracker, study: StudyConfig, root: Path) -> str | None:
     return run_id
 
 
-def _report(study: StudyConfig, runs: list[StudyRun], configs: dict, root: Path, tracker, parent) -> None:
+def report_from_disk(study: StudyConfig, runs: list[StudyRun], configs: dict) -> int:
+    """``--report``: the tables and plots of the runs on disk, without Ray or training, for a study
+    that ran elsewhere (its run directories copied back) or is still running. The state file
+    (``study.json``) is read for the runs that failed but not rewritten: it is the runner's record
+    of what it trained, which decides what the next ``python -m rayfp4.study`` skips. When the
+    study's MLflow run is in the configured tracking store, its description and artifacts are
+    updated (its status stays as it was). 0 when every run finished, 1 when some did not, 2 when
+    none of the study's runs is on disk."""
+    from .tracking.tracker import Tracker, resolve_tracking_uri
+
+    first = configs[runs[0].name]
+    out_dir = Path(first.output_dir).expanduser().resolve()
+    root = out_dir / study.name
+    metrics = _read_runs(runs, configs)
+    if not any(_run_root(configs[r.name]).is_dir() for r in runs):
+        print(f"error: no runs of study {study.name} on disk in {out_dir}: none of its {len(runs)} run directories "
+              f"({out_dir / runs[0].name}, ...) exists; where the runs are elsewhere, give --out DIR",
+              file=sys.stderr)
+        return 2
+    status_on_disk(runs, configs, metrics, _read_state(root / STATE_FILE))
+    tracker = Tracker(resolve_tracking_uri(first.tracking.uri), first.tracking.experiment,
+                      enabled=first.tracking.enabled, quiet=True)
+    parent = None
+    id_file = root / "mlflow_study_run_id"
+    if id_file.is_file() and tracker.enabled:
+        run_id = id_file.read_text().strip()
+        if tracker._call("reading the study's run", lambda c: c.get_run(run_id)) is not None:
+            parent = run_id
+        else:
+            say(f"MLflow: the study's run {run_id} is not in {tracker.uri}; the report is on disk only")
+    _report(study, runs, configs, root, tracker, parent, metrics)
+    done = sum(r.status == "FINISHED" for r in runs)
+    say(f"{done} of {len(runs)} run(s) finished" + ("" if done == len(runs) else "; the others are listed as such"))
+    return 0 if done == len(runs) else 1
+
+
+def _tokens_per_step(cfgs: list) -> int | None:
+    """Tokens per optimizer step, when every run has the same and the config says it (token shards
+    without ``data.seq_len`` know their sequence length themselves)."""
+    seen = set()
+    for cfg in cfgs:
+        seq = cfg.data.seq_len or (cfg.data.corpus_seq_len if cfg.data.shards is None else None)
+        seen.add(cfg.data.global_batch_size * seq if seq else None)
+    return seen.pop() if len(seen) == 1 else None
+
+
+def _plots(study: StudyConfig, runs: list[StudyRun], configs: dict, metrics: dict[str, dict[int, dict]],
+           results: dict, summaries: list[VariantSummary], root: Path) -> list[Path]:
+    """val_loss.png, gap.png and train_loss.png of the finished runs (those the tables count)."""
+    from .tracking.study_plots import VariantCurves, plot_study
+
+    counted = {r.name for r in runs if r.name in results}
+    curves = []
+    for i, (v, s) in enumerate(zip(study.variants, summaries)):
+        c = VariantCurves(v.name, f"C{i % 10}", gaps_pct=list(s.gaps_pct))
+        for r in runs:
+            if r.variant == v.name and r.name in counted:
+                recs = metrics[r.name]
+                c.val[r.seed] = [(k, x["val_loss"]) for k, x in recs.items() if x.get("val_loss") is not None]
+                c.train[r.seed] = [(k, x["train_loss"]) for k, x in recs.items() if x.get("train_loss") is not None]
+        curves.append(c)
+    tps = _tokens_per_step([configs[n] for n in counted])
+    return plot_study(curves, study.baseline_name, root, study.name, tps)
+
+
+def _report(study: StudyConfig, runs: list[StudyRun], configs: dict, root: Path, tracker, parent,
+            metrics: dict[str, dict[int, dict]] | None = None) -> None:
+    """The tables (per variant, then per run) in study.md, study.results.json, the terminal and the
+    MLflow parent's description, and the plots next to study.md (and as the parent's artifacts)."""
     from .fileio import write_atomic
 
-    results = _results(runs, configs)
-    table, rows = study_table(study, summarize(study, runs, results))
+    if metrics is None:
+        metrics = _read_runs(runs, configs)
+    results = _results(runs, configs, metrics)
+    summaries = summarize(study, runs, results)
+    table, rows = study_table(study, summaries)
+    per_run, run_rows = seed_table(study, runs, results)
     root.mkdir(parents=True, exist_ok=True)
+    try:
+        plots = _plots(study, runs, configs, metrics, results, summaries, root)
+    except Exception as e:  # a missing font or a full disk must not lose the tables
+        plots = []
+        say(f"could not write the plots: {type(e).__name__}: {e}")
     md = (f"# Study {study.name}\n\nFinal validation loss over seeds {study.seeds}; the gap is to "
-          f"{study.baseline_name} of the same seed, in percent.\n\n{table}\n")
-    write_atomic(root / "study.md", md)
-    write_atomic(root / "study.results.json", json.dumps({"study": study.name, "rows": rows,
+          f"{study.baseline_name} of the same seed, in percent.\n\n{table}\n\n## Each run\n\n{per_run}\n")
+    # The images only in the file: relative links do not resolve in MLflow's description.
+    figures = "".join(f"\n![{p.stem.replace('_', ' ')}]({p.name})\n" for p in plots)
+    write_atomic(root / "study.md", md + (f"\n## Plots\n{figures}" if plots else ""))
+    write_atomic(root / "study.results.json", json.dumps({"study": study.name, "rows": rows, "per_run": run_rows,
                                                           "runs": [r.__dict__ for r in runs]}, indent=1))
-    print(table, flush=True)
-    say(f"table: {root / 'study.md'}")
+    print(f"{table}\n\n{per_run}", flush=True)
+    say(f"table: {root / 'study.md'}" + (f"; plots: {', '.join(p.name for p in plots)}" if plots else ""))
     if parent:
         tracker.set_note(parent, md)
         tracker.log_artifact(parent, root / "study.md")
         tracker.log_artifact(parent, root / "study.results.json")
+        for p in plots:
+            tracker.log_artifact(parent, p)
 
 
 if __name__ == "__main__":

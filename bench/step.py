@@ -1,7 +1,7 @@
 """A training step of a ~350M-parameter rayfp4.model transformer: NVFP4 (Triton backend) vs BF16.
 
     python -m bench.step [--batch 8] [--seq 2048] [--steps 10] [--layers 24] [--d-model 1024]
-                         [--variants 4over6,mxfp4]
+                         [--variants 4over6,mxfp4,ms_eden]
 
 Both runs use FP32 master weights, AdamW and ``torch.autocast(bfloat16)``; ``bf16`` keeps every
 linear as nn.Linear, ``nvfp4`` applies the default recipe policy (every block linear in NVFP4, the
@@ -9,7 +9,8 @@ LM head in BF16) with the ``triton`` backend. Prints tokens/s (median step time 
 timed steps after 3 warm-up steps, CUDA events), the ratio NVFP4/BF16 (target >= 0.8) and the peak
 memory of each. ``--variants`` also times the recipe-lab variants on the same backend:
 ``4over6`` (NVFP4 with ``scale_selection: four_over_six`` on every operand) and ``mxfp4`` (MXFP4,
-Triton quantizers) and ``mxfp4-ref`` (MXFP4 quantized by the torch reference, as before).
+Triton quantizers) and ``mxfp4-ref`` (MXFP4 quantized by the torch reference, as before), and
+``ms_eden`` (NVFP4 with ``backward_rounding: ms_eden``: MS-EDEN backward operands).
 """
 
 from __future__ import annotations
@@ -90,7 +91,8 @@ def main() -> None:
     p.add_argument("--ablate", action="store_true",
                    help="also time NVFP4 without SR, without RHT, with 1x16 weights")
     p.add_argument("--profile", action="store_true", help="print device time per kernel category per step")
-    p.add_argument("--variants", default="", help="comma-separated: 4over6, mxfp4, mxfp4-ref (timed after the ablations)")
+    p.add_argument("--variants", default="", help="comma-separated: 4over6, mxfp4, mxfp4-ref, ms_eden (timed after "
+                                                  "the ablations)")
     a = p.parse_args()
 
     cfg = ModelConfig(vocab_size=32768, seq_len=a.seq, n_layers=a.layers, d_model=a.d_model,
@@ -118,7 +120,7 @@ def main() -> None:
             name = f"  {label}"
             print(f"{name:22s} {t:8.1f} {ntok / t * 1e3:10.0f} {t_bf16 / t:7.2f} {m / 2**30:8.2f} {m / m_bf16:7.2f}")
     variants = {"4over6": ("nvfp4", {"scale_selection": "four_over_six"}), "mxfp4": ("mxfp4", {}),
-                "mxfp4-ref": ("mxfp4", {})}
+                "mxfp4-ref": ("mxfp4", {}), "ms_eden": ("nvfp4", {"backward_rounding": "ms_eden"})}
     for name in filter(None, a.variants.split(",")):
         if name not in variants:
             p.error(f"--variants: unknown variant {name!r}; expected one of {', '.join(variants)}")

@@ -628,7 +628,14 @@ def _tokens_per_step(cfgs: list) -> int | None:
 
 def _plots(study: StudyConfig, runs: list[StudyRun], configs: dict, metrics: dict[str, dict[int, dict]],
            results: dict, summaries: list[VariantSummary], root: Path) -> list[Path]:
-    """val_loss.png, gap.png and train_loss.png of the finished runs (those the tables count)."""
+    """val_loss.png, gap.png and train_loss.png of the finished runs (those the tables count);
+    none, said once, where matplotlib is not installed (``--report`` can draw them elsewhere)."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        say("plots: matplotlib is not installed here; the tables are written, the plots are not "
+            "(rerun with --report where it is)")
+        return []
     from .tracking.study_plots import VariantCurves, plot_study
 
     counted = {r.name for r in runs if r.name in results}

@@ -55,7 +55,7 @@ case "${1:-checks}" in
     ;;
   study)  # the recipe-lab study, resumable: rerun to go on (STUDY_TIMEOUT seconds per call)
     stdlib=$(python3 -c 'import sysconfig; print(sysconfig.get_paths()["stdlib"])')
-    if [ ! -d shards/python-stdlib ]; then
+    if [ ! -f shards/python-stdlib/manifest.json ]; then
       python3 -m pipelines.tokenize "$stdlib" --plain-suffix .py --exclude site-packages --skip-undecodable \
         --tokenizer byte --seq-len 1024 --out shards/python-stdlib > "$out/tokenize.txt" 2>&1
     fi
@@ -63,6 +63,7 @@ case "${1:-checks}" in
     timeout -s INT "${STUDY_TIMEOUT:-520}" python3 -m rayfp4.study configs/study/recipe-25m.yaml "${@:2}" > "$out/study.txt" 2>&1
     echo "study rc=$?" >> "$out/study.txt"
     # what comes back: every run's metrics and config, the tables, the MLflow store
+    shopt -s nullglob
     for d in runs/recipe-25m-*/*/; do
       mkdir -p "$out/$d" && cp "$d"metrics.jsonl "$d"config.yaml "$d"fingerprint.json "$out/$d" 2>/dev/null
     done

@@ -270,8 +270,13 @@ def test_policy_switch_and_validation():
     for message, data in bad.items():
         with pytest.raises(PolicyError, match=message):
             PrecisionPolicy.from_dict(data)
-    ok = PrecisionPolicy(backward_rounding="ms_eden", scale_selection={"fprop.x": "four_over_six"})
+    fwd46 = {"fprop.x": "four_over_six", "fprop.w": "four_over_six"}
+    ok = PrecisionPolicy(backward_rounding="ms_eden", scale_selection=fwd46)
     assert ok.selection_for("fprop.x") == "four_over_six"
+    # A policy dumped in full (as the workers receive it) reads back the same.
+    for p in (PrecisionPolicy(), ok, PrecisionPolicy(backward_rounding="ms_eden", ms_eden_hadamard=16),
+              PrecisionPolicy(scale_selection=fwd46), PrecisionPolicy(format="mxfp4")):
+        assert PrecisionPolicy.from_dict(p.model_dump()) == p
 
 
 def test_layer_refuses_an_output_width_the_rotation_does_not_divide():

@@ -186,7 +186,8 @@ class PrecisionPolicy(BaseModel):
             if self.format != "nvfp4":
                 raise ValueError(f"backward_rounding: ms_eden rounds NVFP4's E4M3 block scales; format={self.format} "
                                  f"has none")
-            four6 = [r for r in ("dgrad.dy", "dgrad.w", "wgrad.dy", "wgrad.x") if self.selection_for(r) != "max6"]
+            # (dgrad.w's rule inherited from fprop.w does not count: MS-EDEN requantizes W itself)
+            four6 = [r for r in ("dgrad.dy", "dgrad.w", "wgrad.dy", "wgrad.x") if self._named_selection(r) != "max6"]
             if four6:
                 raise ValueError(f"scale_selection: four_over_six on the backward operands ({', '.join(four6)}) and "
                                  f"backward_rounding: ms_eden both choose those block scales; use four_over_six on "
@@ -200,7 +201,8 @@ class PrecisionPolicy(BaseModel):
                 if getattr(self, s) is None:
                     setattr(self, s, False)
                     self.__pydantic_fields_set__.discard(s)
-        elif "ms_eden_hadamard" in self.model_fields_set:
+        elif self.ms_eden_hadamard != 128:
+            # (the default is accepted: a policy dumped in full and read back must validate)
             raise ValueError("ms_eden_hadamard: only applies with backward_rounding: ms_eden")
         defaulted = [s for s in switches if getattr(self, s) is None]
         for s in defaulted:
@@ -208,12 +210,19 @@ class PrecisionPolicy(BaseModel):
         # Resolved defaults are not the user's choice: a dump with exclude_unset (used to apply a
         # variant's overrides, e.g. format: bf16) must not carry them over.
         self.__pydantic_fields_set__.difference_update(defaulted)
-        if self.weight_2d_scaling and self.selection_for("dgrad.w") != self.selection_for("fprop.w"):
+        if (self.weight_2d_scaling and self.backward_rounding == "sr"
+                and self.selection_for("dgrad.w") != self.selection_for("fprop.w")):
             raise ValueError(
                 f"scale_selection: dgrad.w is {self.selection_for('dgrad.w')} but fprop.w is "
                 f"{self.selection_for('fprop.w')}; with weight_2d_scaling Dgrad reuses the Fprop weight codes, "
                 f"so give both roles the same rule")
         return self
+
+    def _named_selection(self, role: str) -> str:
+        """The rule the policy names for ``role`` itself (a single rule names every role)."""
+        if isinstance(self.scale_selection, str):
+            return self.scale_selection
+        return self.scale_selection.get(role, "max6")
 
     def selection_for(self, role: str) -> str:
         """The block-scale selection rule of operand ``role`` (e.g. "dgrad.dy"). With 2-D weight

@@ -286,6 +286,15 @@ class RunConfig(_Strict):
         if self.precision.oscillation_reset is not None and self.scaling.strategy == "fsdp2":
             raise ValueError("precision.oscillation_reset: not available with scaling.strategy: fsdp2 yet (its "
                              "detection works on whole weights, which FSDP2 shards); use ddp")
+        if self.scaling.strategy == "fsdp2":
+            ls = self.precision.late_switch
+            if ls is not None and ls.auto is not None:
+                raise ValueError("precision.late_switch.auto: not available with scaling.strategy: fsdp2 yet (its "
+                                 "gradient-noise probe needs the FP32 weights FSDP2 shards); use ddp, or a fixed "
+                                 "at_step / at_fraction")
+            if self.precision.grad_noise_probe_every:
+                raise ValueError("precision.grad_noise_probe_every: not available with scaling.strategy: fsdp2 yet "
+                                 "(the probe's BF16 reference pass needs the FP32 weights FSDP2 shards); use ddp")
         if self.precision.fp4_weight_gather and self.scaling.strategy != "fsdp2":
             raise ValueError("precision.fp4_weight_gather: only FSDP2 gathers weights; it needs "
                              "scaling.strategy: fsdp2")
@@ -353,7 +362,8 @@ class RunConfig(_Strict):
 #: Precision settings that mean something only for the 4-bit formats (format=bf16 refuses them).
 #: Set for the whole run (the config's precision section or --set), they apply to its 4-bit
 #: variants and are left out of its bf16 variants; a bf16 variant's own ``set`` may not hold them.
-FOUR_BIT_ONLY = ("late_switch", "rht_wgrad", "stochastic_rounding_grads", "weight_2d_scaling", "oscillation_reset")
+FOUR_BIT_ONLY = ("late_switch", "rht_wgrad", "stochastic_rounding_grads", "weight_2d_scaling", "oscillation_reset",
+                 "grad_noise_probe_every")
 #: Likewise for the settings of NVFP4 alone (its E4M3 block scales): set for the whole run, they
 #: apply to its nvfp4 variants and are left out of its bf16 and mxfp4 variants.
 NVFP4_ONLY = ("scale_selection", "scale_selection_metric", "scale_selection_cap", "backward_rounding",
@@ -374,12 +384,14 @@ def _leave_other_formats_alone(data: dict, variant: Variant) -> None:
 #: What defines a run (prefixes of flattened config keys), and the exceptions among them.
 DEFINING = ("model", "optim", "precision", "train.steps", "train.seed", "train.dtype", "data.seed",
             "data.global_batch_size", "data.seq_len", "data.val_sequences", "data.identity")
-NOT_DEFINING = ("precision.backend", "precision.telemetry_every", "precision.fp4_weight_gather")
+NOT_DEFINING = ("precision.backend", "precision.telemetry_every", "precision.fp4_weight_gather",
+                "precision.grad_noise_probe_every")  # the probe leaves training bit-identical
 #: Settings added after runs were fingerprinted without them: left out of the fingerprint at their
 #: default value, so that those runs still resume (they computed exactly what the default does).
 OMIT_WHEN_DEFAULT = {"precision.scale_selection": "max6", "precision.scale_selection_metric": "mse",
                      "precision.scale_selection_cap": "256", "precision.oscillation_reset": "None",
-                     "precision.backward_rounding": "sr", "precision.ms_eden_hadamard": "128"}
+                     "precision.backward_rounding": "sr", "precision.ms_eden_hadamard": "128",
+                     "precision.late_switch.auto": "None"}
 
 
 def _covers(prefix: str, key: str) -> bool:

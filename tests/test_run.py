@@ -155,6 +155,27 @@ def test_killed_run_resumes_where_it_stopped(ray_session, tmp_path):
 
 
 @pytest.mark.slow
+def test_auto_late_switch_fires_on_both_workers_and_survives_a_restart(ray_session, tmp_path, capsys):
+    """2 DDP workers, probes every 3 steps, patience 2 and a threshold every ratio is below: the
+    probes of steps 3 and 6 switch both passes to BF16 from step 7 on. The run fails after step 6
+    and resumes from the step-4 checkpoint, whose count (1 probe below) must carry over for the
+    replayed probe of step 6 to switch again (without it the switch would come at step 9). That the
+    losses equal a fixed switch's, across resumes too, tests/test_grad_noise_probe.py checks in
+    process (a second run here would double this test's time)."""
+    steps = ["train.steps=10", "checkpoint.every=4", "train.log_every=1", "train.val_every=5"]
+    auto = "precision.late_switch={auto: {threshold: 1.0e9, probe_every: 3, patience: 2}}"
+    assert _single(tmp_path, "auto", *steps, auto, "debug.fail_at_step=6") == 0
+    out = capsys.readouterr().out
+    assert "late switch to BF16 (both passes) from step 7 on" in out and "late_switch.at_step=6" in out
+    a = read_metrics(tmp_path / "runs" / "auto" / "train" / "metrics.jsonl")
+    assert (tmp_path / "runs" / "auto" / "train" / ".injected-failure-6").exists()
+    assert [s for s in a if "quant/grad_noise_ratio" in a[s]] == [3, 6]  # none after the switch
+    assert all(0 < a[s]["quant/grad_noise_ratio"] < float("inf") for s in (3, 6))
+    assert [s for s in a if "quant/late_switch_step" in a[s]] == [6] and a[6]["quant/late_switch_step"] == 6
+    assert list(a) == list(range(1, 11))
+
+
+@pytest.mark.slow
 def test_unreachable_tracking_server_does_not_stop_training(ray_session, tmp_path, capsys):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -6,12 +6,15 @@
 
 from .apply import LayerDecision, PrecisionSummary, apply_precision_policy
 from .linear import MXFP4Linear, NVFP4Linear, QuantizedLinear
+from .noise_probe import GradNoiseProbe, grad_noise_ratio
 from .oscillation import OscillationTracker
-from .policy import LateSwitch, OscillationReset, PolicyError, PrecisionPolicy, format_validation_error
+from .policy import AutoSwitch, LateSwitch, OscillationReset, PolicyError, PrecisionPolicy, format_validation_error
 from .runtime import PrecisionRuntime
 from .telemetry import collect_telemetry, operand_stats
 
 __all__ = [
+    "AutoSwitch",
+    "GradNoiseProbe",
     "LateSwitch",
     "LayerDecision",
     "MXFP4Linear",
@@ -26,5 +29,6 @@ __all__ = [
     "apply_precision_policy",
     "collect_telemetry",
     "format_validation_error",
+    "grad_noise_ratio",
     "operand_stats",
 ]

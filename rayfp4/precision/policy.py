@@ -9,8 +9,9 @@ The recipe is data. A :class:`PrecisionPolicy` (pydantic, loadable from YAML) sa
   tiles, or 32x32 for MXFP4, so Fprop and Dgrad see the same weight codes);
 - which linear layers stay BF16: the first N and last M transformer blocks and/or module-name
   globs (the LM head, embeddings and norms are always high precision);
-- an optional late switch to BF16 at a step or fraction of training, for the forward pass, the
-  backward pass or both;
+- an optional late switch to BF16 at a step or fraction of training, or when the measured
+  gradient-to-quantization-noise ratio falls low (``auto``), for the forward pass, the backward
+  pass or both;
 - the GEMM backend (``auto`` picks the best for the device);
 - NVFP4's block-scale selection (``scale_selection``): the recipe's ``max6`` (block amax -> 6) or
   ``four_over_six`` (arXiv 2512.02010: per block, map to 4 or to 6, whichever errs less), for all
@@ -42,24 +43,49 @@ class PolicyError(ValueError):
     retry_cannot_help = True  # deterministic: the same input fails the same way again
 
 
+class AutoSwitch(BaseModel):
+    """When to switch, measured: "FP4 All the Way" (arXiv 2505.19115) finds that 4-bit training stops
+    making progress once the gradient norm falls below about sqrt(3) times the quantization noise
+    of the gradient. Every ``probe_every`` steps :mod:`rayfp4.precision.noise_probe` measures
+    ||g_bf16|| / ||g_4bit - g_bf16|| on one micro-batch; after ``patience`` probes in a row below
+    ``threshold`` (at or after ``min_fraction`` of the run), the steps that follow run in BF16."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    threshold: float = Field(1.732, gt=0, description="switch when the gradient-to-noise ratio is below this "
+                                                      "(the paper's sqrt(3))")
+    probe_every: int = Field(50, ge=1, description="measure the ratio every this many steps")
+    patience: int = Field(2, ge=1, description="this many probes in a row must measure a ratio below threshold")
+    min_fraction: float = Field(0.0, ge=0.0, lt=1.0, description="probes before this fraction of the run's "
+                                                                 "steps do not count towards the switch")
+
+
 class LateSwitch(BaseModel):
-    """Switch to BF16 late in training (the paper's 12B run: both passes at 82% of tokens)."""
+    """Switch to BF16 late in training (the paper's 12B run: both passes at 82% of tokens), at a
+    fixed step or fraction, or ``auto``: when the measured gradient-to-noise ratio says so."""
 
     model_config = ConfigDict(extra="forbid")
 
     at_step: int | None = Field(None, ge=0, description="first optimizer step that runs in BF16")
     at_fraction: float | None = Field(None, description="fraction of the run's steps, in (0, 1]")
+    auto: AutoSwitch | None = Field(None, description="switch when the gradient-to-noise ratio falls below "
+                                                      "a threshold (rayfp4.precision.noise_probe)")
     scope: Literal["forward", "backward", "both"] = "both"
 
     @model_validator(mode="after")
     def _one_trigger(self):
-        if (self.at_step is None) == (self.at_fraction is None):
-            raise ValueError("give exactly one of at_step or at_fraction")
+        if sum(t is not None for t in (self.at_step, self.at_fraction, self.auto)) != 1:
+            raise ValueError("give exactly one of at_step, at_fraction or auto")
         if self.at_fraction is not None and not (0.0 < self.at_fraction <= 1.0):
             raise ValueError(f"at_fraction must be in (0, 1], got {self.at_fraction}")
         return self
 
     def first_bf16_step(self, total_steps: int | None) -> int:
+        """The first BF16 step of a fixed switch (an automatic one's is known only once it fires:
+        ``PrecisionRuntime.auto_switch_step``)."""
+        if self.auto is not None:
+            raise PolicyError("precision.late_switch.auto: the switch step is measured during training, "
+                              "not known in advance")
         if self.at_step is not None:
             return self.at_step
         if total_steps is None:
@@ -119,6 +145,9 @@ class PrecisionPolicy(BaseModel):
     backend: Literal["auto", "reference", "triton", "cutlass"] = "auto"
     mxfp4_scale_rule: Literal["ceil", "floor"] = "ceil"
     telemetry_every: int = Field(0, ge=0, description="quantization telemetry every N steps (0: off)")
+    grad_noise_probe_every: int = Field(
+        0, ge=0, description="every N steps, log the gradient-to-quantization-noise ratio (rayfp4.precision."
+                             "noise_probe; 0: off)")
     fp4_weight_gather: bool | None = Field(
         None, description="under FSDP2, all-gather the NVFP4 layers' weights as 4-bit codes and scales "
                           "quantized on the shards (default: on; it applies to nvfp4 layers, the others "
@@ -175,6 +204,13 @@ class PrecisionPolicy(BaseModel):
                 raise ValueError("late_switch to BF16 makes no sense with format=bf16")
             if self.oscillation_reset is not None:
                 raise ValueError("oscillation_reset acts on 4-bit weights; format=bf16 has none")
+            if self.grad_noise_probe_every:
+                raise ValueError("grad_noise_probe_every measures the noise of 4-bit GEMMs; format=bf16 has none")
+        auto = self.late_switch.auto if self.late_switch is not None else None
+        if auto is not None and self.grad_noise_probe_every not in (0, auto.probe_every):
+            raise ValueError(f"grad_noise_probe_every ({self.grad_noise_probe_every}) and late_switch.auto.probe_every "
+                             f"({auto.probe_every}) disagree: the probe runs at one cadence; set them equal or leave "
+                             f"grad_noise_probe_every at 0")
         if self.oscillation_reset is not None and self.late_switch is not None:
             raise ValueError("oscillation_reset and late_switch: choose one (after the switch the forward pass no "
                              "longer quantizes the weights the reset acts on)")

@@ -4,11 +4,14 @@ The training loop owns one :class:`PrecisionRuntime` per model (``apply_precisio
 returns it) and calls :meth:`PrecisionRuntime.set_step` before each optimizer step and
 :meth:`PrecisionRuntime.set_micro_batch` before each micro-batch of it. The quantized
 linears read it to decide the late switch to BF16, to derive their stochastic-rounding streams
-and to know when to record telemetry.
+and to know when to record telemetry. The gradient-noise probe (:mod:`rayfp4.precision.noise_probe`)
+sets :attr:`PrecisionRuntime.auto_switch_step` when an automatic late switch fires, and runs its
+reference pass inside :meth:`PrecisionRuntime.high_precision`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from dataclasses import dataclass
 
@@ -25,6 +28,12 @@ class PrecisionRuntime:
     step: int = 0
     total_steps: int | None = None
     micro_batch: int = 0
+    #: The first BF16 step of an automatic late switch (``late_switch.auto``), once it has fired.
+    auto_switch_step: int | None = None
+    #: Set inside :meth:`high_precision`: every quantized linear runs both passes unquantized.
+    forced_high_precision: bool = False
+    #: Set inside :meth:`no_telemetry`: the linears record no telemetry.
+    telemetry_off: bool = False
 
     def set_step(self, step: int, total_steps: int | None = None) -> None:
         self.step = int(step)
@@ -38,10 +47,36 @@ class PrecisionRuntime:
         gradients are summed."""
         self.micro_batch = int(index)
 
+    @contextlib.contextmanager
+    def high_precision(self):
+        """Within the block, ``forward_bf16`` and ``backward_bf16`` are true: every quantized linear
+        runs as a plain linear in the activation dtype (the noise probe's reference gradient)."""
+        before = self.forced_high_precision
+        self.forced_high_precision = True
+        try:
+            yield self
+        finally:
+            self.forced_high_precision = before
+
+    @contextlib.contextmanager
+    def no_telemetry(self):
+        """Within the block no telemetry is recorded (passes outside training, such as the noise
+        probe's, must not stand in for the step's own)."""
+        before = self.telemetry_off
+        self.telemetry_off = True
+        try:
+            yield self
+        finally:
+            self.telemetry_off = before
+
     def _switched(self, scope: str) -> bool:
+        if self.forced_high_precision:
+            return True
         ls = self.policy.late_switch
         if ls is None or ls.scope not in (scope, "both"):
             return False
+        if ls.auto is not None:
+            return self.auto_switch_step is not None and self.step >= self.auto_switch_step
         return self.step >= ls.first_bf16_step(self.total_steps)
 
     @property
@@ -59,7 +94,7 @@ class PrecisionRuntime:
         """Record telemetry on the steps whose 1-based number is a multiple of telemetry_every
         (``step`` is the 0-based index of the step in progress), i.e. on the logged steps."""
         n = self.policy.telemetry_every
-        return n > 0 and (self.step + 1) % n == 0
+        return n > 0 and not self.telemetry_off and (self.step + 1) % n == 0
 
     def sr_seed(self, layer_index: int, stream: str) -> int:
         """A 63-bit seed unique to (run seed, step, micro-batch, layer, data-parallel rank, stream).

@@ -21,7 +21,7 @@ import torch.distributed as dist
 
 from ..config import ConfigError, RunConfig, fingerprint_changes
 from ..model import build_model
-from ..precision import OscillationTracker, apply_precision_policy, collect_telemetry
+from ..precision import GradNoiseProbe, OscillationTracker, apply_precision_policy, collect_telemetry
 from .checkpoint import file_digests, read_info, save_state
 from .errors import CheckpointError, NonFiniteTrainingError, RunMismatchError, StorageError
 from .hooks import build_hooks
@@ -70,6 +70,10 @@ def _train(loop_config: dict) -> None:
     if cfg.precision.oscillation_reset is not None:
         oscillation = OscillationTracker(_unwrap(model), cfg.precision.oscillation_reset, cfg.train.steps)
         oscillation.load_state_dict(progress.oscillation)  # a window open at the checkpoint goes on
+    probe = None
+    if GradNoiseProbe.wanted(cfg.precision):
+        probe = GradNoiseProbe(cfg.precision, summary.runtime, cfg.train.steps)
+        probe.load_state_dict(progress.late_switch)  # an automatic switch that fired stays; a count goes on
     record_workers(run_dir, rank, world, progress.step, log.notice)
     data = TrainData(cfg, loop_config["shards"], rank, world, run_dir)
     hooks = build_hooks(cfg.debug, rank, run_dir)
@@ -92,6 +96,12 @@ def _train(loop_config: dict) -> None:
                    cfg.optim.min_lr_ratio, cfg.optim.decay_fraction)
         for group in opt.param_groups:
             group["lr"] = lr
+        probed = {}
+        if probe is not None and probe.due(step):  # before the step: it measures the weights the step sees
+            first = batch.tokens[: data.micro].to(device)
+            probed, switched = probe.measure(step, model, lambda: micro_batch_loss(model, first, autocast))
+            if switched:
+                log.notice(switched)
 
         loss, grad_norm = train_step(model, opt, batch.tokens.to(device), data, cfg, autocast,
                                      lambda x: hooks.on_loss(step, x), summary.runtime.set_micro_batch)
@@ -104,7 +114,7 @@ def _train(loop_config: dict) -> None:
                    **timer.end_step()}
         if validate_due(step, last):
             metrics["val_loss"] = evaluate(model, data, rank, world, device, autocast)
-        tele = {**collect_telemetry(_unwrap(model)), **reset}
+        tele = {**collect_telemetry(_unwrap(model)), **reset, **probed}
         metrics.update({f"quant/{k}": v for k, v in tele.items()})
         if step % cfg.train.log_every == 0 or "val_loss" in metrics or tele or last:
             log.write(step, metrics, {"step": step, "total_steps": total, "train_loss": loss,
@@ -113,6 +123,7 @@ def _train(loop_config: dict) -> None:
         if checkpoint_due(step, last):
             progress.stream = batch.next_state.to_dict()
             progress.oscillation = oscillation.state_dict() if oscillation is not None else None
+            progress.late_switch = probe.state_dict() if probe is not None else None
             checkpointer.save(model, opt, progress, {"step": step, "train_loss": loss,
                                                      "val_loss": metrics.get("val_loss")})
 
@@ -158,6 +169,7 @@ class Progress:
     in_a_row: int = 0
     stream: dict | None = None  # the data stream's position (rayfp4.data.StreamState)
     oscillation: dict | None = None  # an open oscillation-reset window (precision.oscillation.OscillationTracker)
+    late_switch: dict | None = None  # the automatic late switch (precision.noise_probe.GradNoiseProbe)
 
     def count(self, loss: float, grad_norm: float, max_in_a_row: int) -> None:
         """One step done; stop when too many in a row were not finite (a restart would not help)."""
@@ -178,12 +190,14 @@ class Progress:
                "stream": self.stream}
         if self.oscillation is not None:
             out["oscillation_reset"] = self.oscillation
+        if self.late_switch is not None:
+            out["late_switch_auto"] = self.late_switch
         return out
 
     @classmethod
     def from_state(cls, state: dict) -> "Progress":
         return cls(state["step"], state["skipped_steps"], state["nonfinite_in_a_row"], state["stream"],
-                   state.get("oscillation_reset"))
+                   state.get("oscillation_reset"), state.get("late_switch_auto"))
 
 
 def restore(model, opt, cfg: RunConfig, fingerprint: dict, notice, run_dir: Path,
@@ -348,6 +362,13 @@ def train_step(model, opt, tokens: torch.Tensor, data: TrainData, cfg: RunConfig
         opt.step()
     opt.zero_grad(set_to_none=True)
     return train_loss, grad_norm
+
+
+def micro_batch_loss(model, chunk: torch.Tensor, autocast) -> torch.Tensor:
+    """The loss of one micro-batch of token sequences (inputs and next-token targets), as a
+    training step computes it (the gradient-noise probe's passes)."""
+    with autocast():
+        return model(chunk[:, :-1], chunk[:, 1:])
 
 
 @torch.no_grad()

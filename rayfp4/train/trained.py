@@ -212,6 +212,8 @@ class TrainedModel:
     model: Transformer  # the plain transformer (no policy), FP32 weights, eval mode
     checkpoint: Path
     step: int
+    #: The first BF16 step of an automatic late switch that had fired by the checkpoint, else None.
+    late_switch_step: int | None = None
 
 
 def load_model(variant: Variant, checkpoint: Path | None = None, device: str | torch.device = "cpu",
@@ -242,7 +244,8 @@ def load_model(variant: Variant, checkpoint: Path | None = None, device: str | t
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise CheckpointError(f"{checkpoint}: its weights do not load into the model of "
                               f"{variant.path / CONFIG_FILE} ({type(e).__name__}: {first})") from None
-    return TrainedModel(variant, model.to(device).eval(), checkpoint, int(state["step"]))
+    switch = (state.get("late_switch_auto") or {}).get("switch_step")
+    return TrainedModel(variant, model.to(device).eval(), checkpoint, int(state["step"]), switch)
 
 
 def _load_sharded(model: Transformer, shards: Path) -> None:
@@ -274,6 +277,7 @@ def in_precision(trained: TrainedModel, precision: str, backend: str | None = No
     summary = apply_precision_policy(model, policy, seed=cfg.train.seed, total_steps=cfg.train.steps)
     # Where the late switch stands: the validation after step S ran with the runtime at step S - 1.
     summary.runtime.set_step(max(trained.step - 1, 0))
+    summary.runtime.auto_switch_step = trained.late_switch_step  # an automatic switch: where it fired
     if cfg.train.dtype == "bf16":
         return model, lambda: torch.autocast(device.type, dtype=torch.bfloat16)
     return model, contextlib.nullcontext

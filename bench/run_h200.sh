@@ -54,20 +54,24 @@ case "${1:-checks}" in
       --variants ms_eden,4over6 2>&1 | grep -v Warn | tee "$out/step_eden_25m.txt"
     ;;
   study)  # the recipe-lab study, resumable: rerun to go on (STUDY_TIMEOUT seconds per call)
-    stdlib=$(python3 -c 'import sysconfig; print(sysconfig.get_paths()["stdlib"])')
-    if [ ! -f shards/python-stdlib/manifest.json ]; then
-      python3 -m pipelines.tokenize "$stdlib" --plain-suffix .py --exclude site-packages --skip-undecodable \
-        --tokenizer byte --seq-len 1024 --out shards/python-stdlib > "$out/tokenize.txt" 2>&1
+    # the corpus: every Python source installed here (stdlib, site-packages, torch's environment)
+    srcs="$(python3 -c 'import sysconfig; print(sysconfig.get_paths()["stdlib"])') /usr/local/lib/python3.12 /usr/lib/python3/dist-packages $(python3 -c 'import torch, os; print(os.path.dirname(os.path.dirname(torch.__file__)))')"
+    if [ ! -f shards/python-src/manifest.json ]; then
+      python3 -m pipelines.tokenize $srcs --plain-suffix .py --skip-undecodable \
+        --tokenizer byte --seq-len 1024 --out shards/python-src > "$out/tokenize.txt" 2>&1
     fi
-    python3 --version > "$out/corpus.txt"; echo "$stdlib" >> "$out/corpus.txt"; tail -3 "$out/tokenize.txt" >> "$out/corpus.txt" 2>/dev/null
+    { python3 --version; echo "$srcs"; tail -2 "$out/tokenize.txt"; } > "$out/corpus.txt" 2>/dev/null
     timeout -s INT "${STUDY_TIMEOUT:-520}" python3 -m rayfp4.study configs/study/recipe-25m.yaml "${@:2}" > "$out/study.txt" 2>&1
     echo "study rc=$?" >> "$out/study.txt"
     # what comes back: every run's metrics and config, the tables, the MLflow store
     shopt -s nullglob
-    for d in runs/recipe-25m-*/*/; do
-      mkdir -p "$out/$d" && cp "$d"metrics.jsonl "$d"config.yaml "$d"fingerprint.json "$out/$d" 2>/dev/null
+    # (flat: RUN--VARIANT.metrics.jsonl; bench/unpack_study.sh rebuilds runs/ for --report)
+    mkdir -p "$out/study_runs" "$out/study_logs"
+    for f in runs/recipe-25m-*/*/metrics.jsonl; do
+      d=$(dirname "$f"); cp "$f" "$out/study_runs/$(basename "$(dirname "$d")")--$(basename "$d").metrics.jsonl"
     done
-    cp runs/study/recipe-25m/study* "$out/" 2>/dev/null; cp mlruns.db "$out/" 2>/dev/null
+    cp runs/recipe-25m/logs/*.log "$out/study_logs/" 2>/dev/null
+    cp runs/recipe-25m/study* runs/recipe-25m/*.png "$out/" 2>/dev/null; cp mlruns.db "$out/" 2>/dev/null
     tail -40 "$out/study.txt"
     ;;
   train)  # extra arguments go to rayfp4.run (e.g. --set 'variants=[...]')

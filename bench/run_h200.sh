@@ -57,7 +57,7 @@ case "${1:-checks}" in
     # the corpus: every Python source installed here (stdlib, site-packages, torch's environment)
     srcs="$(python3 -c 'import sysconfig; print(sysconfig.get_paths()["stdlib"])') /usr/local/lib/python3.12 /usr/lib/python3/dist-packages $(python3 -c 'import torch, os; print(os.path.dirname(os.path.dirname(torch.__file__)))')"
     if [ ! -f shards/python-src/manifest.json ]; then
-      python3 -m pipelines.tokenize $srcs --plain-suffix .py --skip-undecodable \
+      python3 -m pipelines.tokenize $srcs --plain-suffix .py --skip-undecodable --exclude '*.txt' --exclude '*.jsonl' --exclude '*.parquet' \
         --tokenizer byte --seq-len 1024 --out shards/python-src > "$out/tokenize.txt" 2>&1
     fi
     { python3 --version; echo "$srcs"; tail -2 "$out/tokenize.txt"; } > "$out/corpus.txt" 2>/dev/null

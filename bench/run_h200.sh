@@ -53,26 +53,29 @@ case "${1:-checks}" in
     python3 -m bench.step --layers 8 --d-model 512 --batch 16 --seq 2048 --steps 8 \
       --variants ms_eden,4over6 2>&1 | grep -v Warn | tee "$out/step_eden_25m.txt"
     ;;
-  study)  # the recipe-lab study, resumable: rerun to go on (STUDY_TIMEOUT seconds per call)
-    # the corpus: every Python source installed here (stdlib, site-packages, torch's environment)
+  study)  # the recipe-lab study, resumable: call again (within the machine's idle time) to go on.
+    # CALL_BUDGET: seconds this call may take in all (the device tool's limit is 600); the study
+    # is interrupted (SIGINT: runs stop, a rerun resumes them from their checkpoints) in time to
+    # pack what comes back. Extra arguments go to rayfp4.study (e.g. --set concurrent=8).
+    deadline=$((SECONDS + ${CALL_BUDGET:-575}))
+    # the corpus: every Python source installed here (stdlib, site-packages, torch's environment),
+    # 415.7M tokens on the H200 machine (2026-12-02), tokenized in ~145 s once per machine
     srcs="$(python3 -c 'import sysconfig; print(sysconfig.get_paths()["stdlib"])') /usr/local/lib/python3.12 /usr/lib/python3/dist-packages $(python3 -c 'import torch, os; print(os.path.dirname(os.path.dirname(torch.__file__)))')"
     if [ ! -f shards/python-src/manifest.json ]; then
       python3 -m pipelines.tokenize $srcs --plain-suffix .py --skip-undecodable --exclude '*.txt' --exclude '*.jsonl' --exclude '*.parquet' \
         --tokenizer byte --seq-len 1024 --out shards/python-src > "$out/tokenize.txt" 2>&1
     fi
-    { python3 --version; echo "$srcs"; tail -2 "$out/tokenize.txt"; } > "$out/corpus.txt" 2>/dev/null
-    timeout -s INT "${STUDY_TIMEOUT:-520}" python3 -m rayfp4.study configs/study/recipe-25m.yaml "${@:2}" > "$out/study.txt" 2>&1
-    echo "study rc=$?" >> "$out/study.txt"
-    # what comes back: every run's metrics and config, the tables, the MLflow store
-    shopt -s nullglob
-    # (flat: RUN--VARIANT.metrics.jsonl; bench/unpack_study.sh rebuilds runs/ for --report)
-    mkdir -p "$out/study_runs" "$out/study_logs"
-    for f in runs/recipe-25m-*/*/metrics.jsonl; do
-      d=$(dirname "$f"); cp "$f" "$out/study_runs/$(basename "$(dirname "$d")")--$(basename "$d").metrics.jsonl"
-    done
-    cp runs/recipe-25m/logs/*.log "$out/study_logs/" 2>/dev/null
-    cp runs/recipe-25m/study* runs/recipe-25m/*.png "$out/" 2>/dev/null; cp mlruns.db "$out/" 2>/dev/null
-    tail -40 "$out/study.txt"
+    { python3 --version; echo "$srcs"; tail -1 "$out/tokenize.txt"; } > "$out/corpus.txt" 2>/dev/null
+    left=$((deadline - SECONDS - 25))
+    if [ "$left" -gt 60 ]; then
+      timeout -s INT "$left" python3 -m rayfp4.study configs/study/recipe-25m.yaml "${@:2}" > "$out/study.txt" 2>&1
+      echo "study rc=$?" >> "$out/study.txt"
+    fi
+    # what comes back, in one archive (the device tool returns a limited number of files): every
+    # run's directory without its checkpoints, the study's tables, logs and plots, the MLflow store.
+    # Here: tar xzf study.tgz, then python -m rayfp4.study configs/study/recipe-25m.yaml --report --out runs
+    tar czf "$out/study.tgz" --exclude='checkpoint_*' --exclude='*.lock' runs mlruns.db 2>/dev/null
+    tail -45 "$out/study.txt"
     ;;
   train)  # extra arguments go to rayfp4.run (e.g. --set 'variants=[...]')
     shift

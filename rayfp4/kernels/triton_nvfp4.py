@@ -357,7 +357,11 @@ def alpha(a: NVFP4Tensor, b: NVFP4Tensor) -> torch.Tensor:
 def _operand(t) -> torch.Tensor:
     if isinstance(t, NVFP4Tensor):
         return dequantize_unscaled(t, torch.bfloat16)
-    return t.dequantize_unscaled(torch.bfloat16)  # MXFP4: power-of-two scales, exact in BF16
+    # MXFP4 (power-of-two scales, exact in BF16): one Triton pass over the packed codes, not the
+    # reference's chain of torch ops
+    from . import triton_mxfp4  # imports this module: bound at the first call
+
+    return triton_mxfp4.dequantize_unscaled(t, torch.bfloat16)
 
 
 def gemm(a, b, out_dtype: torch.dtype, mode: str = "device") -> torch.Tensor:

@@ -238,17 +238,21 @@ def test_fp4_gather_on_the_gpu_is_the_whole_weight_quantized(backend, tmp_path, 
     assert res["fsdp-fp4"]["losses"] == res["fsdp-fp32"]["losses"]
 
 
-@pytest.mark.parametrize("backend", ["reference", "triton"])
-def test_a_layer_fed_the_gathered_weight_computes_what_it_does_with_the_fp32_weight(backend):
+@pytest.mark.parametrize("backend,backward", [("reference", "sr"), ("triton", "sr"), ("reference", "ms_eden"),
+                                              ("triton", "ms_eden")])
+def test_a_layer_fed_the_gathered_weight_computes_what_it_does_with_the_fp32_weight(backend, backward):
     """The 4-bit gather without the processes: 4 row shards quantized against the whole weight's
     amax (each rank's part) and assembled (the all-gather's order) feed an NVFP4Linear, whose
     output, input gradient and weight gradient are bit for bit those of the layer quantizing its FP32
-    weight itself; with the Triton backend (interpreted on the CPU) doing the shards' quantization."""
+    weight itself; with the Triton backend (interpreted on the CPU) doing the shards' quantization;
+    and with MS-EDEN backward, whose Dgrad requantizes the gathered weight's values."""
     from rayfp4.kernels import resolve
     from rayfp4.precision.fsdp import NVFP4GatheredWeight, assemble, quantize_shard
     from rayfp4.precision.runtime import PrecisionRuntime
 
     pol = PrecisionPolicy(format="nvfp4")  # the recipe's defaults: 16x16 weight tiles, SR, RHT
+    if backward == "ms_eden":
+        pol = PrecisionPolicy(format="nvfp4", backward_rounding="ms_eden", ms_eden_hadamard=16)
     w = torch.randn(64, 64) * 0.05
     w[5, 7] = 0.9  # one tile dominates the amax: the other shards must use it too
     x = torch.randn(40, 64).to(torch.bfloat16)
@@ -278,6 +282,7 @@ def test_a_layer_fed_the_gathered_weight_computes_what_it_does_with_the_fp32_wei
     ref, got = run(False), run(True)
     for a, b in zip(ref[:3], got[:3]):
         assert torch.equal(a, b)
+    assert (ref[3]["dgrad.w"].rounding == "ms_eden") == (backward == "ms_eden")
     for key in ("fprop.w", "dgrad.w"):
         a, b = ref[3][key], got[3][key]
         assert torch.equal(a.data, b.data) and torch.equal(a.scale.view(torch.uint8), b.scale.view(torch.uint8))

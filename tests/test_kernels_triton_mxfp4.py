@@ -383,3 +383,31 @@ def test_gpu_bit_exact_at_scale(dtype, monkeypatch):
     z[3, 7] = float("nan")
     t = X.quantize_mxfp4(z)
     assert t.scale[3, 0] == 255 and (t.scale != 255).sum() == z.numel() // 32 - 1
+
+
+@interp
+def test_mxfp4_linear_on_the_triton_backend_propagates_non_finite_values_without_a_check(gen, monkeypatch):
+    """NaN/Inf reach the output and gradients as NaN through the kernels' NaN scales: the layer
+    asks no finiteness question (a host sync per operand) of a backend that propagates them."""
+    from rayfp4.precision import PrecisionPolicy
+    from rayfp4.precision import linear as L
+
+    checks = []
+    isfinite = torch.isfinite
+    layer = L.MXFP4Linear(64, 32, bias=False, policy=PrecisionPolicy(format="mxfp4"))
+    layer.backend = T.TritonBackend()
+    x = torch.randn(40, 64, generator=gen)
+    x[3, 5] = float("inf")
+    xi = x.clone().requires_grad_(True)
+    monkeypatch.setattr(L.torch, "isfinite", lambda t: checks.append(t.shape) or isfinite(t))
+    y = layer(xi)
+    y.backward(torch.ones_like(y))
+    xj = torch.randn(40, 64, generator=gen).requires_grad_(True)
+    w_grad = layer.weight.grad.clone()
+    layer.weight.grad = None
+    layer(xj).backward(torch.full((40, 32), float("nan")))
+    monkeypatch.undo()
+    assert checks == []
+    assert torch.isnan(y[3]).all() and torch.isfinite(y[:3]).all()
+    assert torch.isnan(w_grad).any()
+    assert torch.isnan(xj.grad).all() and torch.isnan(layer.weight.grad).all()

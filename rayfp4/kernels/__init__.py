@@ -7,6 +7,8 @@ the exact semantics of :mod:`rayfp4.formats`:
   scale_selection, error_metric, scale_cap) -> NVFP4Tensor`` (the last three: Four Over Six) and
   ``amaxes(xt, rht)``, the tensor amaxes of x and of x^T's Wgrad operand from one read;
 - ``quantize_mxfp4(x, tile, rounding, rht, generator, scale_rule) -> MXFP4Tensor``;
+- ``quantize_ms_eden(x, hadamard, signs, generator, amax) -> NVFP4Tensor`` (MS-EDEN backward
+  operands);
 - ``gemm(a, b, out_dtype) -> Tensor``: ``a @ b.T`` of two quantized operands quantized along the
   same K, FP32 accumulation, the tensor factors applied once in FP32, one rounding to out_dtype
   (:func:`rayfp4.formats.quantized.emulated_gemm` up to the FP32 summation order);

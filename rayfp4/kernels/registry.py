@@ -26,9 +26,9 @@ class Backend(Protocol):
 
     name: str
 
-    #: True when NaN/Inf input to ``quantize_nvfp4`` yields NaN scales and outputs instead of an
-    #: error (no host sync); False when it raises, so that callers must check finiteness first.
-    #: ``quantize_mxfp4`` always raises (every backend quantizes MXFP4 with the reference).
+    #: True when NaN/Inf input to the quantizers (``quantize_nvfp4``, ``quantize_mxfp4``,
+    #: ``quantize_ms_eden``) yields NaN scales and so NaN outputs instead of an error (no host
+    #: sync); False when they raise, so that callers must check finiteness first.
     propagates_nonfinite: bool
 
     def unavailable_reason(self, device: torch.device) -> str | None:

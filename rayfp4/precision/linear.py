@@ -179,11 +179,11 @@ def _values(q) -> torch.Tensor:
 def _finite(layer, *tensors: torch.Tensor) -> bool:
     """Whether every value is finite, asked only where the quantizer raises on non-finite input.
 
-    The fast NVFP4 quantizers propagate NaN/Inf through their scales instead (NaN out), which needs
-    no host synchronisation; the reference raises, and so does MXFP4 on every backend (the fast
-    backends quantize MXFP4 with the reference), so those inputs are checked here first.
+    The fast quantizers (NVFP4, MXFP4 and MS-EDEN on Triton, which the CUTLASS backend quantizes
+    with) propagate NaN/Inf through their scales instead (NaN out), which needs no host
+    synchronisation; the reference raises, so its inputs are checked here first.
     """
-    if layer.format == "nvfp4" and layer.backend.propagates_nonfinite:
+    if layer.backend.propagates_nonfinite:
         return True
     return all(bool(torch.isfinite(t).all()) for t in tensors)
 

@@ -48,10 +48,11 @@ case "${1:-checks}" in
     python3 -m bench.quantize 2>&1 | grep -v Warn | tee "$out/quantize.txt"
     python3 -m bench.step --steps 6 --variants 4over6,mxfp4,mxfp4-ref 2>&1 | grep -v Warn | tee "$out/step_lab_337m.txt"
     ;;
-  eden)  # MS-EDEN's kernels bit-exact on the GPU, and the lab's step bench with it
+  eden)  # MS-EDEN's kernels bit-exact on the GPU, then what each recipe-lab method costs a step
+    # of the 25M study model (host-bound) against BF16 and the recipe, timed in one process
     python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_ms_eden.py 2>&1 | tail -6 | tee "$out/eden_gpu_tests.txt"
     python3 -m bench.step --layers 8 --d-model 512 --batch 16 --seq 2048 --steps 8 \
-      --variants ms_eden,4over6 2>&1 | grep -v Warn | tee "$out/step_eden_25m.txt"
+      --variants ms_eden,4over6,mxfp4 2>&1 | grep -v Warn | tee "$out/step_lab_25m.txt"
     ;;
   study)  # the recipe-lab study, resumable: call again (within the machine's idle time) to go on.
     # CALL_BUDGET: seconds this call may take in all (the device tool's limit is 600); the study

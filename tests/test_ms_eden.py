@@ -215,8 +215,7 @@ def test_triton_is_bit_exact_under_the_interpreter():
 
     def shapes(gen, dtype):
         yield _data(gen, 40, 256, dtype)             # rows past the last program masked
-        yield _data(gen, 256, 48, dtype).t()[:, :]   # a transposed view: K strided
-        yield _data(gen, 24, 128, dtype)[:, :128]
+        yield _data(gen, 256, 48, dtype).t()         # a transposed view: K strided
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # the interpreter evaluates both sides of where()

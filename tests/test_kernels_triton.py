@@ -305,9 +305,9 @@ def test_linear_layer_on_the_triton_backend_equals_the_reference_backend(tokens,
 
 
 def test_mxfp4_layer_on_a_fast_backend_skips_a_non_finite_step_instead_of_raising(gen):
-    """The fast backends propagate NaN through NVFP4 scales, but quantize MXFP4 with the reference,
-    which raises: an MXFP4 layer must check its inputs like on the reference backend (NaN out, so
-    the loop skips the step) instead of crashing the run."""
+    """The fast backends' MXFP4 quantizers, like their NVFP4 ones, turn a NaN/Inf block into a NaN
+    scale instead of raising: the NaN reaches the output rows (so the loss, and the loop skips the
+    step) and the backward pass runs, without crashing the run."""
     from rayfp4.precision import PrecisionPolicy
     from rayfp4.precision.linear import MXFP4Linear
 
@@ -317,6 +317,6 @@ def test_mxfp4_layer_on_a_fast_backend_skips_a_non_finite_step_instead_of_raisin
     x[3, 5] = float("nan")
     x.requires_grad_(True)
     y = layer(x)
-    assert torch.isnan(y).all()
+    assert torch.isnan(y[3]).all() and torch.isnan(y.sum())
     y.sum().backward()
-    assert torch.isnan(layer.weight.grad).all() and torch.isnan(x.grad).all()
+    assert torch.isnan(layer.weight.grad).any()

@@ -56,7 +56,7 @@ BLOCK_FACTOR = float(torch.tensor(SCALE_OVERRIDE / 6.0, dtype=torch.float32))
 NORM = {n: float(torch.tensor(n ** -0.5, dtype=torch.float32)) for n in HADAMARD_SIZES}
 
 __all__ = ["quantize", "transform", "inverse_transform", "random_signs", "check_hadamard",
-           "HADAMARD_SIZES", "MS_EDEN_CAP"]
+           "check_signs", "HADAMARD_SIZES", "MS_EDEN_CAP"]
 
 
 def check_hadamard(n, what: str) -> int:
@@ -65,7 +65,7 @@ def check_hadamard(n, what: str) -> int:
     return int(n)
 
 
-def _check_signs(signs: torch.Tensor, n: int, what: str) -> None:
+def check_signs(signs: torch.Tensor, n: int, what: str) -> None:
     if not isinstance(signs, torch.Tensor) or signs.shape != (n,):
         shape = tuple(signs.shape) if isinstance(signs, torch.Tensor) else type(signs).__name__
         raise ValueError(f"{what}: signs must be a tensor of {n} entries of +-1, got {shape}")
@@ -152,7 +152,7 @@ def quantize(x: torch.Tensor, hadamard: int = 128, signs: torch.Tensor | None = 
         raise ValueError(f"{what}: K={k} of shape {tuple(x.shape)} is not a multiple of the Hadamard size {n}")
     if signs is None:
         signs = random_signs(n, generator, x.device)
-    _check_signs(signs, n, what)
+    check_signs(signs, n, what)
 
     v = transform(x, n, signs)
     tensor_amax = v.abs().amax() if amax is None else check_amax(amax, x.device, what)
@@ -164,9 +164,9 @@ def quantize(x: torch.Tensor, hadamard: int = 128, signs: torch.Tensor | None = 
     y = scale_rows(v, enc_b, BLOCK)
     codes = e2m1.encode_rne(y)
 
-    c = corrected_scales(y, codes, s_b, n)
-    lo, hi = e4m3_neighbours(c.clamp(max=E4M3_MAX))
-    p = torch.where(hi > lo, (c.clamp(max=E4M3_MAX) - lo) / (hi - lo), torch.zeros_like(c))
+    c = corrected_scales(y, codes, s_b, n).clamp(max=E4M3_MAX)
+    lo, hi = e4m3_neighbours(c)
+    p = torch.where(hi > lo, (c - lo) / (hi - lo), torch.zeros_like(c))
     if uniforms is None:
         uniforms = torch.rand(c.shape, generator=generator, device=x.device, dtype=torch.float32)
     elif uniforms.shape != c.shape:

@@ -16,24 +16,12 @@ import torch
 from ..formats import ms_eden
 from ..formats._blocks import check_amax, check_input
 from ..formats.nvfp4 import BLOCK, NVFP4Tensor
-from .triton_nvfp4 import _cdiv, _sr_seed, triton_installed
+from .triton_nvfp4 import _cdiv, _sr_seed, kernel_loader
 
 #: Rows per program for each Hadamard size (none changes a bit of the output; not yet swept).
 LAUNCH = {16: dict(BM=64, num_warps=4), 128: dict(BM=16, num_warps=4)}
 
-_kernels = None
-
-
-def _kernel_module():
-    """The kernel module, imported (and triton with it) on first use; see triton_nvfp4."""
-    global _kernels
-    if _kernels is None:
-        if not triton_installed():
-            raise RuntimeError("triton is not installed")
-        from . import _triton_eden_kernels
-
-        _kernels = _triton_eden_kernels
-    return _kernels
+_kernel_module = kernel_loader("_triton_eden_kernels")
 
 
 def _launch_args(n: int) -> dict:
@@ -67,7 +55,7 @@ def quantize_ms_eden(x: torch.Tensor, hadamard: int = 128, signs: torch.Tensor |
     dev = x.device
     if signs is None:
         signs = ms_eden.random_signs(n, generator, dev)
-    ms_eden._check_signs(signs, n, what)
+    ms_eden.check_signs(signs, n, what)
     signs = signs.to(device=dev, dtype=torch.float32).contiguous()
     if amax is None:
         am = rotated_amax(x, n, signs)

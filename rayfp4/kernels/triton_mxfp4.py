@@ -36,7 +36,7 @@ from .triton_nvfp4 import (
     _cdiv,
     _layout,
     _sr_seed,
-    triton_installed,
+    kernel_loader,
 )
 
 #: Launch parameters (none changes a bit of the output). "rows", "rows_sr", "rows_tile": the row
@@ -57,19 +57,7 @@ LAUNCH = {
     "dequant": {"BM": 16, "G": 8, "num_warps": 4},
 }
 
-_kernels = None
-
-
-def _kernel_module():
-    """The kernel module, imported (and triton with it) on first use; see triton_nvfp4."""
-    global _kernels
-    if _kernels is None:
-        if not triton_installed():
-            raise RuntimeError("triton is not installed")
-        from . import _triton_mxfp4_kernels
-
-        _kernels = _triton_mxfp4_kernels
-    return _kernels
+_kernel_module = kernel_loader("_triton_mxfp4_kernels")
 
 
 def _sign_mask(rht_signs, what: str) -> int:

@@ -32,6 +32,7 @@ MXFP4 quantization has its own Triton kernels (:mod:`.triton_mxfp4`, bit for bit
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 
 import torch
@@ -71,25 +72,28 @@ LAUNCH = {  # H200, 2026-11-28 (BENCHMARKS.md): fastest bit-identical candidate 
 #: The view of the int64 [M, K/16] word buffer each PACK variant of quant_rows_kernel stores to.
 _PACK_DTYPE = {0: torch.int64, 1: torch.uint8}
 
-_kernels = None
-
-
-def _kernel_module():
-    """The kernel module, imported (and triton with it) on first use.
+def kernel_loader(module: str):
+    """A function returning the device-code module ``rayfp4.kernels.<module>``, imported (and
+    triton with it) on its first call and kept.
 
     Triton decides when it is imported whether ``@triton.jit`` compiles or interprets (the
     variable TRITON_INTERPRET; its own library functions are decorated then too), so one process
     runs either compiled kernels on CUDA tensors or interpreted kernels on CPU tensors, never both.
     Importing lazily keeps ``import rayfp4.kernels`` from fixing that choice for a test session.
     """
-    global _kernels
-    if _kernels is None:
-        if not triton_installed():
-            raise RuntimeError("triton is not installed")
-        from . import _triton_nvfp4_kernels
+    loaded = []
 
-        _kernels = _triton_nvfp4_kernels
-    return _kernels
+    def kernels():
+        if not loaded:
+            if not triton_installed():
+                raise RuntimeError("triton is not installed")
+            loaded.append(importlib.import_module(f"{__package__}.{module}"))
+        return loaded[0]
+
+    return kernels
+
+
+_kernel_module = kernel_loader("_triton_nvfp4_kernels")
 
 
 def triton_installed() -> bool:

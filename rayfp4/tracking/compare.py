@@ -202,8 +202,16 @@ def plot_loss_curves(results: list[VariantResult], path: Path, title: str = "") 
     if ax.get_legend_handles_labels()[0]:
         ax.legend()
     fig.tight_layout()
-    tmp = Path(path).with_name(Path(path).name + ".tmp")
-    try:  # written whole or not at all (a full disk raises here, and the old plot stays)
+    return save_png(fig, Path(path))
+
+
+def save_png(fig, path: Path) -> Path:
+    """Write a matplotlib figure as a PNG whole or not at all (a full disk raises here, and the old
+    plot stays), then close it."""
+    import matplotlib.pyplot as plt
+
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
         fig.savefig(tmp, dpi=110, format="png")
         os.replace(tmp, path)
     finally:

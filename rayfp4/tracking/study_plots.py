@@ -10,9 +10,10 @@ plots have a second panel: the last half of the steps with its own y scale.
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from .compare import save_png
 
 #: The study's plot files, in the order study.md shows them.
 PLOT_FILES = ("val_loss.png", "gap.png", "train_loss.png")
@@ -68,20 +69,6 @@ def _pyplot():
     import matplotlib.pyplot as plt
 
     return plt
-
-
-def _save(fig, path: Path) -> Path:
-    """PNG written whole or not at all (a full disk leaves the old plot); as plot_loss_curves in
-    compare.py, without rayfp4.fileio: tracking/ imports nothing else of rayfp4."""
-    plt = _pyplot()
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        fig.savefig(tmp, dpi=110, format="png")
-        os.replace(tmp, path)
-    finally:
-        plt.close(fig)
-        tmp.unlink(missing_ok=True)
-    return path
 
 
 def _step_label(tokens_per_step: int | None) -> str:
@@ -151,7 +138,7 @@ def _loss_figure(variants: list[VariantCurves], what: str, title: str, ylabel: s
 def plot_val_loss(variants: list[VariantCurves], path: Path, study: str, tokens_per_step: int | None) -> Path | None:
     fig = _loss_figure(variants, "val", f"Study {study}: validation loss, mean over seeds (band: min to max)",
                        "validation loss (nats/token)", tokens_per_step, band=True)
-    return _save(fig, path) if fig is not None else None
+    return save_png(fig, path) if fig is not None else None
 
 
 def plot_train_loss(variants: list[VariantCurves], path: Path, study: str, tokens_per_step: int | None) -> Path | None:
@@ -160,7 +147,7 @@ def plot_train_loss(variants: list[VariantCurves], path: Path, study: str, token
     how = f"moving average over {window} logged steps" if window > 1 else "as logged"
     fig = _loss_figure(variants, "train", f"Study {study}: training loss, mean over seeds ({how})",
                        "training loss (nats/token)", tokens_per_step, band=False, window=window)
-    return _save(fig, path) if fig is not None else None
+    return save_png(fig, path) if fig is not None else None
 
 
 def plot_gap(variants: list[VariantCurves], baseline: str, path: Path, study: str) -> Path | None:
@@ -198,7 +185,7 @@ def plot_gap(variants: list[VariantCurves], baseline: str, path: Path, study: st
     ax.set_title(f"Study {study}: final validation loss vs {baseline}\n"
                  f"bar: mean over seeds, error bar: std over seeds, dots: each seed; lower is better", fontsize=11)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def _std(xs: list[float]) -> float | None:

@@ -62,9 +62,14 @@ case "${1:-checks}" in
     # the corpus: every Python source installed here (stdlib, site-packages, torch's environment),
     # 415.7M tokens on the H200 machine (2026-12-02), tokenized in ~145 s once per machine
     srcs="$(python3 -c 'import sysconfig; print(sysconfig.get_paths()["stdlib"])') /usr/local/lib/python3.12 /usr/lib/python3/dist-packages $(python3 -c 'import torch, os; print(os.path.dirname(os.path.dirname(torch.__file__)))')"
+    # (row groups of 32 sequences, so a run's 800 steps x 32 lanes read 800 places in it). While
+    # the CPUs tokenize, the GPU runs the recipe lab's bit-exactness tests (once per machine).
     if [ ! -f shards/python-src/manifest.json ]; then
+      python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_kernels_triton_mxfp4.py tests/test_ms_eden.py \
+        tests/test_four_over_six.py tests/test_kernels_triton_gpu.py > "$out/lab_gpu_tests.txt" 2>&1 &
       python3 -m pipelines.tokenize $srcs --plain-suffix .py --skip-undecodable --exclude '*.txt' --exclude '*.jsonl' --exclude '*.parquet' \
-        --tokenizer byte --seq-len 1024 --out shards/python-src > "$out/tokenize.txt" 2>&1
+        --tokenizer byte --seq-len 1024 --rows-per-group 32 --out shards/python-src > "$out/tokenize.txt" 2>&1
+      wait
     fi
     { python3 --version; echo "$srcs"; tail -1 "$out/tokenize.txt"; } > "$out/corpus.txt" 2>/dev/null
     left=$((deadline - SECONDS - 25))
@@ -76,6 +81,7 @@ case "${1:-checks}" in
     # run's directory without its checkpoints, the study's tables, logs and plots, the MLflow store.
     # Here: tar xzf study.tgz, then python -m rayfp4.study configs/study/recipe-25m.yaml --report --out runs
     tar czf "$out/study.tgz" --exclude='checkpoint_*' --exclude='*.lock' runs mlruns.db 2>/dev/null
+    tail -4 "$out/lab_gpu_tests.txt" 2>/dev/null
     tail -45 "$out/study.txt"
     ;;
   train)  # extra arguments go to rayfp4.run (e.g. --set 'variants=[...]')

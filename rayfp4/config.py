@@ -47,7 +47,8 @@ class DataSection(StreamConfig):
     corpus_seq_len: int = Field(256, gt=0, description="sequence length the embedded corpus is packed to")
     micro_batch_size: int | None = Field(None, gt=0, description="sequences per forward/backward on one worker; "
                                          "smaller than its share of the batch means gradient accumulation")
-    val_sequences: int = Field(64, ge=0, description="held-out sequences evaluated at each validation")
+    val_sequences: int = Field(64, ge=0, description="held-out sequences evaluated at each "
+                               "validation, evenly spaced over the whole validation split")
     ledger: bool = Field(True, description="record the global ids of the sequences each step consumed")
 
 

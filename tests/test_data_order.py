@@ -74,3 +74,39 @@ def test_state_advances_across_the_epoch_boundary():
     assert state.steps_per_epoch == 3
     after = state.advanced()
     assert (after.epoch, after.step, after.global_step) == (1, 0, 3)
+
+
+def test_validation_ids_are_spread_over_the_whole_split():
+    from rayfp4.data.order import validation_ids
+
+    ids = validation_ids(4055, 256)
+    assert len(ids) == 256 and len(np.unique(ids)) == 256
+    assert ids[0] == 0 and ids[-1] >= 4055 - 4055 // 256 - 1 and ids.max() < 4055
+    gaps = np.diff(ids)
+    assert gaps.min() >= 4055 // 256 and gaps.max() <= 4055 // 256 + 1  # even spacing
+    assert np.array_equal(validation_ids(100, 256), np.arange(100))  # a small split: all of it
+    assert np.array_equal(validation_ids(7, 7), np.arange(7))
+    assert validation_ids(10, 0).size == 0
+
+
+def test_a_run_evaluates_held_out_rows_from_every_part_of_the_corpus(tmp_path):
+    """The tokenizer writes files in the order it finds them; the evaluated rows must not all come
+    from the first ones (one package of a corpus of many)."""
+    from conftest import synthetic_documents, write_byte_shards
+    from rayfp4.config import RunConfig
+    from rayfp4.data import open_shards
+    from rayfp4.data.order import validation_ids
+    from rayfp4.train.loop import TrainData
+
+    write_byte_shards(tmp_path / "s", synthetic_documents(60, seed=3), val_fraction=0.1,
+                      shard_sequences=16)
+    shards = open_shards(tmp_path / "s")
+    rows, packed = shards.read_split("val")
+    assert len(shards.manifest.splits["val"]) >= 3 and len(rows) > 12
+    cfg = RunConfig.model_validate({"data": {"shards": str(tmp_path / "s"), "val_sequences": 6,
+                                             "global_batch_size": 4, "ledger": False}})
+    data = TrainData(cfg, str(tmp_path / "s"), rank=0, world=1, run_dir=tmp_path / "run")
+    ids = validation_ids(len(rows), 6)
+    assert np.array_equal(data.val_tokens.numpy(), rows[ids].astype("int64"))
+    # rows from the first and the last of the validation shards, in the order they were written
+    assert packed[ids].max() > packed[len(rows) * 3 // 4] and ids[0] == 0

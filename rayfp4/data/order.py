@@ -114,6 +114,15 @@ class EpochOrder:
 
 
 @functools.lru_cache(maxsize=4)
+def validation_ids(num_sequences: int, count: int) -> np.ndarray:
+    """The ids of the ``count`` held-out sequences a run evaluates: evenly spaced over the whole
+    split (all of it when it has no more than ``count``), so that the sample is spread over
+    every part of the corpus and not drawn from the files that happened to be tokenized first."""
+    if count >= num_sequences:
+        return np.arange(num_sequences, dtype=np.int64)
+    return (np.arange(count, dtype=np.int64) * num_sequences) // count
+
+
 def epoch_order(num_sequences: int, chunk_size: int, seed: int, epoch: int) -> EpochOrder:
     return EpochOrder(num_sequences, chunk_size, seed, epoch)
 

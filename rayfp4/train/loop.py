@@ -318,6 +318,7 @@ class TrainData:
 
     def __init__(self, cfg: RunConfig, shards_path: str, rank: int, world: int, run_dir: Path):
         from ..data import TokenStream, open_shards
+        from ..data.order import validation_ids
 
         shards = open_shards(shards_path, verify_checksums=False)  # the driver verified them
         self.seq_len = cfg.data.seq_len or shards.seq_len
@@ -325,7 +326,8 @@ class TrainData:
                                   ledger_dir=run_dir / "ledger" if cfg.data.ledger else None)
         self.val_tokens = None
         if cfg.data.val_sequences and shards.num_sequences("val"):
-            self.val_tokens = torch.from_numpy(shards.read_split("val")[0][: cfg.data.val_sequences].astype("int64"))
+            ids = validation_ids(shards.num_sequences("val"), cfg.data.val_sequences)
+            self.val_tokens = torch.from_numpy(shards.read_sequences(ids, "val").astype("int64"))
         self.accum = cfg.grad_accum_for(world)  # an elastic run's worker count changes between attempts
         self.micro = cfg.data.micro_batch_size or cfg.data.global_batch_size // world
 

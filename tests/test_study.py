@@ -90,6 +90,13 @@ def test_table_pairs_each_seed_with_its_own_baseline(tmp_path):
     assert row["final_val_loss_mean"] == pytest.approx(3.115)
     assert "| nvfp4 | 2 | 3.1150 ± 0.1202 | +0.50 ± 0.71 |" in table
     assert "| fp32 | 3 | 3.1000 ± 0.1000 | (baseline) |" in table and "s2: FAILED" in table
+    # runs trained side by side: their speed is labelled as such, not as the method's own
+    assert "| tokens/s (mean, 2 runs at once) |" in table
+    alone = study.model_copy(update={"concurrent": 1})
+    assert "| tokens/s (mean) |" in st.study_table(alone, [fp32, nv])[0]
+    shared = study.model_copy(update={"concurrent": 3})
+    assert "| tokens/s (mean, 3 runs at once) |" in st.study_table(shared, [fp32, nv])[0]
+    assert "| tokens/s (3 runs at once) |" in st.seed_table(shared, runs, results)[0]
 
 
 def test_throughput_is_the_median_of_the_second_half():

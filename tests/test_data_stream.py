@@ -182,3 +182,36 @@ def test_stream_inside_ray_train_workers(ray_session, small_shards, tmp_path):
     assert {view.epochs[g] for g in view.steps} == {0, 1}
     for g, ids in view.steps.items():
         assert ids == list(global_step_ids(n, shards.rows_per_group, 5, 8, g))
+
+
+def test_a_run_reads_only_the_windows_it_will_consume(ray_session, small_shards, monkeypatch):
+    """Ray Data reads ahead as far as its memory budget allows: a dataset of the whole epoch made a
+    short run on a large corpus read (and hold) far more than it trained on."""
+    import ray.data
+
+    built = []
+    from_items = ray.data.from_items
+
+    def spy(items, **kwargs):
+        built.append([(w["epoch"], w["start"], w["stop"]) for w in items])
+        return from_items(items, **kwargs)
+
+    monkeypatch.setattr(ray.data, "from_items", spy)
+    shards = open_shards(small_shards)
+    config = StreamConfig(global_batch_size=8, seed=11, window_steps=4)
+    stream = TokenStream(shards, config)
+    spe = stream.steps_per_epoch
+    assert spe > 12
+    got = list(stream.batches(None, max_steps=6))
+    assert [b.step for b in got] == list(range(6))
+    assert built == [[(0, 0, 4), (0, 4, 6)]]
+    # across an epoch boundary: the rest of the first epoch, then only what the second needs
+    built.clear()
+    start = StreamState(epoch=0, step=spe - 2, seed=11, global_batch_size=8, num_sequences=stream.num_sequences,
+                        split="train")
+    got = list(stream.batches(start, max_steps=5))
+    assert [(b.epoch, b.step) for b in got] == [(0, spe - 2), (0, spe - 1), (1, 0), (1, 1), (1, 2)]
+    assert built == [[(0, spe - 2, spe)], [(1, 0, 3)]]
+    rows, _ = shards.read_split("train")
+    ids = global_step_ids(stream.num_sequences, shards.rows_per_group, 11, 8, spe + 2)
+    assert np.array_equal(got[-1].tokens.numpy(), rows[ids].astype(np.int64))

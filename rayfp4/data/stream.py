@@ -144,11 +144,14 @@ class TokenStream:
     def steps_per_epoch(self) -> int:
         return self.initial_state().steps_per_epoch
 
-    def _epoch_dataset(self, epoch: int, start_step: int):
+    def _epoch_dataset(self, epoch: int, start_step: int, stop_step: int | None = None):
+        """Ray Data reads ahead as far as its memory budget lets it, so the dataset holds only the
+        windows that will be consumed: a run of 800 steps on a corpus of 12,000 steps an epoch
+        reads 800 steps, not the epoch."""
         import ray.data
 
         quiet_ray_data()
-        stop_step = self.steps_per_epoch
+        stop_step = self.steps_per_epoch if stop_step is None else min(stop_step, self.steps_per_epoch)
         windows = [{"epoch": epoch, "start": t, "stop": min(t + self.window_steps, stop_step)}
                    for t in range(start_step, stop_step, self.window_steps)]
         ds = ray.data.from_items(windows, override_num_blocks=len(windows))
@@ -177,7 +180,8 @@ class TokenStream:
         produced = 0
         try:
             while max_steps is None or produced < max_steps:
-                ds = self._epoch_dataset(state.epoch, state.step)
+                ds = self._epoch_dataset(state.epoch, state.step,
+                                         None if max_steps is None else state.step + max_steps - produced)
                 for rows in self._checked(ds.iter_batches(
                         batch_size=self.micro_batch, batch_format="numpy",
                         prefetch_batches=self.config.prefetch_batches)):

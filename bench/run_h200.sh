@@ -8,6 +8,9 @@
 set -uo pipefail
 out=${OUT:-/tmp/out}
 mkdir -p "$out"
+# The device tool returns at most 8 files from $OUT (16 MiB each): profiles and run folders are
+# written under $prof and come back as one archive.
+prof=$(mktemp -d)
 bash .whl/install.sh && export PYTHONPATH=/tmp/site:$PWD:${PYTHONPATH:-}
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 RAYFP4_CACHE=$PWD/build/h200min
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$out/gpu.txt"
@@ -81,24 +84,25 @@ case "${1:-checks}" in
     [ -f shards/python-stdlib/manifest.json ] || python3 -m pipelines.tokenize "$stdlib" --plain-suffix .py \
       --skip-undecodable --tokenizer byte --seq-len 1024 --rows-per-group 32 --out shards/python-stdlib \
       > "$out/tokenize-stdlib.txt" 2>&1
-    for v in ${LOOP_VARIANTS:-nvfp4 bf16}; do
+    for v in ${LOOP_VARIANTS:-nvfp4 bf16}; do  # what comes back: loop.txt and loop.tgz
       sets=(); [ "$v" = bf16 ] && sets=(--set precision.format=bf16 --set precision.bf16_last_blocks=0)
       python3 -m rayfp4.run configs/gpu-25m.yaml --set 'variants=[]' --set data.shards=shards/python-stdlib \
         --set train.steps=${LOOP_STEPS:-500} --set train.val_every=0 --set checkpoint.every=0 \
-        --set scaling.gpus_per_worker=0.5 --set output_dir="$out/runs" --set tracking.uri="sqlite:///$out/mlruns.db" \
-        --set name=loop-$v "${sets[@]}" > "$out/loop-$v.txt" 2>&1 &
+        --set scaling.gpus_per_worker=0.5 --set output_dir="$prof/runs" --set tracking.uri="sqlite:///$prof/mlruns.db" \
+        --set name=loop-$v "${sets[@]}" > "$prof/loop-$v.txt" 2>&1 &
       run=$!
       if [ -x /tmp/site/bin/py-spy ]; then
         sleep 45
         pid=$(nvidia-smi --query-compute-apps=pid --format=csv,noheader | head -1)
         [ -n "$pid" ] || pid=$(pgrep -f 'ray::.*Train.*Worker' | head -1)
         [ -n "$pid" ] && timeout 30 /tmp/site/bin/py-spy record -d 12 -r 50 --threads -p "$pid" -f raw \
-          -o "$out/pyspy-loop-$v.txt" > "$out/pyspy-loop-$v.log" 2>&1
-        ps -eo pid,pcpu,nlwp,rss,args --sort=-pcpu | head -25 > "$out/ps-loop-$v.txt"
+          -o "$prof/pyspy-loop-$v.txt" > "$prof/pyspy-loop-$v.log" 2>&1
+        ps -eo pid,pcpu,nlwp,rss,args --sort=-pcpu | head -25 > "$prof/ps-loop-$v.txt"
       fi
       wait $run
-      echo "loop-$v rc=$?"; grep -E "step [0-9]+/" "$out/loop-$v.txt" | tail -6
+      echo "loop-$v rc=$?"; grep -E "step [0-9]+/" "$prof/loop-$v.txt" | tail -6
     done 2>&1 | tee "$out/loop.txt"
+    tar czf "$out/loop.tgz" -C "$prof" --exclude='checkpoint_*' . 2>/dev/null
     ;;
   study)  # the recipe-lab study, resumable: call again (within the machine's idle time) to go on.
     # CALL_BUDGET: seconds this call may take in all (the device tool's limit is 600); the study
@@ -127,11 +131,11 @@ case "${1:-checks}" in
         pids=$(nvidia-smi --query-compute-apps=pid --format=csv,noheader | head -2)
         [ -n "$pids" ] || pids=$(pgrep -f 'ray::.*Train.*Worker' | head -2)
         for pid in $pids; do  # every thread, then only the one holding the GIL
-          timeout 30 /tmp/site/bin/py-spy record -d 15 -r 50 --threads -p "$pid" -f raw -o "$out/pyspy-$pid.txt" \
-            > "$out/pyspy-$pid.log" 2>&1
-          timeout 30 /tmp/site/bin/py-spy record -d 15 -r 50 --threads --gil -p "$pid" -f raw -o "$out/pyspy-gil-$pid.txt" \
-            >> "$out/pyspy-$pid.log" 2>&1
-        done; ps -eo pid,pcpu,rss,args --sort=-pcpu | head -40 > "$out/ps.txt" ) &
+          timeout 30 /tmp/site/bin/py-spy record -d 15 -r 50 --threads -p "$pid" -f raw -o "$prof/pyspy-$pid.txt" \
+            > "$prof/pyspy-$pid.log" 2>&1
+          timeout 30 /tmp/site/bin/py-spy record -d 15 -r 50 --threads --gil -p "$pid" -f raw -o "$prof/pyspy-gil-$pid.txt" \
+            >> "$prof/pyspy-$pid.log" 2>&1
+        done; ps -eo pid,pcpu,rss,args --sort=-pcpu | head -40 > "$prof/ps.txt" ) &
     fi
     if [ "$left" -gt 60 ]; then
       timeout -s INT "$left" python3 -m rayfp4.study configs/study/recipe-25m.yaml "${@:2}" > "$out/study.txt" 2>&1
@@ -141,6 +145,7 @@ case "${1:-checks}" in
     # run's directory without its checkpoints, the study's tables, logs and plots, the MLflow store.
     # Here: tar xzf study.tgz, then python -m rayfp4.study configs/study/recipe-25m.yaml --report --out runs
     tar czf "$out/study.tgz" --exclude='checkpoint_*' --exclude='*.lock' runs mlruns.db 2>/dev/null
+    [ -n "$(ls -A "$prof")" ] && tar czf "$out/prof.tgz" -C "$prof" .
     tail -4 "$out/lab_gpu_tests.txt" 2>/dev/null
     tail -45 "$out/study.txt"
     ;;

@@ -54,7 +54,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="val, train, a shard directory [DIR:split], a text or .jsonl file (repeatable; default val)")
     p.add_argument("--text-key", default="text", help="field of a .jsonl object holding the text (default text)")
     p.add_argument("--precision", choices=("both", "bf16", "trained"), default="both")
-    p.add_argument("--max-sequences", type=_positive, help="score at most this many rows of each data set")
+    p.add_argument("--max-sequences", type=_positive, help="score at most this many rows of each data set "
+                   "(of a shard split: evenly spaced over it, the rows a run with data.val_sequences=N validates on)")
     p.add_argument("--batch-size", type=_positive, help="rows per forward (default: the training's micro-batch)")
     p.add_argument("--baseline", help="variant the others are compared with (default: the one trained in bf16)")
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
@@ -159,6 +160,7 @@ def load_sets(specs: list[str], shards, seq_len: int, text_key: str, max_sequenc
     """The data sets ``specs`` name (see the module docstring); DataError for one that does not exist
     or does not fit the run."""
     from .data import DataError, open_shards
+    from .data.order import validation_ids
 
     tokenizer = shards.tokenizer()
     row_len = seq_len + 1
@@ -180,10 +182,14 @@ def load_sets(specs: list[str], shards, seq_len: int, text_key: str, max_sequenc
                     raise DataError(f"--data {spec}: its tokenizer is not the run's ({shards.path}); "
                                     f"its token ids would mean other text to the model")
                 split = split or "val"
-            rows = source.read_split(split)[0]
-            if not len(rows):
+            total = source.num_sequences(split)
+            if not total:
                 raise DataError(f"--data {spec}: {source.path} has no {split} sequences")
-            groups = [rows[:max_sequences, :row_len].astype(np.int64)]  # rows cut to the run's length
+            if max_sequences is None:
+                rows = source.read_split(split)[0]
+            else:  # spread over the split, as a run picks its validation rows (the same ones)
+                rows = source.read_sequences(validation_ids(total, max_sequences), split)
+            groups = [rows[:, :row_len].astype(np.int64)]  # rows cut to the run's length
             name = split if path is None else f"{path.resolve().name}.{split}"
             what = f"the run's {split} split ({shards.path})" if path is None else f"{split} split of {path.resolve()}"
         sets.append(EvalSet(_safe_name(name, taken), what, groups, target_bytes(groups, tokenizer)))

@@ -71,7 +71,7 @@ def test_default_config_end_to_end_with_mlflow(ray_session, tmp_path, capsys):
     assert nv.data.params["model.n_layers"] == "2" and nv.data.params["train.steps"] == "8"
     assert nv.data.params["perf.peak_tflops"] == "none" and "no published" in nv.data.params["perf.peak"]
     for metric in ("train/loss", "val/loss", "train/lr", "train/grad_norm", "perf/tokens_per_s",
-                   "train/skipped_steps", "val/final_loss", "val/best_loss", "val/gap_vs_baseline_pct"):
+                   "perf/data_wait_s", "train/skipped_steps", "val/final_loss", "val/best_loss", "val/gap_vs_baseline_pct"):
         assert metric in nv.data.metrics, metric
     # Final/best loss and the gap to the baseline are the child's own metrics (0 for the baseline).
     m = read_metrics(tmp_path / "runs" / "t" / "nvfp4" / "metrics.jsonl")

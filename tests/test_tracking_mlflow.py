@@ -62,6 +62,18 @@ def test_throughput_reports_which_peak_and_both_mfus(monkeypatch):
     achieved = 1e9 * 1000 / out["step_time_s"] / 2
     assert out["mfu"] == pytest.approx(achieved / 2500e12)
 
+    # the time between a step's end and the next batch's arrival: waiting for data, apart from
+    # the step time that tokens/s is measured on; a mean per step since the last report
+    assert t.take_data_wait() is None  # the first step of an attempt has no previous one
+    for pause in (0.02, 0.06):
+        t.waiting_for_data()
+        time.sleep(pause)
+        t.start_step()
+        last = t.end_step()
+    wait = t.take_data_wait()
+    assert 0.04 <= wait < 0.04 + 0.05 and t.take_data_wait() is None
+    assert last["step_time_s"] < 0.02  # the wait is not in the step time
+
     cpu = Throughput(1000, 1e9, torch.device("cpu"), 2, "nvfp4")
     assert cpu.params()["perf.peak_tflops"] == "none" and "perf.peak_fp4" not in cpu.params()
     cpu.start_step()

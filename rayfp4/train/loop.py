@@ -117,6 +117,9 @@ def _train(loop_config: dict) -> None:
         tele = {**collect_telemetry(_unwrap(model)), **reset, **probed}
         metrics.update({f"quant/{k}": v for k, v in tele.items()})
         if step % cfg.train.log_every == 0 or "val_loss" in metrics or tele or last:
+            wait = timer.take_data_wait()
+            if wait is not None:
+                metrics["data_wait_s"] = wait
             log.write(step, metrics, {"step": step, "total_steps": total, "train_loss": loss,
                                       "val_loss": metrics.get("val_loss"), "tokens_per_s": metrics["tokens_per_s"],
                                       "skipped_steps": progress.skipped, "eta_s": timer.eta_s(total - step)})
@@ -126,6 +129,7 @@ def _train(loop_config: dict) -> None:
             progress.late_switch = probe.state_dict() if probe is not None else None
             checkpointer.save(model, opt, progress, {"step": step, "train_loss": loss,
                                                      "val_loss": metrics.get("val_loss")})
+        timer.waiting_for_data()
 
 
 # -- build and restore -------------------------------------------------------------------------

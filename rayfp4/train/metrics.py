@@ -21,7 +21,7 @@ from ..tracking import read_metrics
 MLFLOW_KEYS = {"train_loss": "train/loss", "lr": "train/lr", "grad_norm": "train/grad_norm",
                "skipped_steps": "train/skipped_steps", "val_loss": "val/loss",
                "tokens_per_s": "perf/tokens_per_s", "step_time_s": "perf/step_time_s",
-               "mfu": "perf/mfu", "mfu_fp4": "perf/mfu_fp4"}
+               "mfu": "perf/mfu", "mfu_fp4": "perf/mfu_fp4", "data_wait_s": "perf/data_wait_s"}
 
 
 def mlflow_key(key: str) -> str:
@@ -89,6 +89,8 @@ class Throughput:
         self.device, self.world = device, world
         self.started, self.steps = time.perf_counter(), 0
         self._t0 = None
+        self._idle_from = None               # when the loop last asked for a batch
+        self._wait_sum, self._wait_steps = 0.0, 0
 
     def params(self) -> dict[str, str]:
         """Which peaks MFU is measured against (MLflow params)."""
@@ -104,6 +106,22 @@ class Throughput:
 
     def start_step(self) -> None:
         self._t0 = time.perf_counter()
+        if self._idle_from is not None:  # the first batch's wait includes starting the pipeline
+            self._wait_sum += self._t0 - self._idle_from
+            self._wait_steps += 1
+
+    def waiting_for_data(self) -> None:
+        """The loop body is done and the next batch is being fetched: the time until the next
+        ``start_step`` is time the step waited for its data (not counted in tokens/s)."""
+        self._idle_from = time.perf_counter()
+
+    def take_data_wait(self) -> float | None:
+        """Mean seconds a step waited for its batch since the last call (None: no step yet)."""
+        if not self._wait_steps:
+            return None
+        mean = self._wait_sum / self._wait_steps
+        self._wait_sum, self._wait_steps = 0.0, 0
+        return mean
 
     def end_step(self) -> dict[str, float]:
         if self.device.type == "cuda":

@@ -110,3 +110,13 @@ def test_a_run_evaluates_held_out_rows_from_every_part_of_the_corpus(tmp_path):
     assert np.array_equal(data.val_tokens.numpy(), rows[ids].astype("int64"))
     # rows from the first and the last of the validation shards, in the order they were written
     assert packed[ids].max() > packed[len(rows) * 3 // 4] and ids[0] == 0
+
+
+def test_an_epoch_order_is_built_once_per_process_and_validation_ids_are_fresh_arrays():
+    """Every read task of an epoch asks for its order: it is cached, not rebuilt per window. The
+    validation ids are not cached: each caller gets its own array to keep or change."""
+    from rayfp4.data.order import epoch_order, validation_ids
+
+    assert epoch_order(1000, 8, 3, 0) is epoch_order(1000, 8, 3, 0)
+    assert epoch_order(1000, 8, 3, 1) is not epoch_order(1000, 8, 3, 0)
+    assert validation_ids(100, 10) is not validation_ids(100, 10)

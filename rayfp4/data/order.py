@@ -113,7 +113,6 @@ class EpochOrder:
         return self.ids_at(np.arange(self.num_sequences))
 
 
-@functools.lru_cache(maxsize=4)
 def validation_ids(num_sequences: int, count: int) -> np.ndarray:
     """The ids of the ``count`` held-out sequences a run evaluates: evenly spaced over the whole
     split (all of it when it has no more than ``count``), so that the sample is spread over
@@ -123,6 +122,7 @@ def validation_ids(num_sequences: int, count: int) -> np.ndarray:
     return (np.arange(count, dtype=np.int64) * num_sequences) // count
 
 
+@functools.lru_cache(maxsize=4)
 def epoch_order(num_sequences: int, chunk_size: int, seed: int, epoch: int) -> EpochOrder:
     return EpochOrder(num_sequences, chunk_size, seed, epoch)
 

@@ -34,7 +34,7 @@ def main(argv: list[str]) -> int:
         with tarfile.open(path) as tar:
             for member in tar.getmembers():
                 name = Path(member.name)
-                if name.is_absolute() or ".." in name.parts or not (name.parts[0] in ("runs", "mlruns.db")):
+                if name.is_absolute() or ".." in name.parts or name.parts[0] not in ("runs", "mlruns.db"):
                     print(f"study_carry: {path}: refusing member {member.name!r}", file=sys.stderr)
                     return 2
             tar.extractall(root, filter="data")

@@ -206,16 +206,18 @@ def summarize(study: StudyConfig, runs: list[StudyRun], results: dict[str, tuple
     return out
 
 
-def _sharing(study: StudyConfig) -> str:
-    """Runs trained side by side share the machine: their speed is not a method's own."""
-    return f", {study.concurrent} runs at once" if study.concurrent > 1 else ""
+def _tokens_per_s_head(study: StudyConfig, *what: str) -> str:
+    """Runs trained side by side share the machine: their speed is not a method's own, and the
+    column says so."""
+    notes = [*what] + ([f"{study.concurrent} runs at once"] if study.concurrent > 1 else [])
+    return "tokens/s" + (f" ({', '.join(notes)})" if notes else "")
 
 
 def study_table(study: StudyConfig, summaries: list[VariantSummary]) -> tuple[str, list[dict]]:
     """The table as Markdown (pipe table: readable in a terminal and rendered by MLflow) and as rows."""
     base = study.baseline_name
     head = ["variant", "seeds", "final val loss (mean ± std)", f"gap vs {base} % (mean ± std)",
-            "tokens/s (mean" + _sharing(study) + ")", "missing"]
+            _tokens_per_s_head(study, "mean"), "missing"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     rows = []
     for s in summaries:
@@ -250,7 +252,7 @@ def seed_table(study: StudyConfig, runs: list[StudyRun], results: dict[str, tupl
         return got[0] if got is not None and got[0] is not None and math.isfinite(got[0]) else None
 
     head = ["variant", "seed", "status", "final val loss", f"gap vs {base} % (same seed)",
-            "tokens/s" + (f" ({_sharing(study).lstrip(', ')})" if study.concurrent > 1 else "")]
+            _tokens_per_s_head(study)]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     rows = []
     for v in study.variants:

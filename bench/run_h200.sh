@@ -81,9 +81,19 @@ case "${1:-checks}" in
   loop)  # one study-model run alone in Ray Train, per format: its tokens/s against the bare step's
     # (packing mode), and where a worker's time goes (py-spy, when carried). Data: the stdlib.
     stdlib=$(python3 -c 'import sysconfig; print(sysconfig.get_paths()["stdlib"])')
+    # while the CPUs tokenize, the GPU checks that no variant's step stops the host
+    python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_kernels_triton_gpu.py -k never_stops \
+      > "$out/lab_gpu_tests.txt" 2>&1 &
     [ -f shards/python-stdlib/manifest.json ] || python3 -m pipelines.tokenize "$stdlib" --plain-suffix .py \
       --skip-undecodable --tokenizer byte --seq-len 1024 --rows-per-group 32 --out shards/python-stdlib \
       > "$out/tokenize-stdlib.txt" 2>&1
+    wait; tail -3 "$out/lab_gpu_tests.txt"
+    # the bare step of the same model in this process's machine, each format alone (the baseline)
+    for v in nvfp4: bf16:precision.format=bf16,precision.bf16_last_blocks=0; do
+      IFS=: read -r label sets <<< "$v"; args=(); IFS=, read -ra kv <<< "$sets"
+      for x in "${kv[@]}"; do [ -n "$x" ] && args+=(--set "$x"); done
+      python3 -m bench.packing --start-at $(( $(date +%s) + 40 )) --seconds 15 --label "$label" "${args[@]}" 2>&1 | grep packing:
+    done 2>&1 | tee "$out/loop-bare.txt"
     for v in ${LOOP_VARIANTS:-nvfp4 bf16}; do  # what comes back: loop.txt and loop.tgz
       sets=(); [ "$v" = bf16 ] && sets=(--set precision.format=bf16 --set precision.bf16_last_blocks=0)
       python3 -m rayfp4.run configs/gpu-25m.yaml --set 'variants=[]' --set data.shards=shards/python-stdlib \

@@ -8,6 +8,8 @@ Everything here works on already-scaled FP32 values; block scales live in ``nvfp
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 #: The eight E2M1 magnitudes, indexed by code (the sign is bit 3).
@@ -23,9 +25,13 @@ _RNE_STRICT = (0.25, 1.25, 2.5, 5.0)   # a tie here stays below (the code below 
 _RNE_INCLUSIVE = (0.75, 1.75, 3.5)     # a tie here goes up (the code above is even)
 
 
+@functools.lru_cache(maxsize=None)
 def _decode_table(device: torch.device) -> torch.Tensor:
-    mags = torch.tensor(E2M1_MAGNITUDES, dtype=torch.float32, device=device)
-    return torch.cat([mags, -mags])
+    # Built once per device: a table copied from host memory on each call stops the host until
+    # the GPU has caught up (on every dequantize of a training step).
+    with torch.inference_mode(False):  # a normal tensor even when first built under inference mode
+        mags = torch.tensor(E2M1_MAGNITUDES, dtype=torch.float32, device=device)
+        return torch.cat([mags, -mags])
 
 
 def _lookup(table: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:

@@ -160,7 +160,7 @@ def quantize(x: torch.Tensor, hadamard: int = 128, signs: torch.Tensor | None = 
     tensor_amax = v.abs().amax() if amax is None else check_amax(amax, x.device, what)
     s_enc = encode_scale(tensor_amax, MS_EDEN_CAP)
     s_dec = 1.0 / s_enc
-    block_enc = s_enc * torch.tensor(BLOCK_FACTOR, dtype=torch.float32, device=x.device)
+    block_enc = s_enc * torch.full_like(s_enc, BLOCK_FACTOR)
     s_b = to_e4m3_satfinite(block_amax(v, (1, BLOCK)) * block_enc).to(torch.float32)
     enc_b = torch.where(s_b == 0, torch.zeros_like(s_b), torch.clamp(1.0 / (s_b * s_dec), max=FLT_MAX))
     y = scale_rows(v, enc_b, BLOCK)

@@ -93,7 +93,7 @@ def encode_scale(amax: torch.Tensor, scale_cap: float = E4M3_MAX) -> torch.Tenso
     """S_enc = (6 * cap) / amax in FP32 (2688 / amax for the recipe's cap 448), clamped to
     FLT_MAX, and 1 when amax (or the result) is 0."""
     amax = amax.to(torch.float32)
-    s_enc = torch.tensor(6.0 * scale_cap, dtype=torch.float32, device=amax.device) / amax
+    s_enc = torch.full_like(amax, 6.0 * scale_cap) / amax  # full_like: no copy from the host (no sync)
     s_enc = torch.clamp(s_enc, max=FLT_MAX)
     return torch.where((amax == 0) | (s_enc == 0), torch.ones_like(s_enc), s_enc)
 
@@ -214,7 +214,7 @@ def quantize(
 
     s_enc = encode_scale(tensor_amax, cap)
     s_dec = 1.0 / s_enc
-    block_enc = s_enc * torch.tensor(1.0 / 6.0, dtype=torch.float32, device=x.device)
+    block_enc = s_enc * torch.full_like(s_enc, 1.0 / 6.0)
     base = block_amax(xf, tile) * block_enc
     s_b = to_e4m3_satfinite(base)
     enc_b = torch.clamp(1.0 / (s_b.to(torch.float32) * s_dec), max=FLT_MAX)

@@ -115,6 +115,7 @@ case "${1:-checks}" in
     tar czf "$out/loop.tgz" -C "$prof" --exclude='checkpoint_*' . 2>/dev/null
     ;;
   study)  # the recipe-lab study, resumable: call again (within the machine's idle time) to go on.
+    # STUDY=configs/study/recipe-long.yaml for the longer horizon.
     # CALL_BUDGET: seconds this call may take in all (the device tool's limit is 600); the study
     # is interrupted (SIGINT: runs stop, a rerun resumes them from their checkpoints) in time to
     # pack what comes back. Extra arguments go to rayfp4.study (e.g. --set concurrent=8).
@@ -148,7 +149,10 @@ case "${1:-checks}" in
         done; ps -eo pid,pcpu,rss,args --sort=-pcpu | head -40 > "$prof/ps.txt" ) &
     fi
     if [ "$left" -gt 60 ]; then
-      timeout -s INT "$left" python3 -m rayfp4.study configs/study/recipe-25m.yaml "${@:2}" > "$out/study.txt" 2>&1
+      # START_UNTIL=SECONDS (the session's last call): start no run after that, so none is cut
+      # short (an unfinished run's checkpoints do not come back; it would start over next session)
+      timeout -s INT "$left" python3 -m rayfp4.study ${STUDY:-configs/study/recipe-25m.yaml} \
+        ${START_UNTIL:+--start-until "$START_UNTIL"} "${@:2}" > "$out/study.txt" 2>&1
       echo "study rc=$?" >> "$out/study.txt"
     fi
     # what comes back, in one archive (the device tool returns a limited number of files): every

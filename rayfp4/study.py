@@ -313,20 +313,28 @@ def _write_state(path: Path, study: StudyConfig, runs: list[StudyRun]) -> None:
 
 
 def execute(runs: list[StudyRun], concurrent: int, command, log_dir: Path, env: dict[str, str],
-            on_change=None, poll_s: float = 0.5, status_every_s: float = 60.0) -> None:
+            on_change=None, poll_s: float = 0.5, status_every_s: float = 60.0,
+            start_until: float | None = None) -> None:
     """Run every PENDING run's command, at most ``concurrent`` at a time, each in its own process
     group with its output in ``log_dir/<name>.log``. A run's status follows its exit code (0
     FINISHED, 130/143 or a signal KILLED, else FAILED). On Interrupted / KeyboardInterrupt the
     running ones get SIGINT (they end their MLflow runs KILLED) and are waited for; then it re-raises.
+    ``start_until`` (a ``time.monotonic()`` instant): no run starts after it; the running ones go
+    on to their end and the others stay PENDING.
     """
     log_dir.mkdir(parents=True, exist_ok=True)
     pending = [r for r in runs if r.status == "PENDING"]
     active: dict[str, tuple[StudyRun, subprocess.Popen, float, Any]] = {}
     total, done = len(pending), 0
     last_status = time.monotonic()
+    closed = False  # start_until has passed
     try:
-        while pending or active:
-            while pending and len(active) < concurrent:
+        while (pending and not closed) or active:
+            if pending and not closed and start_until is not None and time.monotonic() >= start_until:
+                closed = True
+                say(f"--start-until reached: {len(pending)} run(s) not started ({', '.join(r.name for r in pending)}); "
+                    + (f"waiting for {', '.join(active)}" if active else "none running"))
+            while pending and not closed and len(active) < concurrent:
                 r = pending.pop(0)
                 log = log_dir / f"{r.name}.log"
                 fh = open(log, "ab")  # noqa: SIM115 - the child writes to it; closed when it exits
@@ -445,6 +453,10 @@ def _parser() -> argparse.ArgumentParser:
                         "--set 'set={train.steps: 100}'")
     p.add_argument("--check", action="store_true", help="validate the study and every run's config, then exit")
     p.add_argument("--rerun", action="store_true", help="train again the runs that already finished")
+    p.add_argument("--start-until", type=float, default=None, metavar="SECONDS",
+                   help="start no run later than SECONDS after the study starts; the running ones finish, the "
+                        "others wait for the next invocation (e.g. to end inside a machine's time limit without "
+                        "losing half-trained runs)")
     p.add_argument("--report", action="store_true",
                    help="only rebuild the tables (study.md, study.results.json) and plots from the runs on disk: "
                         "no Ray, no training (e.g. for runs copied back from another machine)")
@@ -460,8 +472,10 @@ def main(argv: list[str] | None = None, command=None) -> int:
     args = parser.parse_args(argv)
     if args.out is not None and not args.report:
         parser.error("--out goes with --report (to train into another directory: --set 'set={output_dir: DIR}')")
-    if args.report and (args.check or args.rerun):
-        parser.error("--report trains nothing: it does not go with --check or --rerun")
+    if args.report and (args.check or args.rerun or args.start_until is not None):
+        parser.error("--report trains nothing: it does not go with --check, --rerun or --start-until")
+    if args.start_until is not None and not args.start_until >= 0:
+        parser.error(f"--start-until: {args.start_until} is not a number of seconds >= 0")
     from .data.errors import DataError
     from .precision import PolicyError
 
@@ -501,7 +515,7 @@ def main(argv: list[str] | None = None, command=None) -> int:
         except (ConfigError, PolicyError, DataError) as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
-        return _run_study(study, base, runs, configs, out_dir, args.rerun, command)
+        return _run_study(study, base, runs, configs, out_dir, args.rerun, command, args.start_until)
     except (Interrupted, KeyboardInterrupt) as e:
         signum = e.signum if isinstance(e, Interrupted) else signal.SIGINT
         print(f"\n[study] interrupted ({signal.Signals(signum).name}): runs stopped, their MLflow runs KILLED; "
@@ -513,10 +527,11 @@ def main(argv: list[str] | None = None, command=None) -> int:
 
 
 def _run_study(study: StudyConfig, base: Path, runs: list[StudyRun], configs: dict, out_dir: Path,
-               rerun: bool, command) -> int:
+               rerun: bool, command, start_until: float | None = None) -> int:
     from .tracking.tracker import Tracker, resolve_tracking_uri
     from .train.launch import RunLock, start_shared_ray, stop_shared_ray
 
+    started = time.monotonic()
     root = out_dir / study.name
     state_path = root / STATE_FILE
     with RunLock(root):
@@ -550,8 +565,16 @@ def _run_study(study: StudyConfig, base: Path, runs: list[StudyRun], configs: di
             say(f"{study.name}: {len(study.variants)} variant(s) x {len(study.seeds)} seed(s); {todo} run(s) to train, "
                 f"{study.concurrent} at a time" + (f"; Ray at {env.get('RAY_ADDRESS')}" if env.get("RAY_ADDRESS") else ""))
             execute(runs, study.concurrent, command, root / "logs", env,
-                    on_change=lambda: _write_state(state_path, study, runs))
-            status = "FINISHED" if all(r.status == "FINISHED" for r in runs) else "FAILED"
+                    on_change=lambda: _write_state(state_path, study, runs),
+                    start_until=None if start_until is None else started + start_until)
+            trained = [r for r in runs if r.status != "PENDING"]
+            if any(r.status != "FINISHED" for r in trained):
+                status = "FAILED"
+            elif len(trained) < len(runs):  # stopped starting runs (--start-until): not done, not failed
+                status = "KILLED"
+                say(f"{len(runs) - len(trained)} run(s) left to train: run the study again to go on")
+            else:
+                status = "FINISHED"
         except BaseException as e:
             status = "KILLED" if isinstance(e, (Interrupted, KeyboardInterrupt)) else "FAILED"
             raise

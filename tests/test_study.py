@@ -125,6 +125,27 @@ def test_at_most_concurrent_runs_at_once_and_statuses_follow_exit_codes(tmp_path
     assert all(Path(r.log).is_file() for r in runs)
 
 
+def test_start_until_lets_the_running_runs_finish_and_starts_no_more(tmp_path):
+    # --start-until: a machine's time is running out; a run started now would be cut short and
+    # lose its steps, so none starts, and those already training end normally.
+    runs = [st.StudyRun("v", i, f"r{i}", []) for i in range(4)]
+    t0 = time.monotonic()
+    st.execute(runs, 2, lambda r: _sleeper(1.0), tmp_path / "logs", {}, poll_s=0.05, start_until=t0 + 0.5)
+    assert [r.status for r in runs] == ["FINISHED", "FINISHED", "PENDING", "PENDING"]
+    assert not (tmp_path / "logs" / "r2.log").exists()
+    # already passed: nothing starts at all
+    fresh = [st.StudyRun("v", 0, "q0", [])]
+    st.execute(fresh, 2, lambda r: _sleeper(0.1), tmp_path / "logs", {}, poll_s=0.05, start_until=t0)
+    assert fresh[0].status == "PENDING"
+
+
+def test_start_until_must_be_seconds(tmp_path, capsys):
+    path = write_study(tmp_path)
+    with pytest.raises(SystemExit) as e:
+        st.main([str(path), "--start-until", "-5"])
+    assert e.value.code == 2 and "--start-until" in capsys.readouterr().err
+
+
 def test_interrupt_stops_the_running_runs(tmp_path):
     runs = [st.StudyRun("v", i, f"r{i}", []) for i in range(3)]
     started = []
@@ -192,6 +213,12 @@ def test_a_study_end_to_end_with_stand_in_runs(tmp_path, monkeypatch, capsys, ra
     logged = {a.path for a in mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlruns.db").list_artifacts(parent)}
     assert {"study.md", "val_loss.png", "gap.png", "train_loss.png"} <= logged
     assert (out / "s" / "gap.png").read_bytes().startswith(PNG_HEADER)
+    # With no time left to start a run (--start-until 0): nothing trains, the study says what is
+    # left, and its MLflow run ends KILLED (stopped, not failed).
+    assert st.main([str(path), "--start-until", "0"], command=cmd) == 1
+    text = capsys.readouterr().out
+    assert "1 run(s) not started (s-nvfp4-s1)" in text and "1 run(s) left to train" in text
+    assert mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlruns.db").get_run(parent).info.status == "KILLED"
     # Again, with the failure fixed: only the failed run trains; the others are not re-run.
     monkeypatch.delenv("FAKE_RC_s_nvfp4_s1")
     (out / "s-fp32-s0.env").unlink()

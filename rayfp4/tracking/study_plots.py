@@ -183,7 +183,7 @@ def plot_gap(variants: list[VariantCurves], baseline: str, path: Path, study: st
                     ha="left" if m >= 0 else "right", va="center", fontsize=9)
     ax.grid(axis="x", alpha=0.3)
     ax.set_title(f"Study {study}: final validation loss vs {baseline}\n"
-                 f"bar: mean over seeds, error bar: std over seeds, dots: each seed; lower is better", fontsize=11)
+                 f"bar: mean over seeds, error bar: std, dots: each seed; lower is better", fontsize=10)
     fig.tight_layout()
     return save_png(fig, path)
 

@@ -105,7 +105,7 @@ case "${1:-checks}" in
         sleep 45
         pid=$(nvidia-smi --query-compute-apps=pid --format=csv,noheader | head -1)
         [ -n "$pid" ] || pid=$(pgrep -f 'ray::.*Train.*Worker' | head -1)
-        [ -n "$pid" ] && timeout 30 /tmp/site/bin/py-spy record -d 12 -r 50 --threads -p "$pid" -f raw \
+        [ -n "$pid" ] && timeout 30 /tmp/site/bin/py-spy record --nonblocking -d 12 -r 50 --threads -p "$pid" -f raw \
           -o "$prof/pyspy-loop-$v.txt" > "$prof/pyspy-loop-$v.log" 2>&1
         ps -eo pid,pcpu,nlwp,rss,args --sort=-pcpu | head -25 > "$prof/ps-loop-$v.txt"
       fi
@@ -135,16 +135,17 @@ case "${1:-checks}" in
     fi
     { python3 --version; echo "$srcs"; tail -1 "$out/tokenize.txt"; } > "$out/corpus.txt" 2>/dev/null
     left=$((deadline - SECONDS - 25))
-    # Where a training worker's host time goes, sampled once the runs are going: only if py-spy was
-    # carried (pip download py-spy --no-deps -d .whl) and the machine lets it attach (ptrace).
-    if [ -x /tmp/site/bin/py-spy ] && [ "$left" -gt 200 ]; then
+    # Where a training worker's host time goes, sampled once the runs are going: only with PROFILE=1,
+    # if py-spy was carried (pip download py-spy --no-deps -d .whl) and the machine lets it attach
+    # (ptrace). Off by default: the runs it samples train slower meanwhile, which their tokens/s shows.
+    if [ "${PROFILE:-0}" = 1 ] && [ -x /tmp/site/bin/py-spy ] && [ "$left" -gt 200 ]; then
       ( sleep 120
         pids=$(nvidia-smi --query-compute-apps=pid --format=csv,noheader | head -2)
         [ -n "$pids" ] || pids=$(pgrep -f 'ray::.*Train.*Worker' | head -2)
         for pid in $pids; do  # every thread, then only the one holding the GIL
-          timeout 30 /tmp/site/bin/py-spy record -d 15 -r 50 --threads -p "$pid" -f raw -o "$prof/pyspy-$pid.txt" \
+          timeout 30 /tmp/site/bin/py-spy record --nonblocking -d 15 -r 50 --threads -p "$pid" -f raw -o "$prof/pyspy-$pid.txt" \
             > "$prof/pyspy-$pid.log" 2>&1
-          timeout 30 /tmp/site/bin/py-spy record -d 15 -r 50 --threads --gil -p "$pid" -f raw -o "$prof/pyspy-gil-$pid.txt" \
+          timeout 30 /tmp/site/bin/py-spy record --nonblocking -d 15 -r 50 --threads --gil -p "$pid" -f raw -o "$prof/pyspy-gil-$pid.txt" \
             >> "$prof/pyspy-$pid.log" 2>&1
         done; ps -eo pid,pcpu,rss,args --sort=-pcpu | head -40 > "$prof/ps.txt" ) &
     fi

@@ -121,7 +121,8 @@ case "${1:-checks}" in
     # pack what comes back. Extra arguments go to rayfp4.study (e.g. --set concurrent=8).
     deadline=$((SECONDS + ${CALL_BUDGET:-555}))  # the wheels above took some of the 600 s already
     # the corpus: every Python source installed here (stdlib, site-packages, torch's environment),
-    # 415.7M tokens on the H200 machine (2026-12-02), tokenized in ~145 s once per machine
+    # 415.7M tokens on the H200 machine (2026-12-02), tokenized once per machine (~145 s before the
+    # tokenizer read several files per task; 164M tokens take 8 s on the 2-core CPU machine now)
     srcs="$(python3 -c 'import sysconfig; print(sysconfig.get_paths()["stdlib"])') /usr/local/lib/python3.12 /usr/lib/python3/dist-packages $(python3 -c 'import torch, os; print(os.path.dirname(os.path.dirname(torch.__file__)))')"
     # (row groups of 32 sequences, so a run's 800 steps x 32 lanes read 800 places in it). While
     # the CPUs tokenize, the GPU checks that no variant's step stops the host (once per machine;

@@ -199,26 +199,62 @@ def read_documents(row: dict, text_field: str) -> list[dict]:
     return [{"file_index": file_index, "doc_index": i, "text": t} for i, t in enumerate(texts) if t]
 
 
+def _token_table(file_index, doc_index, ids: list[np.ndarray]) -> pa.Table:
+    """Documents' token ids as one Arrow table, without a Python object per token."""
+    offsets = np.zeros(len(ids) + 1, dtype=np.int64)
+    np.cumsum([a.size for a in ids], out=offsets[1:])
+    flat = np.concatenate(ids).astype(np.int32, copy=False) if ids else np.empty(0, np.int32)
+    return pa.table({
+        "file_index": pa.array(file_index, type=pa.int64()),
+        "doc_index": pa.array(doc_index, type=pa.int64()),
+        "tokens": pa.LargeListArray.from_arrays(pa.array(offsets), pa.array(flat)),
+    })
+
+
 def tokenize_documents(batch: pa.Table, tokenizer: Tokenizer) -> pa.Table:
     ids = tokenizer.encode_batch(batch.column("text").to_pylist())
-    return pa.table({
-        "file_index": batch.column("file_index"),
-        "doc_index": batch.column("doc_index"),
-        "tokens": pa.array([a.tolist() for a in ids], type=pa.list_(pa.int32())),
-    })
+    return _token_table(batch.column("file_index"), batch.column("doc_index"), ids)
+
+
+def read_and_tokenize(batch: pa.Table, text_field: str, tokenizer: Tokenizer) -> pa.Table:
+    """A block of input files -> their documents' token ids, in file and document order: reading
+    and tokenizing in one task, so that the text never travels through Ray's object store."""
+    docs = [d for row in batch.to_pylist() for d in read_documents(row, text_field)]
+    ids = tokenizer.encode_batch([d["text"] for d in docs])
+    return _token_table([d["file_index"] for d in docs], [d["doc_index"] for d in docs], ids)
 
 
 # ------------------------------------------------------------------------------------------
 # The job
 # ------------------------------------------------------------------------------------------
 
-def _documents_dataset(files: list[tuple[str, str]], text_field: str):
+#: About this many bytes of input files per read-and-tokenize task: one task per small file
+#: spends its time in Ray's per-task and per-row overhead, not in reading and tokenizing.
+TASK_BYTES = 8 << 20
+
+
+def _file_blocks(files: list[tuple[str, str]]) -> int:
+    """How many blocks (tasks) to read ``files`` in: about TASK_BYTES each, at least two per
+    CPU of the cluster where there are enough files, never more than one per file."""
+    import ray
+
+    total = sum(os.path.getsize(p) for p, _ in files)
+    cpus = int(ray.cluster_resources().get("CPU", 1)) if ray.is_initialized() else 1
+    return max(1, min(len(files), max(-(-total // TASK_BYTES), 2 * cpus)))
+
+
+def _files_dataset(files: list[tuple[str, str]]):
     import ray.data
 
     quiet_ray_data()
     items = [{"path": p, "kind": k, "file_index": i} for i, (p, k) in enumerate(files)]
-    ds = ray.data.from_items(items, override_num_blocks=len(items))
-    ds = ds.flat_map(read_documents, fn_kwargs={"text_field": text_field})
+    ds = ray.data.from_items(items, override_num_blocks=_file_blocks(files))
+    ds.context.execution_options.preserve_order = True
+    return ds
+
+
+def _documents_dataset(files: list[tuple[str, str]], text_field: str):
+    ds = _files_dataset(files).flat_map(read_documents, fn_kwargs={"text_field": text_field})
     ds.context.execution_options.preserve_order = True
     return ds
 
@@ -304,8 +340,13 @@ def _run_job(files, inputs, out_dir, *, tokenizer, kind, seq_len, val_fraction, 
         tok = build_tokenizer(tokenizer, training_texts=_iter_texts(docs))
     else:
         tok = build_tokenizer(tokenizer, eot_token=eot_token)
-    tokenized = docs.map_batches(tokenize_documents, batch_size=64, batch_format="pyarrow",
-                                 fn_kwargs={"tokenizer": tok})
+    if inputs:  # each task reads a block of files and tokenizes them
+        tokenized = _files_dataset(files).map_batches(
+            read_and_tokenize, batch_size=None, batch_format="pyarrow",
+            fn_kwargs={"text_field": text_field, "tokenizer": tok})
+    else:
+        tokenized = docs.map_batches(tokenize_documents, batch_size=64, batch_format="pyarrow",
+                                     fn_kwargs={"tokenizer": tok})
     tokenized.context.execution_options.preserve_order = True
     last = (-1, -1)
     with ShardWriter(out_dir, seq_len=seq_len, tokenizer=tok, val_fraction=val_fraction,
@@ -314,12 +355,14 @@ def _run_job(files, inputs, out_dir, *, tokenizer, kind, seq_len, val_fraction, 
         for batch in tokenized.iter_batches(batch_size=None, batch_format="pyarrow"):
             file_index = batch.column("file_index").to_numpy()
             doc_index = batch.column("doc_index").to_numpy()
-            tokens = batch.column("tokens")
+            tokens = batch.column("tokens").combine_chunks()
+            flat = tokens.values.to_numpy(zero_copy_only=False)
+            offsets = tokens.offsets.to_numpy()
             for i in range(batch.num_rows):
                 here = (int(file_index[i]), int(doc_index[i]))
                 assert here > last, f"documents out of order: {here} after {last}"
                 last = here
-                writer.add_document(np.asarray(tokens[i].values.to_numpy(zero_copy_only=False)))
+                writer.add_document(flat[offsets[i]:offsets[i + 1]])
         return writer.finish()
 
 

@@ -50,6 +50,32 @@ def test_mixed_inputs_tokenize_to_shards_that_decode_to_the_input(ray_session, t
     assert docs[len(decoded) - 1].startswith(decoded[-1])
 
 
+def test_many_files_read_in_blocks_keep_their_order(ray_session, tmp_path, monkeypatch):
+    # Files are read and tokenized several to a task (pipelines.tokenize.TASK_BYTES); the shards
+    # must still hold the documents in file order, as one task per file gave them.
+    import pipelines.tokenize as tk
+
+    docs = synthetic_documents(60, seed=7)
+    names = []
+    for i, d in enumerate(docs[:50]):  # 50 files over 5 folders, sorted as the reader sorts them
+        f = tmp_path / "in" / f"d{i % 5}" / f"f{i:03d}.txt"
+        f.parent.mkdir(parents=True, exist_ok=True)
+        f.write_text(d, encoding="utf-8")
+        names.append((str(f.relative_to(tmp_path / "in")), d))
+    with open(tmp_path / "in" / "z.jsonl", "w", encoding="utf-8") as f:
+        for d in docs[50:]:
+            f.write(json.dumps({"text": d}) + "\n")
+    expected = [d for _, d in sorted(names)] + docs[50:]
+    monkeypatch.setattr(tk, "TASK_BYTES", 2000)  # a few files per task
+    assert 1 < tk._file_blocks(tk.resolve_inputs([str(tmp_path / "in")])) < 51
+    tokenize_corpus([str(tmp_path / "in")], tmp_path / "out", tokenizer="byte", seq_len=64,
+                    val_fraction=0.1, rows_per_group=4, shard_sequences=32, progress=False)
+    shards = open_shards(tmp_path / "out")
+    decoded = shards.tokenizer().decode_documents(stream_of(shards))
+    assert decoded[:-1] == expected[: len(decoded) - 1]
+    assert expected[len(decoded) - 1].startswith(decoded[-1])
+
+
 def test_bpe_trained_on_the_input_round_trips(ray_session, tmp_path):
     docs = synthetic_documents(30, seed=5)
     (tmp_path / "in").mkdir()

@@ -81,7 +81,7 @@ def _train(rank: int, world: int, seed: int, mode: str, out: dict, backend: str,
     import torch.distributed as dist
 
     from rayfp4.formats import nvfp4
-    from rayfp4.precision.fsdp import plain_local
+    from rayfp4.precision.fsdp import AllGatherBytes, plain_local
 
     model, summary, gather = _model(rank, seed, mode, world, backend, device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
@@ -100,16 +100,7 @@ def _train(rank: int, world: int, seed: int, mode: str, out: dict, backend: str,
         layer.register_forward_hook(keep)
 
     gathered_bytes = []
-    # The collective FSDP2's all-gather calls: all_gather_single in newer torch (2.13), else
-    # all_gather_into_tensor (2.11, the GPU machine's).
-    gather_name = "all_gather_single" if hasattr(dist, "all_gather_single") else "all_gather_into_tensor"
-    all_gather = getattr(dist, gather_name)
-
-    def counting(output_tensor, input_tensor, *args, **kwargs):
-        gathered_bytes[-1] += output_tensor.numel() * output_tensor.element_size()
-        return all_gather(output_tensor, input_tensor, *args, **kwargs)
-
-    setattr(dist, gather_name, counting)
+    counter = AllGatherBytes().__enter__()
     g = torch.Generator().manual_seed(seed + 1)
     tokens = torch.randint(0, MODEL["vocab_size"], (STEPS, 4 * world, 17), generator=g).to(device)
     losses, mismatches, grads = [], [], None
@@ -117,10 +108,11 @@ def _train(rank: int, world: int, seed: int, mode: str, out: dict, backend: str,
         summary.runtime.set_step(step)
         if mode.startswith("fsdp-fp4"):  # the whole FP32 weights of this step, to quantize in one piece
             full = {n: _full(plain_local(layer.weight)) for n, layer in layers.items()}
-        gathered_bytes.append(0)
+        counter.take()
         mine = tokens[step, rank * 4:(rank + 1) * 4]
         loss = model(mine[:, :-1], mine[:, 1:])
         loss.backward()
+        gathered_bytes.append(counter.take())
         if mode.startswith("fsdp-fp4"):
             for n, (data, scale, amax) in seen.items():
                 ref = nvfp4.quantize(full[n], tile=(16, 16))  # the reference, on the same device
@@ -135,7 +127,7 @@ def _train(rank: int, world: int, seed: int, mode: str, out: dict, backend: str,
         total = loss.detach().float().cpu()  # gloo reduces CPU tensors on any torch
         dist.all_reduce(total)
         losses.append(float(total) / world)
-    setattr(dist, gather_name, all_gather)
+    counter.__exit__(None, None, None)
     if rank == 0:
         out[mode] = {"losses": losses, "grads": {n: g.cpu() for n, g in grads.items()}, "mismatches": mismatches,
                      "bytes": gathered_bytes, "gather": gather.describe() if gather else None,

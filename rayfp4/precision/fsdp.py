@@ -228,3 +228,35 @@ def plain_local(t: torch.Tensor) -> torch.Tensor:
         return DTensor.from_local(local._tensor, t.device_mesh, t.placements, run_check=False,
                                   shape=t.shape, stride=t.stride())
     return t
+
+
+class AllGatherBytes:
+    """Counts the bytes this rank's all-gathers receive while it is active (a context manager):
+    FSDP2's parameter gathers, for what the 4-bit gather saves (bench.scaling, tests). ``take()``
+    returns the count so far and starts again from 0.
+
+    FSDP2 calls the collective through ``torch.distributed``'s module attribute, which this swaps
+    for a counting wrapper and restores on exit: ``all_gather_single`` in newer torch (2.13),
+    ``all_gather_into_tensor`` before (2.11)."""
+
+    def __init__(self):
+        self.name = "all_gather_single" if hasattr(dist, "all_gather_single") else "all_gather_into_tensor"
+        self.bytes = 0
+        self._original = None
+
+    def __enter__(self) -> "AllGatherBytes":
+        self._original = original = getattr(dist, self.name)
+
+        def counting(output_tensor, input_tensor, *args, **kwargs):
+            self.bytes += output_tensor.numel() * output_tensor.element_size()
+            return original(output_tensor, input_tensor, *args, **kwargs)
+
+        setattr(dist, self.name, counting)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        setattr(dist, self.name, self._original)
+
+    def take(self) -> int:
+        n, self.bytes = self.bytes, 0
+        return n

@@ -142,6 +142,19 @@ def build(cfg: RunConfig, rank: int, world: int, device: torch.device):
     model = build_model(cfg.model).to(device)  # on its device first: the policy picks kernels for it
     summary = apply_precision_policy(model, cfg.precision, seed=cfg.train.seed, rank=rank,
                                      total_steps=cfg.train.steps)
+    model = data_parallel(model, cfg, world, summary,
+                          ddp=lambda m: ray.train.torch.prepare_model(m, move_to_device=False))
+    opt = torch.optim.AdamW(_param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr,
+                            betas=cfg.optim.betas, eps=cfg.optim.eps)
+    return model, opt, summary
+
+
+def data_parallel(model, cfg: RunConfig, world: int, summary, ddp):
+    """``model`` (on its device, policy applied) made data-parallel as ``cfg.scaling`` says: FSDP2
+    per block and at the root when ``strategy`` is fsdp2 on more than one rank, with NVFP4 weights
+    gathered in 4 bits unless ``precision.fp4_weight_gather`` is false (``summary.weight_gather``
+    says which); else ``ddp(model)`` (Ray Train's prepare_model in a run, torch's DDP in
+    bench.scaling)."""
     if cfg.scaling.strategy == "fsdp2" and world > 1:
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
@@ -157,11 +170,8 @@ def build(cfg: RunConfig, rank: int, world: int, device: torch.device):
         for block in model.layers:
             fully_shard(block, mp_policy=mixed)
         fully_shard(model, mp_policy=mixed)
-    else:
-        model = ray.train.torch.prepare_model(model, move_to_device=False)
-    opt = torch.optim.AdamW(_param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr,
-                            betas=cfg.optim.betas, eps=cfg.optim.eps)
-    return model, opt, summary
+        return model
+    return ddp(model)
 
 
 @dataclass

@@ -61,6 +61,19 @@ def test_num_workers_is_a_count_or_an_elastic_range():
         "scaling.num_workers=[1, 2]", "data.micro_batch_size=16")
 
 
+def test_workers_that_reserve_every_cpu_get_a_warning_naming_the_field():
+    # Ray Data's read tasks need CPUs too: a group that reserves all of them never gets a batch.
+    from rayfp4.train.launch import data_starved_by
+
+    two = load_config(TINY, ["scaling.num_workers=2", "scaling.cpus_per_worker=1"]).scaling
+    assert "reserve 2 of the cluster's 2 CPUs (scaling.cpus_per_worker=1)" in data_starved_by(two, 2.0)
+    assert data_starved_by(two, 4.0) is None
+    half = load_config(TINY, ["scaling.num_workers=2", "scaling.cpus_per_worker=0.5"]).scaling
+    assert data_starved_by(half, 2.0) is None
+    elastic = load_config(TINY, ["scaling.num_workers=[1, 2]", "scaling.cpus_per_worker=1"]).scaling
+    assert data_starved_by(elastic, 2.0) is not None  # it grows to 2 workers when they fit
+
+
 def test_custom_resources_per_worker():
     cfg = load_config(TINY, ["scaling.resources_per_worker={trainer_slot: 1}"])
     assert cfg.scaling.resources_per_worker == {"trainer_slot": 1.0}

@@ -375,6 +375,8 @@ def _fit(cfg: RunConfig, label: str, run_dir: Path, data: PreparedData, run_id: 
     board = ProgressBoard.options(scheduling_strategy=NodeAffinitySchedulingStrategy(
         ray.get_runtime_context().get_node_id(), soft=False)).remote()
     s = cfg.scaling
+    if cpu_starvation := data_starved_by(s, ray.cluster_resources().get("CPU", 0)):
+        say(f"{label}: warning: {cpu_starvation}")
     # Checkpoints: <storage_path>/<name>/checkpoint_*; by default storage_path is <output_dir>/<run>
     # and name the variant's folder, i.e. the run directory (rayfp4.train.storage).
     storage = CheckpointStorage.for_run(cfg.checkpoint.storage, run_dir)
@@ -408,6 +410,20 @@ def _fit(cfg: RunConfig, label: str, run_dir: Path, data: PreparedData, run_id: 
             ray.kill(board)
         except Exception:
             pass
+
+
+def data_starved_by(scaling, cluster_cpus: float) -> str | None:
+    """Why the data stream may never get a batch: Ray Data's read tasks need CPUs besides the
+    workers', and a group that reserves every CPU of the cluster leaves them none (training then
+    waits without a step). None when some CPU is left."""
+    workers = scaling.max_workers
+    taken = workers * scaling.cpus_per_worker
+    if cluster_cpus and taken >= cluster_cpus:
+        return (f"the {workers} worker(s) reserve {taken:g} of the cluster's {cluster_cpus:g} CPUs "
+                f"(scaling.cpus_per_worker={scaling.cpus_per_worker:g}), which leaves none for Ray Data's "
+                f"read tasks: training may wait for its first batch forever. Lower scaling.cpus_per_worker "
+                f"(fractions such as 0.5 are fine).")
+    return None
 
 
 def describe(exc: BaseException) -> str:

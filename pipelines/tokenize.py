@@ -254,9 +254,7 @@ def _files_dataset(files: list[tuple[str, str]]):
 
 
 def _documents_dataset(files: list[tuple[str, str]], text_field: str):
-    ds = _files_dataset(files).flat_map(read_documents, fn_kwargs={"text_field": text_field})
-    ds.context.execution_options.preserve_order = True
-    return ds
+    return _files_dataset(files).flat_map(read_documents, fn_kwargs={"text_field": text_field})
 
 
 def _embedded_dataset():

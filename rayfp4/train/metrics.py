@@ -106,7 +106,7 @@ class Throughput:
 
     def start_step(self) -> None:
         self._t0 = time.perf_counter()
-        if self._idle_from is not None:  # the first batch's wait includes starting the pipeline
+        if self._idle_from is not None:  # not the first batch: its wait includes starting the pipeline
             self._wait_sum += self._t0 - self._idle_from
             self._wait_steps += 1
 

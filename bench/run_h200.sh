@@ -125,14 +125,22 @@ case "${1:-checks}" in
     # tokenizer read several files per task; 164M tokens take 8 s on the 2-core CPU machine now)
     srcs="$(python3 -c 'import sysconfig; print(sysconfig.get_paths()["stdlib"])') /usr/local/lib/python3.12 /usr/lib/python3/dist-packages $(python3 -c 'import torch, os; print(os.path.dirname(os.path.dirname(torch.__file__)))')"
     # (row groups of 32 sequences, so a run's 800 steps x 32 lanes read 800 places in it). While
-    # the CPUs tokenize, the GPU checks that no variant's step stops the host (once per machine;
-    # the bit-exactness tests are in the lab and eden modes).
+    # the CPUs tokenize, the GPU checks that no variant's step stops the host (once per machine);
+    # GPU_TESTS=1: every GPU bit-exactness test of the kernels instead (NVFP4, MXFP4, Four Over Six,
+    # MS-EDEN), alongside the study's first runs.
+    tests=""
     if [ ! -f shards/python-src/manifest.json ]; then
-      python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_kernels_triton_gpu.py -k never_stops \
-        > "$out/lab_gpu_tests.txt" 2>&1 &
+      if [ "${GPU_TESTS:-0}" = 1 ]; then
+        python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_kernels_triton_gpu.py tests/test_kernels_triton_mxfp4.py \
+          tests/test_four_over_six.py tests/test_ms_eden.py > "$out/lab_gpu_tests.txt" 2>&1 &
+      else
+        python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_kernels_triton_gpu.py -k never_stops \
+          > "$out/lab_gpu_tests.txt" 2>&1 &
+      fi
+      tests=$!
       python3 -m pipelines.tokenize $srcs --plain-suffix .py --skip-undecodable --exclude '*.txt' --exclude '*.jsonl' --exclude '*.parquet' \
         --tokenizer byte --seq-len 1024 --rows-per-group 32 --out shards/python-src > "$out/tokenize.txt" 2>&1
-      wait
+      [ "${GPU_TESTS:-0}" = 1 ] || wait $tests
     fi
     { python3 --version; echo "$srcs"; tail -1 "$out/tokenize.txt"; } > "$out/corpus.txt" 2>/dev/null
     left=$((deadline - SECONDS - 25))
@@ -160,9 +168,10 @@ case "${1:-checks}" in
     # what comes back, in one archive (the device tool returns a limited number of files): every
     # run's directory without its checkpoints, the study's tables, logs and plots, the MLflow store.
     # Here: tar xzf study.tgz, then python -m rayfp4.study configs/study/recipe-25m.yaml --report --out runs
+    [ -n "$tests" ] && wait $tests
     tar czf "$out/study.tgz" --exclude='checkpoint_*' --exclude='*.lock' runs mlruns.db 2>/dev/null
     [ -n "$(ls -A "$prof")" ] && tar czf "$out/prof.tgz" -C "$prof" .
-    tail -4 "$out/lab_gpu_tests.txt" 2>/dev/null
+    tail -6 "$out/lab_gpu_tests.txt" 2>/dev/null
     tail -45 "$out/study.txt"
     ;;
   train)  # extra arguments go to rayfp4.run (e.g. --set 'variants=[...]')

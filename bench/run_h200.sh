@@ -52,11 +52,16 @@ case "${1:-checks}" in
     python3 -m bench.quantize 2>&1 | grep -v Warn | tee "$out/quantize.txt"
     python3 -m bench.step --steps 6 --variants 4over6,mxfp4,mxfp4-ref 2>&1 | grep -v Warn | tee "$out/step_lab_337m.txt"
     ;;
-  eden)  # MS-EDEN's kernels bit-exact on the GPU, then what each recipe-lab method costs a step
-    # of the 25M study model (host-bound) against BF16 and the recipe, timed in one process
-    python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_ms_eden.py 2>&1 | tail -6 | tee "$out/eden_gpu_tests.txt"
-    python3 -m bench.step --layers 8 --d-model 512 --batch 16 --seq 2048 --steps 8 \
-      --variants ms_eden,4over6,mxfp4 2>&1 | grep -v Warn | tee "$out/step_lab_25m.txt"
+  eden)  # what each recipe-lab method costs a step alone, against BF16 and the recipe timed in the
+    # same process: the 25M study model (32k tokens a step, host-bound), then the long horizon's
+    # 10M model (131k tokens a step). EDEN_TESTS=1: MS-EDEN's kernels bit-exact on the GPU first.
+    [ "${EDEN_TESTS:-0}" = 1 ] && python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_ms_eden.py 2>&1 | tail -6 \
+      | tee "$out/eden_gpu_tests.txt"
+    lab=4over6-fwd,ms_eden,ms_eden-4over6-fwd,4over6,mxfp4
+    python3 -m bench.step --layers 8 --d-model 512 --d-ff 1536 --kv-heads 4 --vocab 320 --batch 32 --seq 1024 \
+      --steps 8 --variants $lab 2>&1 | grep -v Warn | tee "$out/step_lab_25m.txt"
+    python3 -m bench.step --layers 6 --d-model 384 --d-ff 1024 --kv-heads 3 --vocab 320 --batch 128 --seq 1024 \
+      --steps 8 --variants 4over6-fwd,ms_eden-4over6-fwd 2>&1 | grep -v Warn | tee "$out/step_lab_10m.txt"
     ;;
   packing)  # the recipe-lab study's 25M step alone per method, then N copies sharing the GPU
     pk() {  # pk WAIT SECONDS LABEL:override,override ... (all start together, one window)

@@ -1,16 +1,18 @@
 """A training step of a ~350M-parameter rayfp4.model transformer: NVFP4 (Triton backend) vs BF16.
 
     python -m bench.step [--batch 8] [--seq 2048] [--steps 10] [--layers 24] [--d-model 1024]
-                         [--variants 4over6,mxfp4,ms_eden]
+                         [--variants 4over6,4over6-fwd,mxfp4,ms_eden,ms_eden-4over6-fwd]
 
 Both runs use FP32 master weights, AdamW and ``torch.autocast(bfloat16)``; ``bf16`` keeps every
 linear as nn.Linear, ``nvfp4`` applies the default recipe policy (every block linear in NVFP4, the
 LM head in BF16) with the ``triton`` backend. Prints tokens/s (median step time over ``--steps``
 timed steps after 3 warm-up steps, CUDA events), the ratio NVFP4/BF16 (target >= 0.8) and the peak
 memory of each. ``--variants`` also times the recipe-lab variants on the same backend:
-``4over6`` (NVFP4 with ``scale_selection: four_over_six`` on every operand) and ``mxfp4`` (MXFP4,
-Triton quantizers) and ``mxfp4-ref`` (MXFP4 quantized by the torch reference, as before), and
-``ms_eden`` (NVFP4 with ``backward_rounding: ms_eden``: MS-EDEN backward operands).
+``4over6`` (NVFP4 with ``scale_selection: four_over_six`` on every operand), ``4over6-fwd`` (on
+the forward operands x and W only), ``mxfp4`` (MXFP4, Triton quantizers) and ``mxfp4-ref`` (MXFP4
+quantized by the torch reference, as before), ``ms_eden`` (NVFP4 with ``backward_rounding:
+ms_eden``: MS-EDEN backward operands) and ``ms_eden-4over6-fwd`` (both: the recipe lab's
+combination).
 """
 
 from __future__ import annotations
@@ -86,17 +88,20 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--layers", type=int, default=24)
     p.add_argument("--d-model", type=int, default=1024)
+    p.add_argument("--d-ff", type=int, default=None, help="SwiGLU width (default: the model's ~8/3 d_model)")
+    p.add_argument("--vocab", type=int, default=32768, help="vocabulary (320: the recipe lab's byte-level models)")
+    p.add_argument("--kv-heads", type=int, default=None, help="KV heads (default: as many as heads)")
     p.add_argument("--modes", default="device")
     p.add_argument("--cutlass", action="store_true", help="also time the cutlass backend (sm_90a GEMMs)")
     p.add_argument("--ablate", action="store_true",
                    help="also time NVFP4 without SR, without RHT, with 1x16 weights")
     p.add_argument("--profile", action="store_true", help="print device time per kernel category per step")
-    p.add_argument("--variants", default="", help="comma-separated: 4over6, mxfp4, mxfp4-ref, ms_eden (timed after "
-                                                  "the ablations)")
+    p.add_argument("--variants", default="", help="comma-separated: 4over6, 4over6-fwd, mxfp4, mxfp4-ref, ms_eden, "
+                                                  "ms_eden-4over6-fwd (timed after the ablations)")
     a = p.parse_args()
 
-    cfg = ModelConfig(vocab_size=32768, seq_len=a.seq, n_layers=a.layers, d_model=a.d_model,
-                      n_heads=a.d_model // 64, tie_embeddings=True)
+    cfg = ModelConfig(vocab_size=a.vocab, seq_len=a.seq, n_layers=a.layers, d_model=a.d_model,
+                      n_heads=a.d_model // 64, n_kv_heads=a.kv_heads, d_ff=a.d_ff, tie_embeddings=True)
     ntok = a.batch * a.seq
     print(header())
     print(f"# model: {cfg.num_params() / 1e6:.0f}M parameters, {a.layers} layers, d_model {a.d_model}, "
@@ -119,8 +124,11 @@ def main() -> None:
             t, m = run("nvfp4", cfg, a.batch, a.steps, extra, backend=backend)
             name = f"  {label}"
             print(f"{name:22s} {t:8.1f} {ntok / t * 1e3:10.0f} {t_bf16 / t:7.2f} {m / 2**30:8.2f} {m / m_bf16:7.2f}")
-    variants = {"4over6": ("nvfp4", {"scale_selection": "four_over_six"}), "mxfp4": ("mxfp4", {}),
-                "mxfp4-ref": ("mxfp4", {}), "ms_eden": ("nvfp4", {"backward_rounding": "ms_eden"})}
+    fwd46 = {"scale_selection": {"fprop.x": "four_over_six", "fprop.w": "four_over_six"}}
+    variants = {"4over6": ("nvfp4", {"scale_selection": "four_over_six"}), "4over6-fwd": ("nvfp4", fwd46),
+                "mxfp4": ("mxfp4", {}), "mxfp4-ref": ("mxfp4", {}),
+                "ms_eden": ("nvfp4", {"backward_rounding": "ms_eden"}),
+                "ms_eden-4over6-fwd": ("nvfp4", {"backward_rounding": "ms_eden", **fwd46})}
     for name in filter(None, a.variants.split(",")):
         if name not in variants:
             p.error(f"--variants: unknown variant {name!r}; expected one of {', '.join(variants)}")

@@ -148,7 +148,9 @@ case "${1:-checks}" in
       [ "${GPU_TESTS:-0}" = 1 ] || wait $tests
     fi
     { python3 --version; echo "$srcs"; tail -1 "$out/tokenize.txt"; } > "$out/corpus.txt" 2>/dev/null
-    left=$((deadline - SECONDS - 25))
+    # 60 s kept back: on the time limit's SIGINT each run saves a checkpoint of its current step
+    # (checkpoint.stop_grace_s) before the study exits, then the archive is packed
+    left=$((deadline - SECONDS - 60))
     # Where a training worker's host time goes, sampled once the runs are going: only with PROFILE=1,
     # if py-spy was carried (pip download py-spy --no-deps -d .whl) and the machine lets it attach
     # (ptrace). Off by default: the runs it samples train slower meanwhile, which their tokens/s shows.

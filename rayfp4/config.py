@@ -77,6 +77,11 @@ class CheckpointSection(_Strict):
     every: int = Field(50, ge=0, description="checkpoint every N steps and at the end (0: only at the end)")
     keep: int = Field(2, gt=0, description="checkpoints kept on storage")
     max_failures: int = Field(2, ge=0, description="worker-group restarts from the latest checkpoint")
+    stop_grace_s: float = Field(
+        60.0, ge=0, description="on SIGINT/SIGTERM (Ctrl-C, ray job stop, a study's time limit): seconds the "
+        "workers get to save a checkpoint of their current step and return, so that the rerun loses nothing; "
+        "then, or at a second signal, they are stopped (0: stop at once; the rerun resumes from the last "
+        "checkpoint of the cadence)")
     storage: str | None = Field(
         None, description="where Ray Train keeps the checkpoints (its storage_path): a directory (on several "
         "nodes, one they all mount) or a pyarrow filesystem URI (file:///..., s3://bucket/prefix, gs://..., "

@@ -300,8 +300,10 @@ def test_driver_sigkill_marks_the_run_killed_and_resumes_bit_exact(clean, tmp_pa
 @pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_driver_signal_exits_with_one_line_and_ends_runs_killed(ray_session, tmp_path, sig, code):
     # two variants: the parent run and the running child both end KILLED
+    # The worker sleeps in the hook, so it never sees the stop request: the grace period ends and
+    # the controller is aborted (a worker that does not answer cannot hold the driver).
     proc = _driver(tmp_path, "s", "variants=[{name: a}, {name: b, set: {optim.lr: 0.001}}]", "baseline=a",
-                   pause("step", 3))
+                   pause("step", 3), "checkpoint.stop_grace_s=3")
     run = tmp_path / "runs" / "s" / "a"
     try:
         wait_for(marker(run, "step", 3), proc=proc)
@@ -319,6 +321,35 @@ def test_driver_signal_exits_with_one_line_and_ends_runs_killed(ray_session, tmp
     runs = mlflow_runs(tmp_path)
     assert {n: r.info.status for n, r in runs.items()} == {"s": "KILLED", "a": "KILLED"}
     assert not (run / ".staging").exists() and not (tmp_path / "runs" / "s" / "b").exists()
+
+
+def test_a_signal_stops_after_the_step_with_its_checkpoint_and_the_rerun_loses_nothing(clean, tmp_path, capsys):
+    # SIGINT while rank 0 sleeps 5 s at the start of step 5 (update 6): the driver asks the workers to
+    # stop, they finish the step, save checkpoint_00000006 (the cadence saves 4 and 8) and return.
+    _, clean_dir, _ = clean
+    run = tmp_path / "runs" / "g" / "train"
+    hook = "debug.hooks=[{path: 'fault_hooks:PauseOnce', args: {where: step, step: 5, rank: 0, seconds: 5}}]"
+
+    def interrupt():
+        wait_for(marker(run, "step", 5))
+        os.kill(os.getpid(), signal.SIGINT)
+
+    t = threading.Thread(target=interrupt, daemon=True)
+    t.start()
+    assert main(args_for(tmp_path, "g", hook)) == 130
+    t.join(timeout=5)
+    out = capsys.readouterr()
+    assert "stopped after step 6 (SIGINT): checkpoint_00000006 saved" in out.out + out.err
+    assert "interrupted (SIGINT): runs marked KILLED" in out.err
+    assert sorted(p.name for p in run.glob("checkpoint_*") if p.is_dir()) == ["checkpoint_00000004", "checkpoint_00000006"]
+    assert max(read_metrics(run / "metrics.jsonl")) == 6
+    assert not (run / "STOP").exists() and not (run / ".staging").exists()
+    assert mlflow_runs(tmp_path)["g"].info.status == "KILLED"
+
+    assert main(args_for(tmp_path, "g")) == 0  # the same command again: from step 6, nothing lost
+    assert "from step 6" in capsys.readouterr().out
+    assert_same_run(run, clean_dir)
+    assert mlflow_runs(tmp_path)["g"].info.status == "FINISHED"
 
 
 # -- storage ------------------------------------------------------------------------------------

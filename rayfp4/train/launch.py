@@ -368,6 +368,7 @@ def _fit(cfg: RunConfig, label: str, run_dir: Path, data: PreparedData, run_id: 
 
     from .loop import train_loop_per_worker
     from .progress import ProgressBoard, ProgressPrinter
+    from .stop import clear_stop
     from .trainer import RendezvousConfig, Trainer
 
     # On the driver's node, like Ray Train's controller: a board on a node that dies would take the
@@ -397,6 +398,9 @@ def _fit(cfg: RunConfig, label: str, run_dir: Path, data: PreparedData, run_id: 
                                 checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep),
                                 failure_config=FailureConfig(max_failures=cfg.checkpoint.max_failures)),
     )
+    # SIGINT/SIGTERM: the workers save a checkpoint of their step and return (rayfp4.train.stop)
+    trainer.stop_dir, trainer.stop_grace_s = run_dir, cfg.checkpoint.stop_grace_s
+    clear_stop(run_dir)
     try:
         with ProgressPrinter(board, label):
             result = trainer.fit()
@@ -406,6 +410,7 @@ def _fit(cfg: RunConfig, label: str, run_dir: Path, data: PreparedData, run_id: 
     except ray.train.TrainingFailedError as e:  # the workers' errors, after any retries
         return "FAILED", describe(e)
     finally:
+        clear_stop(run_dir)
         try:
             ray.kill(board)
         except Exception:

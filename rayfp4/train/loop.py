@@ -27,6 +27,7 @@ from .errors import CheckpointError, NonFiniteTrainingError, RunMismatchError, S
 from .hooks import build_hooks
 from .metrics import RankZeroLog, Throughput, system_metrics
 from .schedule import lr_at
+from .stop import StopRequest
 from .storage import CheckpointStorage, open_checkpoint
 
 #: Where ranks write a checkpoint before Ray Train copies it into the run's storage: inside the run
@@ -78,6 +79,7 @@ def _train(loop_config: dict) -> None:
     data = TrainData(cfg, loop_config["shards"], rank, world, run_dir)
     hooks = build_hooks(cfg.debug, rank, run_dir)
     checkpointer = Checkpointer(run_dir, rank, loop_config["fingerprint"], hooks)
+    stop = StopRequest(run_dir, rank, world, device)
     autocast = _autocast(cfg, device)
     timer = Throughput(cfg.data.global_batch_size * data.seq_len,
                        cfg.model.model_copy(update={"seq_len": data.seq_len}).flops_per_token(), device, world,
@@ -123,12 +125,18 @@ def _train(loop_config: dict) -> None:
             log.write(step, metrics, {"step": step, "total_steps": total, "train_loss": loss,
                                       "val_loss": metrics.get("val_loss"), "tokens_per_s": metrics["tokens_per_s"],
                                       "skipped_steps": progress.skipped, "eta_s": timer.eta_s(total - step)})
-        if checkpoint_due(step, last):
+        saved = checkpoint_due(step, last)
+        stopping = not last and stop.due()  # the driver got SIGINT/SIGTERM (rayfp4.train.stop)
+        if saved or stopping:
             progress.stream = batch.next_state.to_dict()
             progress.oscillation = oscillation.state_dict() if oscillation is not None else None
             progress.late_switch = probe.state_dict() if probe is not None else None
             checkpointer.save(model, opt, progress, {"step": step, "train_loss": loss,
                                                      "val_loss": metrics.get("val_loss")})
+        if stopping:
+            log.notice(f"stopped after step {step} ({stop.reason}): checkpoint_{step:08d} saved; "
+                       f"running the same command again resumes there")
+            return
         timer.waiting_for_data()
 
 

@@ -16,9 +16,12 @@ Four things Ray Train 2.60 does by default that a training framework should not:
 - **An elastic group that lost a node may ask for its old size again** (from a cluster view up to
   20 s old) and wait a minute for a placement that cannot happen; :class:`FreshElasticScalingPolicy`
   sizes it from the cluster as Ray knows it now.
-- **Ctrl-C is Ray's**: its SIGINT handler aborts the controller and the process exits 1. Here SIGINT
-  and SIGTERM abort the controller the same way, and ``fit`` raises :class:`Interrupted`, so the
-  driver marks its MLflow runs KILLED and exits 130 (SIGINT) or 143 (SIGTERM).
+- **Ctrl-C is Ray's**: its SIGINT handler aborts the controller at once, losing the steps since the
+  last checkpoint, and the process exits 1. Here SIGINT and SIGTERM first ask the workers to save a
+  checkpoint of their current step and return (:mod:`rayfp4.train.stop`, within ``stop_grace_s``;
+  a second signal, or the end of the grace period, aborts the controller as Ray does), and ``fit``
+  raises :class:`Interrupted`, so the driver marks its MLflow runs KILLED and exits 130 (SIGINT) or
+  143 (SIGTERM).
 """
 
 from __future__ import annotations
@@ -29,9 +32,12 @@ import socket
 import threading
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 
 import ray
 from ray.train.torch import TorchConfig, TorchTrainer
+
+from .stop import request_stop
 
 try:  # Ray Train V2 (the default in Ray 2.60) internals we extend; kept in one place.
     from ray.train.torch.config import _TorchBackend, _set_torch_distributed_env_vars
@@ -200,6 +206,11 @@ class Trainer(TorchTrainer):
     elastic groups, and SIGINT/SIGTERM as :class:`Interrupted`."""
 
     _signal: int | None = None
+    _grace_timer: threading.Timer | None = None
+    #: Set by the launcher: the run directory the workers watch for a stop request, and how long
+    #: they get to save a checkpoint and return before the controller is aborted (0: abort at once).
+    stop_dir: Path | None = None
+    stop_grace_s: float = 0.0
 
     def _initialize_and_run_controller(self, **kwargs):
         kwargs["failure_policy"] = NoRetryForFatalErrors(self.run_config.failure_config)
@@ -212,6 +223,8 @@ class Trainer(TorchTrainer):
             if self._signal is None:
                 raise
         finally:
+            if self._grace_timer is not None:
+                self._grace_timer.cancel()
             if threading.current_thread() is threading.main_thread():
                 for s, h in previous.items():
                     signal.signal(s, h)
@@ -219,10 +232,25 @@ class Trainer(TorchTrainer):
                 raise Interrupted(self._signal)
 
     def _register_sigint_handler(self, controller):
+        def abort():
+            controller.abort.remote()  # the controller stops the workers and exits
+
         def handler(signum, frame):
-            if self._signal is None:
-                self._signal = signum
-                controller.abort.remote()  # the controller stops the workers and exits
+            if self._signal is not None:  # a second signal: do not wait for the checkpoint
+                abort()
+                return
+            self._signal = signum
+            if self.stop_dir is None or self.stop_grace_s <= 0:
+                abort()
+                return
+            try:
+                request_stop(self.stop_dir, signum)
+            except OSError:  # cannot ask: stop them now, as without a grace period
+                abort()
+                return
+            self._grace_timer = threading.Timer(self.stop_grace_s, abort)
+            self._grace_timer.daemon = True
+            self._grace_timer.start()
 
         for s in (signal.SIGINT, signal.SIGTERM):
             signal.signal(s, handler)

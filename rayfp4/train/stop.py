@@ -46,7 +46,8 @@ class StopRequest:
     def due(self) -> bool:
         asked = self.rank == 0 and self.path.exists()
         if self.world > 1:  # rank 0 decides for everyone: one 4-byte all-reduce a step
-            flag = torch.tensor([1 if asked else 0], dtype=torch.int32, device=self.device)
+            device = torch.device("cpu") if dist.get_backend() == "gloo" else self.device
+            flag = torch.tensor([1 if asked else 0], dtype=torch.int32, device=device)
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
             asked = bool(flag.item())
         if asked and not self.reason:

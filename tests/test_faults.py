@@ -323,6 +323,7 @@ def test_driver_signal_exits_with_one_line_and_ends_runs_killed(ray_session, tmp
     assert not (run / ".staging").exists() and not (tmp_path / "runs" / "s" / "b").exists()
 
 
+@pytest.mark.slow
 def test_a_signal_stops_after_the_step_with_its_checkpoint_and_the_rerun_loses_nothing(clean, tmp_path, capsys):
     # SIGINT while rank 0 sleeps 5 s at the start of step 5 (update 6): the driver asks the workers to
     # stop, they finish the step, save checkpoint_00000006 (the cadence saves 4 and 8) and return.

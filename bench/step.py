@@ -99,6 +99,14 @@ def main() -> None:
     p.add_argument("--variants", default="", help="comma-separated: 4over6, 4over6-fwd, mxfp4, mxfp4-ref, ms_eden, "
                                                   "ms_eden-4over6-fwd (timed after the ablations)")
     a = p.parse_args()
+    fwd46 = {"scale_selection": {"fprop.x": "four_over_six", "fprop.w": "four_over_six"}}
+    variants = {"4over6": ("nvfp4", {"scale_selection": "four_over_six"}), "4over6-fwd": ("nvfp4", fwd46),
+                "mxfp4": ("mxfp4", {}), "mxfp4-ref": ("mxfp4", {}),
+                "ms_eden": ("nvfp4", {"backward_rounding": "ms_eden"}),
+                "ms_eden-4over6-fwd": ("nvfp4", {"backward_rounding": "ms_eden", **fwd46})}
+    for name in filter(None, a.variants.split(",")):  # before anything runs
+        if name not in variants:
+            p.error(f"--variants: unknown variant {name!r}; expected one of {', '.join(variants)}")
 
     cfg = ModelConfig(vocab_size=a.vocab, seq_len=a.seq, n_layers=a.layers, d_model=a.d_model,
                       n_heads=a.d_model // 64, n_kv_heads=a.kv_heads, d_ff=a.d_ff, tie_embeddings=True)
@@ -124,14 +132,7 @@ def main() -> None:
             t, m = run("nvfp4", cfg, a.batch, a.steps, extra, backend=backend)
             name = f"  {label}"
             print(f"{name:22s} {t:8.1f} {ntok / t * 1e3:10.0f} {t_bf16 / t:7.2f} {m / 2**30:8.2f} {m / m_bf16:7.2f}")
-    fwd46 = {"scale_selection": {"fprop.x": "four_over_six", "fprop.w": "four_over_six"}}
-    variants = {"4over6": ("nvfp4", {"scale_selection": "four_over_six"}), "4over6-fwd": ("nvfp4", fwd46),
-                "mxfp4": ("mxfp4", {}), "mxfp4-ref": ("mxfp4", {}),
-                "ms_eden": ("nvfp4", {"backward_rounding": "ms_eden"}),
-                "ms_eden-4over6-fwd": ("nvfp4", {"backward_rounding": "ms_eden", **fwd46})}
     for name in filter(None, a.variants.split(",")):
-        if name not in variants:
-            p.error(f"--variants: unknown variant {name!r}; expected one of {', '.join(variants)}")
         fmt, extra = variants[name]
         backend = "cutlass" if a.cutlass and fmt == "nvfp4" else "triton"
         if name == "mxfp4-ref":

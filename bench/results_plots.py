@@ -1,13 +1,15 @@
 """The recipe lab's 25M study over all its seeds, from the per-run validation curves kept in the repo.
 
-    python -m bench.results_plots [--csv docs/results/recipe-25m-val.csv] [--out docs/results]
+    python -m bench.results_plots [--study configs/study/recipe-25m.yaml]
+                                  [--csv docs/results/recipe-25m-val.csv] [--out docs/results]
 
 The study's runs were trained in two sessions on machines that did not keep them (RESULTS.md), so
 ``rayfp4.study --report`` cannot rebuild the three-seed table from run directories; the CSV holds
 what RESULTS.md needs from each run: its validation loss every 100 steps and its tokens/s. This
-prints the tables of RESULTS.md (final validation loss and gap to BF16 of the same seed, mean and
-standard deviation over seeds; each run's *transition step*, where its validation loss first falls
-below ``--level``, and how strongly that step predicts the final loss) and writes two figures:
+prints the study's own tables (``rayfp4.study``: per variant, final validation loss and gap to
+the baseline of the same seed, mean and standard deviation over seeds; per run), each variant's
+gap of the means, and each run's *transition step*, where its validation loss first falls below
+``--level``, with how strongly that step predicts the final loss; and writes two figures:
 ``recipe-25m-curves.png`` (every run's validation curve) and ``recipe-25m-transition.png`` (final
 loss against transition step).
 """
@@ -48,35 +50,32 @@ def crossing(steps: list[int], losses: list[float], level: float) -> float | Non
     return None
 
 
-def _mean_std(xs: list[float]) -> tuple[float, float]:
-    return statistics.mean(xs), (statistics.stdev(xs) if len(xs) > 1 else float("nan"))
+def tables(study_path: str | Path, steps, runs, level: float) -> str:
+    from rayfp4.study import expand, load_study, seed_table, study_table, summarize
 
-
-def tables(steps, runs, baseline: str, level: float) -> str:
-    variants = list(dict.fromkeys(v for v, _ in runs))
-    base = {s: r["val"][-1] for (v, s), r in runs.items() if v == baseline}
-    if not base:
-        raise SystemExit(f"error: no run of the baseline variant {baseline!r}")
-    base_mean = statistics.mean(base.values())
-    out = [f"| variant | seeds | final val loss (mean ± std) | gap vs {baseline} of the same seed, % (per seed) "
-           f"| gap, mean ± std | gap of the means | tokens/s (3 runs at once, mean) |", "|---|---|---|---|---|---|---|"]
-    for v in variants:
-        seeds = sorted(s for w, s in runs if w == v)
-        finals = [runs[(v, s)]["val"][-1] for s in seeds]
-        m, sd = _mean_std(finals)
-        tps = statistics.mean(runs[(v, s)]["tokens_per_s"] for s in seeds)
-        if v == baseline:
-            out.append(f"| {v} | {len(seeds)} | {m:.4f} ± {sd:.4f} | (baseline) | | | {tps / 1e3:.0f}k |")
-            continue
-        gaps = [100 * (runs[(v, s)]["val"][-1] / base[s] - 1) for s in seeds if s in base]
-        gm, gs = _mean_std(gaps) if gaps else (float("nan"), float("nan"))
-        out.append(f"| {v} | {len(seeds)} | {m:.4f} ± {sd:.4f} | {' / '.join(f'{g:+.2f}' for g in gaps)} "
-                   f"| {gm:+.2f} ± {gs:.2f} | {100 * (m / base_mean - 1):+.2f} | {tps / 1e3:.0f}k |")
+    study, _ = load_study(study_path)
+    matrix = expand(study)
+    for r in matrix:
+        if (r.variant, r.seed) in runs:
+            r.status = "FINISHED"
+    unknown = sorted({v for v, _ in runs} - {r.variant for r in matrix})
+    if unknown:
+        raise SystemExit(f"error: variants not in {study_path}: {', '.join(unknown)}")
+    results = {r.name: (runs[(r.variant, r.seed)]["val"][-1], runs[(r.variant, r.seed)]["tokens_per_s"])
+               for r in matrix if r.status == "FINISHED"}
+    summaries = summarize(study, matrix, results)
+    out = [study_table(study, summaries)[0], "", seed_table(study, matrix, results)[0], ""]
+    base = next(s for s in summaries if s.name == study.baseline_name)
+    if base.final_val:
+        b = statistics.fmean(base.final_val)
+        out.append(f"gap of the means (each variant's mean final loss against {base.name}'s): " + ", ".join(
+            f"{s.name} {100 * (statistics.fmean(s.final_val) / b - 1):+.2f}%"
+            for s in summaries if s.final_val and s is not base))
     out += ["", f"| variant | seed | transition step (val loss < {level}) | final val loss |", "|---|---|---|---|"]
     xs, ys = [], []
-    for (v, s), r in runs.items():
+    for (v, seed), r in runs.items():
         x = crossing(steps, r["val"], level)
-        out.append(f"| {v} | {s} | {'-' if x is None else f'{x:.0f}'} | {r['val'][-1]:.4f} |")
+        out.append(f"| {v} | {seed} | {'-' if x is None else f'{x:.0f}'} | {r['val'][-1]:.4f} |")
         if x is not None:
             xs.append(x)
             ys.append(r["val"][-1])
@@ -135,14 +134,14 @@ def plots(steps, runs, level: float, out: Path) -> list[Path]:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--study", default="configs/study/recipe-25m.yaml", help="the study the runs belong to")
     p.add_argument("--csv", default="docs/results/recipe-25m-val.csv")
     p.add_argument("--out", default="docs/results", help="where the figures go")
-    p.add_argument("--baseline", default="bf16")
     p.add_argument("--level", type=float, default=1.2, help="the validation loss that marks the transition")
     p.add_argument("--no-plots", action="store_true")
     a = p.parse_args(argv)
     steps, runs = load(a.csv)
-    print(tables(steps, runs, a.baseline, a.level))
+    print(tables(a.study, steps, runs, a.level))
     if not a.no_plots:
         Path(a.out).mkdir(parents=True, exist_ok=True)
         for f in plots(steps, runs, a.level, Path(a.out)):

@@ -55,8 +55,8 @@ case "${1:-checks}" in
   eden)  # what each recipe-lab method costs a step alone, against BF16 and the recipe timed in the
     # same process: the 25M study model (32k tokens a step, host-bound), then the long horizon's
     # 10M model (131k tokens a step). EDEN_TESTS=1: MS-EDEN's kernels bit-exact on the GPU first.
-    [ "${EDEN_TESTS:-0}" = 1 ] && python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_ms_eden.py 2>&1 | tail -6 \
-      | tee "$out/eden_gpu_tests.txt"
+    [ "${EDEN_TESTS:-0}" = 1 ] && python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_ms_eden.py \
+      tests/test_kernels_triton_gpu.py -k "eden or dequantize or never_stops" 2>&1 | tail -6 | tee "$out/eden_gpu_tests.txt"
     lab=4over6-fwd,ms_eden,ms_eden-4over6-fwd,4over6,mxfp4
     python3 -m bench.step --layers 8 --d-model 512 --d-ff 1536 --kv-heads 4 --vocab 320 --batch 32 --seq 1024 \
       --steps 8 --variants $lab 2>&1 | grep -v Warn | tee "$out/step_lab_25m.txt"

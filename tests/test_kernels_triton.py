@@ -320,3 +320,19 @@ def test_mxfp4_layer_on_a_fast_backend_skips_a_non_finite_step_instead_of_raisin
     assert torch.isnan(y[3]).all() and torch.isnan(y.sum())
     y.sum().backward()
     assert torch.isnan(layer.weight.grad).any()
+
+
+@pytest.mark.parametrize("tile,selection", [((1, 16), {}), ((16, 16), {}),
+                                            ((1, 16), {"scale_selection": "four_over_six"})])
+def test_backend_dequantize_is_the_reference_values(tile, selection, gen):
+    """What MS-EDEN's backward re-quantizes the forward operands from: the FP32 values of a packed
+    operand (no BF16 operand kept, as after save_for_backward) equal ``dequantize()`` bit for bit."""
+    x = random_matrix(64, 256, torch.float32, gen) * 3.0
+    x[0, :16] = 0.0  # an all-zero block
+    x[1, 3] = 1e-30  # a subnormal scale's block
+    q = T.quantize_nvfp4(x, tile=tile, write_gemm_operand=False, **selection)
+    assert q.gemm_operand is None
+    want = q.dequantize(torch.float32)
+    for t in (q, T.quantize_nvfp4(x, tile=tile, write_gemm_operand=True, **selection)):
+        got = T.TritonBackend().dequantize(t)
+        assert got.dtype == torch.float32 and torch.equal(got.view(torch.int32), want.view(torch.int32))

@@ -172,3 +172,23 @@ def test_a_training_step_on_the_triton_backend_never_stops_the_host(extra):
             torch.cuda.set_sync_debug_mode("default")
         assert torch.isfinite(loss).item()
         model.zero_grad(set_to_none=True)
+
+
+@pytest.mark.parametrize("tile,selection", [((1, 16), {}), ((16, 16), {}),
+                                            ((1, 16), {"scale_selection": "four_over_six"})])
+def test_backend_dequantize_is_the_reference_values_on_gpu(tile, selection):
+    """MS-EDEN's backward re-quantizes the forward operands from ``backend.dequantize``: compiled,
+    it equals ``dequantize()`` bit for bit, with and without the BF16 operand the quantizer wrote."""
+    gen = torch.Generator().manual_seed(4321)
+    for s in (1e-30, 1.0, 1e30):
+        x = random_matrix(1024, 2048, torch.float32, gen)
+        x = x / x.abs().max() * s
+        x[0, :16] = 0.0
+        x[1, 3] = s * 1e-9
+        x = x.to(DEV)
+        for write in (False, True):
+            q = T.quantize_nvfp4(x, tile=tile, write_gemm_operand=write, **selection)
+            want = q.dequantize(torch.float32)
+            got = T.TritonBackend().dequantize(q)
+            assert got.dtype == torch.float32
+            assert torch.equal(got.view(torch.int32), want.view(torch.int32)), (s, write)

@@ -56,6 +56,9 @@ class CutlassBackend:
     def quantize_ms_eden(self, x, hadamard, signs, generator, amax=None):
         return self._fallback(x.device).quantize_ms_eden(x, hadamard, signs, generator, amax)
 
+    def dequantize(self, t):
+        return self._fallback(t.device).dequantize(t)
+
     def _kernels(self, device: torch.device) -> tuple[str | None, bool]:
         """(family, whether the FP32-output Wgrad kernel is built), asked once per device: the
         check reads the build index and the GPU."""

@@ -38,6 +38,9 @@ class ReferenceBackend:
     def quantize_ms_eden(self, x, hadamard, signs, generator, amax=None):
         return ms_eden.quantize(x, hadamard=hadamard, signs=signs, generator=generator, amax=amax)
 
+    def dequantize(self, t):
+        return t.dequantize(torch.float32)
+
     def gemm(self, a, b, out_dtype: torch.dtype) -> torch.Tensor:
         return emulated_gemm(a, b, out_dtype)
 

@@ -55,6 +55,10 @@ class Backend(Protocol):
         """:func:`rayfp4.formats.ms_eden.quantize` (bit for bit given the same uniform draws; the
         draws themselves may differ between backends)."""
 
+    def dequantize(self, t: QuantizedTensor) -> torch.Tensor:
+        """``t.dequantize(torch.float32)``, bit for bit: the values a quantized operand stands for
+        (MS-EDEN's backward re-quantizes the forward operands from them)."""
+
     def gemm(self, a: QuantizedTensor, b: QuantizedTensor, out_dtype: torch.dtype) -> torch.Tensor:
         """``a @ b.T`` of two operands quantized along the same K: FP32 accumulation, the tensor
         factors applied once in FP32, one rounding to ``out_dtype``

@@ -462,5 +462,13 @@ class TritonBackend:
 
         return triton_eden.quantize_ms_eden(x, hadamard=hadamard, signs=signs, generator=generator, amax=amax)
 
+    def dequantize(self, t):
+        """``t.dequantize(torch.float32)`` bit for bit: e2m1 x block scale from the operand the
+        quantizer wrote or from one dequantizing pass (exact in BF16), times the decode factor in
+        FP32, as the reference multiplies; not the reference's chain of torch ops over the codes."""
+        if not isinstance(t, NVFP4Tensor):
+            return t.dequantize(torch.float32)
+        return dequantize_unscaled(t, torch.bfloat16).float() * t.decode_factor()
+
     def gemm(self, a, b, out_dtype: torch.dtype) -> torch.Tensor:
         return gemm(a, b, out_dtype, self.gemm_mode)

@@ -168,14 +168,6 @@ def _pad_tokens(t: torch.Tensor, block: int) -> torch.Tensor:
     return F.pad(t, (0, 0, 0, pad)) if pad else t
 
 
-def _values(q) -> torch.Tensor:
-    """The FP32 values of a quantized tensor, ``q.dequantize()``, from the BF16 GEMM operand a fast
-    quantizer wrote when there is one (e2m1 * s_b is exact in BF16: the same values)."""
-    if q.gemm_operand is not None:
-        return q.gemm_operand.float() * q.decode_factor()
-    return q.dequantize(torch.float32)
-
-
 def _finite(layer, *tensors: torch.Tensor) -> bool:
     """Whether every value is finite, asked only where the quantizer raises on non-finite input.
 
@@ -296,7 +288,7 @@ def _ms_eden_backward(ctx, layer, s: dict, dy: torch.Tensor):
     if ctx.needs_input_grad[0]:
         signs = layer.hadamard_signs("dgrad", n, dy.device)
         dyq = layer.quantize(dy, roles.dgrad_dy, signs=signs)
-        w_vals = _values(s["wq"]) if "wq" in s else weight.float()
+        w_vals = be.dequantize(s["wq"]) if "wq" in s else weight.float()
         wt = layer.quantize(w_vals.t(), roles.dgrad_w, signs=signs)
         layer.record(roles.dgrad_dy, None, dyq)
         layer.record(roles.dgrad_w, None, wt)
@@ -305,7 +297,7 @@ def _ms_eden_backward(ctx, layer, s: dict, dy: torch.Tensor):
         signs = layer.hadamard_signs("wgrad", n, dy.device)
         dyt = layer.quantize(_pad_tokens(dy, n).t(), roles.wgrad_dy, signs=signs)
         xsrc = s["xsrc"]
-        x_vals = xsrc if isinstance(xsrc, torch.Tensor) else _values(xsrc)
+        x_vals = xsrc if isinstance(xsrc, torch.Tensor) else be.dequantize(xsrc)
         xt = layer.quantize(_pad_tokens(x_vals, n).t(), roles.wgrad_x, signs=signs)
         layer.record(roles.wgrad_dy, None, dyt)
         layer.record(roles.wgrad_x, None, xt)

@@ -1,23 +1,29 @@
-"""The recipe lab's 25M study over all its seeds, from the per-run validation curves kept in the repo.
+"""A recipe-lab study over all its seeds, from the per-run validation curves kept in the repo.
 
     python -m bench.results_plots [--study configs/study/recipe-25m.yaml]
                                   [--csv docs/results/recipe-25m-val.csv] [--out docs/results]
+    python -m bench.results_plots --study configs/study/recipe-long.yaml \\
+                                  --csv docs/results/recipe-long-val.csv --level 0.8
 
-The study's runs were trained in two sessions on machines that did not keep them (RESULTS.md), so
-``rayfp4.study --report`` cannot rebuild the three-seed table from run directories; the CSV holds
-what RESULTS.md needs from each run: its validation loss every 100 steps and its tokens/s. This
-prints the study's own tables (``rayfp4.study``: per variant, final validation loss and gap to
-the baseline of the same seed, mean and standard deviation over seeds; per run), each variant's
-gap of the means, and each run's *transition step*, where its validation loss first falls below
-``--level``, with how strongly that step predicts the final loss; and writes two figures:
-``recipe-25m-curves.png`` (every run's validation curve) and ``recipe-25m-transition.png`` (final
-loss against transition step).
+The studies' runs were trained in sessions on machines that did not keep them (RESULTS.md), so
+``rayfp4.study --report`` cannot rebuild their tables from run directories; the CSV holds what
+RESULTS.md needs from each run: its validation loss at each validation step and its tokens/s (the
+``tokens_per_s...`` column). A run stopped early leaves its last cells empty: it is listed as
+KILLED, not counted in the means, and its curve and gaps go as far as it got. This prints the
+study's own tables (``rayfp4.study``: per variant, final validation loss and gap to the baseline of
+the same seed, mean and standard deviation over seeds; per run), each variant's gap of the means,
+every run's gap to the baseline of its seed at each validation step, and each run's *transition
+step*, where its validation loss first falls below ``--level``, with how strongly that step
+predicts the final loss; and writes three figures named after the study: ``NAME-curves.png``
+(every run's validation curve), ``NAME-transition.png`` (final loss against transition step) and
+``NAME-gap.png`` (gap to the baseline at each validation step).
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import itertools
 import statistics
 from pathlib import Path
 
@@ -25,19 +31,29 @@ VAL_PREFIX = "val_loss_step"
 
 
 def load(path: str | Path) -> tuple[list[int], dict[tuple[str, int], dict]]:
-    """(steps, {(variant, seed): {"val": [losses], "tokens_per_s": float}}) in the file's order."""
+    """(steps, {(variant, seed): {"val": [losses], "tokens_per_s": float, "finished": bool}}) in the
+    file's order. A run stopped early has empty cells after its last validation: its ``val`` is
+    shorter than ``steps``."""
     with open(path, newline="") as f:
         reader = csv.DictReader(f)
-        steps = [int(c[len(VAL_PREFIX):]) for c in reader.fieldnames or [] if c.startswith(VAL_PREFIX)]
+        fields = reader.fieldnames or []
+        steps = [int(c[len(VAL_PREFIX):]) for c in fields if c.startswith(VAL_PREFIX)]
         if not steps:
             raise SystemExit(f"error: {path}: no {VAL_PREFIX}N columns")
+        speed = next((c for c in fields if c.startswith("tokens_per_s")), None)
+        if speed is None:
+            raise SystemExit(f"error: {path}: no tokens_per_s column")
         runs = {}
         for i, row in enumerate(reader, start=2):
             try:
+                cells = [row[f"{VAL_PREFIX}{s}"].strip() for s in steps]
+                n = len(cells) - len(list(itertools.takewhile(lambda c: not c, reversed(cells))))
+                if not n or not all(cells[:n]):
+                    raise ValueError("validation losses must be a run's first steps, without gaps")
                 runs[(row["variant"], int(row["seed"]))] = {
-                    "val": [float(row[f"{VAL_PREFIX}{s}"]) for s in steps],
-                    "tokens_per_s": float(row["tokens_per_s_3_at_once"])}
-            except (KeyError, TypeError, ValueError) as e:
+                    "val": [float(c) for c in cells[:n]], "tokens_per_s": float(row[speed]),
+                    "finished": n == len(steps)}
+            except (KeyError, TypeError, ValueError, AttributeError) as e:
                 raise SystemExit(f"error: {path}, line {i}: {e}") from None
     return steps, runs
 
@@ -50,6 +66,14 @@ def crossing(steps: list[int], losses: list[float], level: float) -> float | Non
     return None
 
 
+def gap_curve(runs, baseline: str, variant: str, seed: int) -> list[float] | None:
+    """The run's gap to the baseline of its seed at each validation step both reached, in percent."""
+    base = runs.get((baseline, seed))
+    if base is None or (variant, seed) not in runs:
+        return None
+    return [100 * (a / b - 1) for a, b in zip(runs[(variant, seed)]["val"], base["val"])]
+
+
 def tables(study_path: str | Path, steps, runs, level: float) -> str:
     from rayfp4.study import expand, load_study, seed_table, study_table, summarize
 
@@ -57,12 +81,13 @@ def tables(study_path: str | Path, steps, runs, level: float) -> str:
     matrix = expand(study)
     for r in matrix:
         if (r.variant, r.seed) in runs:
-            r.status = "FINISHED"
+            r.status = "FINISHED" if runs[(r.variant, r.seed)]["finished"] else "KILLED"
     unknown = sorted({v for v, _ in runs} - {r.variant for r in matrix})
     if unknown:
         raise SystemExit(f"error: variants not in {study_path}: {', '.join(unknown)}")
     results = {r.name: (runs[(r.variant, r.seed)]["val"][-1], runs[(r.variant, r.seed)]["tokens_per_s"])
-               for r in matrix if r.status == "FINISHED"}
+                for r in matrix if r.status == "FINISHED"}
+    stopped = {r.name: runs[(r.variant, r.seed)] for r in matrix if r.status == "KILLED"}
     summaries = summarize(study, matrix, results)
     out = [study_table(study, summaries)[0], "", seed_table(study, matrix, results)[0], ""]
     base = next(s for s in summaries if s.name == study.baseline_name)
@@ -71,21 +96,32 @@ def tables(study_path: str | Path, steps, runs, level: float) -> str:
         out.append(f"gap of the means (each variant's mean final loss against {base.name}'s): " + ", ".join(
             f"{s.name} {100 * (statistics.fmean(s.final_val) / b - 1):+.2f}%"
             for s in summaries if s.final_val and s is not base))
+    for name, r in stopped.items():
+        out.append(f"{name}: stopped before the end; last validation at step {steps[len(r['val']) - 1]}: "
+                   f"{r['val'][-1]:.4f}")
+    out += ["", f"gap to {study.baseline_name} of the same seed at each validation step, %:", "",
+            "| variant | seed | " + " | ".join(str(s) for s in steps) + " |", "|---|---|" + "---|" * len(steps)]
+    for (v, seed), r in runs.items():
+        gaps = gap_curve(runs, study.baseline_name, v, seed)
+        if v != study.baseline_name and gaps is not None:
+            out.append(f"| {v} | {seed} | " + " | ".join(f"{g:+.2f}" for g in gaps)
+                       + " |" + " - |" * (len(steps) - len(gaps)))
     out += ["", f"| variant | seed | transition step (val loss < {level}) | final val loss |", "|---|---|---|---|"]
     xs, ys = [], []
     for (v, seed), r in runs.items():
         x = crossing(steps, r["val"], level)
-        out.append(f"| {v} | {seed} | {'-' if x is None else f'{x:.0f}'} | {r['val'][-1]:.4f} |")
-        if x is not None:
+        last = f"{r['val'][-1]:.4f}" + ("" if r["finished"] else f" (step {steps[len(r['val']) - 1]}, stopped)")
+        out.append(f"| {v} | {seed} | {'-' if x is None else f'{x:.0f}'} | {last} |")
+        if x is not None and r["finished"]:
             xs.append(x)
             ys.append(r["val"][-1])
-    if len(xs) > 2:
+    if len(xs) >= 6:  # fewer runs say nothing about a correlation
         out += ["", f"correlation of the transition step with the final validation loss: "
                     f"{statistics.correlation(xs, ys):.2f} over {len(xs)} runs"]
     return "\n".join(out)
 
 
-def plots(steps, runs, level: float, out: Path) -> list[Path]:
+def plots(steps, runs, level: float, out: Path, name: str, baseline: str) -> list[Path]:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -96,12 +132,12 @@ def plots(steps, runs, level: float, out: Path) -> list[Path]:
     fig, axes = plt.subplots(1, 2, figsize=(14, 5))
     for (v, s), r in runs.items():
         for ax in axes:
-            ax.plot(steps, r["val"], styles[s % len(styles)], color=colors[v], marker=".",
+            ax.plot(steps[:len(r["val"])], r["val"], styles[s % len(styles)], color=colors[v], marker=".",
                     label=f"{v} s{s}" if ax is axes[0] else None)
     axes[0].axhline(level, color="grey", lw=0.8)
     axes[0].set_title("every run's validation loss (line style: seed)")
     axes[1].set_xlim(steps[len(steps) // 2 - 1] - 20, steps[-1] + 20)
-    tail = [x for r in runs.values() for x in r["val"][len(steps) // 2 - 1:]]
+    tail = [x for r in runs.values() for x in r["val"][len(steps) // 2 - 1:]] or [0.0]
     axes[1].set_ylim(min(tail) - 0.01, max(tail) + 0.01)
     axes[1].set_title("second half, zoomed")
     for ax in axes:
@@ -110,14 +146,14 @@ def plots(steps, runs, level: float, out: Path) -> list[Path]:
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=6, ncol=2)
     fig.tight_layout()
-    curves = out / "recipe-25m-curves.png"
+    curves = out / f"{name}-curves.png"
     fig.savefig(curves, dpi=110)
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(7, 5))
     for (v, s), r in runs.items():
         x = crossing(steps, r["val"], level)
-        if x is not None:
+        if x is not None and r["finished"]:
             ax.scatter(x, r["val"][-1], color=colors[v], marker="os^D"[s % 4],
                        label=v if s == min(t for w, t in runs if w == v) else None)
     ax.set_xlabel(f"transition step: validation loss first below {level}")
@@ -126,10 +162,26 @@ def plots(steps, runs, level: float, out: Path) -> list[Path]:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    scatter = out / "recipe-25m-transition.png"
+    scatter = out / f"{name}-transition.png"
     fig.savefig(scatter, dpi=110)
     plt.close(fig)
-    return [curves, scatter]
+
+    fig, ax = plt.subplots(figsize=(9, 5))
+    for (v, s), r in runs.items():
+        gaps = gap_curve(runs, baseline, v, s)
+        if v != baseline and gaps is not None:
+            ax.plot(steps[:len(gaps)], gaps, styles[s % len(styles)], color=colors[v], marker=".", label=f"{v} s{s}")
+    ax.axhline(0.0, color="grey", lw=0.8)
+    ax.set_xlabel("training step")
+    ax.set_ylabel(f"validation loss gap to {baseline} of the same seed (%)")
+    ax.set_title("gap to the baseline at each validation step (line style: seed)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    gap = out / f"{name}-gap.png"
+    fig.savefig(gap, dpi=110)
+    plt.close(fig)
+    return [curves, scatter, gap]
 
 
 def main(argv=None) -> int:
@@ -140,11 +192,14 @@ def main(argv=None) -> int:
     p.add_argument("--level", type=float, default=1.2, help="the validation loss that marks the transition")
     p.add_argument("--no-plots", action="store_true")
     a = p.parse_args(argv)
+    from rayfp4.study import load_study
+
     steps, runs = load(a.csv)
     print(tables(a.study, steps, runs, a.level))
     if not a.no_plots:
+        study, _ = load_study(a.study)
         Path(a.out).mkdir(parents=True, exist_ok=True)
-        for f in plots(steps, runs, a.level, Path(a.out)):
+        for f in plots(steps, runs, a.level, Path(a.out), study.name, study.baseline_name):
             print(f"wrote {f}")
     return 0
 

@@ -14,8 +14,10 @@ one variant and ``train.seed``, named ``<study>-<variant>-s<seed>``::
     variants:
       - {name: bf16, set: {precision.format: bf16}}
       - {name: nvfp4}
+      - {name: nvfp4-msedens, seeds: [0], set: {precision.backward_rounding: ms_eden}}
 
-Only ``train.seed`` (the model's initialisation and the stochastic-rounding streams) changes with
+A variant's ``seeds`` (a subset; default: all of the study's) keeps a candidate dropped after its
+first seeds in the tables without training it again. Only ``train.seed`` (the model's initialisation and the stochastic-rounding streams) changes with
 the seed; every run reads the same data in the same order, so the spread over seeds is the
 method's own. The runs share one Ray cluster (this process starts it, or joins ``RAY_ADDRESS``),
 so fractional ``scaling.gpus_per_worker`` / ``cpus_per_worker`` pack several onto one device and
@@ -61,11 +63,24 @@ PARENT_RUN_ENV = "RAYFP4_MLFLOW_PARENT_RUN_ID"
 STATE_FILE = "study.json"
 
 
+class StudyVariant(Variant):
+    seeds: list[int] | None = Field(
+        None, description="the study's seeds this variant trains (default: all of them); e.g. a candidate "
+                          "dropped after one seed keeps that run in the tables without training more")
+
+    @field_validator("seeds")
+    @classmethod
+    def _seeds(cls, v):
+        if v is not None and (not v or any(s < 0 for s in v) or len(set(v)) != len(v)):
+            raise ValueError(f"must be a non-empty list of distinct non-negative integers, got {v}")
+        return v
+
+
 class StudyConfig(_Strict):
     name: str = Field(max_length=80, description="the study's name: the prefix of its runs' names")
     base: str = Field(description="the run config every run starts from (relative to the study file)")
     seeds: list[int] = Field(min_length=1, description="train.seed of each repetition")
-    variants: list[Variant] = Field(min_length=1)
+    variants: list[StudyVariant] = Field(min_length=1)
     baseline: str | None = Field(None, description="the variant the others are compared with (default: the first)")
     set: dict[str, Any] = Field(default_factory=dict, description="key.path: value overrides for every run")
     concurrent: int = Field(1, ge=1, le=64, description="runs training at the same time")
@@ -89,6 +104,9 @@ class StudyConfig(_Strict):
             raise ValueError(f"variants: names must be unique, got {names}")
         if self.baseline is not None and self.baseline not in names:
             raise ValueError(f"baseline: {self.baseline!r} is not one of the variants {names}")
+        base = next(v for v in self.variants if v.name == (self.baseline or names[0]))
+        if base.seeds is not None:
+            raise ValueError(f"variants: the baseline {base.name!r} trains every seed (its seeds are the study's)")
         for key in self.set:
             if key == "variants" or key == "name" or key == "train.seed" or key.startswith("variants."):
                 raise ValueError(f"set: {key} is the study's to choose (each run gets its own)")
@@ -143,6 +161,8 @@ def expand(study: StudyConfig) -> list[StudyRun]:
     runs = []
     for seed in study.seeds:
         for v in study.variants:
+            if v.seeds is not None and seed not in v.seeds:
+                continue
             name = f"{study.name}-{v.name}-s{seed}"
             overrides = [_override(k, val) for k, val in study.set.items()]
             overrides += [_override("name", name), _override("train.seed", seed),
@@ -188,6 +208,8 @@ def summarize(study: StudyConfig, runs: list[StudyRun], results: dict[str, tuple
     for v in study.variants:
         s = VariantSummary(v.name)
         for seed in study.seeds:
+            if (v.name, seed) not in by:  # a seed this variant does not train
+                continue
             r = by[(v.name, seed)]
             got = results.get(r.name) if r.status == "FINISHED" else None
             if got is None or got[0] is None or not math.isfinite(got[0]):
@@ -257,6 +279,8 @@ def seed_table(study: StudyConfig, runs: list[StudyRun], results: dict[str, tupl
     rows = []
     for v in study.variants:
         for seed in study.seeds:
+            if (v.name, seed) not in by:
+                continue
             r = by[(v.name, seed)]
             loss, b = final(r), final(by[(base, seed)])
             tps = results.get(r.name, (None, None))[1] if r.status == "FINISHED" else None

@@ -38,8 +38,26 @@ def test_gaps_are_to_the_baseline_of_the_same_seed_and_the_transition_is_interpo
     assert f"fp4 {100 * (0.87 / 0.85 - 1):+.2f}%" in out  # the gap of the means
     assert "| bf16 | 0 | 180 | 0.8000 |" in out      # 2.0 -> 1.0 between steps 100 and 200: 1.2 at 180
     assert "| bf16 | 1 | 240 | 0.9000 |" in out      # 1.4 -> 0.9 between 200 and 300: 1.2 at 240
-    assert (tmp_path / "recipe-25m-curves.png").stat().st_size > 0
-    assert (tmp_path / "recipe-25m-transition.png").stat().st_size > 0
+    assert f"| fp4 | 0 | +0.00 | +10.00 | +5.00 |" in out  # the gap at each validation step
+    for fig in ("curves", "transition", "gap"):  # named after the study
+        assert (tmp_path / f"t-{fig}.png").stat().st_size > 0
+
+
+def test_a_run_stopped_early_is_listed_as_killed_with_its_partial_gaps(tmp_path, capsys):
+    f = _csv(tmp_path / "v.csv", [("bf16", 0, "x", 100, 2.0, 1.0, 0.80), ("fp4", 0, "x", 50, 2.0, 1.1, "")])
+    study = _study(tmp_path / "s.yaml")
+    assert results_plots.main(["--study", str(study), "--csv", str(f), "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "| fp4 | 0 | KILLED | - |" in out           # not a final loss, not in the means
+    assert "t-fp4-s0: stopped before the end; last validation at step 200: 1.1000" in out
+    assert "| fp4 | 0 | +0.00 | +10.00 | - |" in out
+    assert (tmp_path / "t-gap.png").stat().st_size > 0
+
+
+def test_a_gap_inside_a_curve_is_refused(tmp_path):
+    f = _csv(tmp_path / "v.csv", [("bf16", 0, "x", 100, 2.0, "", 0.8)])
+    with pytest.raises(SystemExit, match="line 2"):
+        results_plots.main(["--study", str(_study(tmp_path / "s.yaml")), "--csv", str(f), "--no-plots"])
 
 
 def test_the_committed_study_reproduces_the_results_table(capsys):

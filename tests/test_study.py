@@ -46,6 +46,8 @@ def write_study(tmp_path: Path, **over) -> Path:
     ({"set": {"train.seed": 3}}, r"set: train.seed is the study's to choose"),
     ({"base": "nope.yaml"}, r"base: no such run config"),
     ({"name": "a/b"}, r"name"),
+    ({"variants": [{"name": "a"}, {"name": "b", "seeds": []}]}, r"variants.1.seeds"),
+    ({"variants": [{"name": "a", "seeds": [0]}, {"name": "b"}], "baseline": None}, r"baseline 'a' trains every seed"),
 ])
 def test_bad_studies_name_the_field(tmp_path, over, match):
     with pytest.raises(ConfigError, match=match):
@@ -72,6 +74,20 @@ def test_each_run_is_the_base_config_with_one_variant_and_its_seed(tmp_path):
     assert (cfg.name, cfg.train.seed, cfg.train.steps, cfg.baseline) == ("s-fp32-s1", 1, 7, None)
     (label, vcfg), = cfg.variant_configs()
     assert label == "fp32" and vcfg.precision.format == "bf16" and vcfg.train.seed == 1
+
+
+def test_a_variant_limited_to_some_seeds_trains_only_those_and_misses_nothing(tmp_path):
+    study, _ = st.load_study(write_study(tmp_path, seeds=[0, 1], variants=[
+        {"name": "fp32", "set": {"precision.format": "bf16"}}, {"name": "nvfp4"}, {"name": "late", "seeds": [0, 5]}]))
+    runs = st.expand(study)
+    assert [r.name for r in runs] == ["s-fp32-s0", "s-nvfp4-s0", "s-late-s0", "s-fp32-s1", "s-nvfp4-s1"]
+    for r in runs:
+        r.status = "FINISHED"
+    results = {r.name: (3.0 + 0.01 * i, 100.0) for i, r in enumerate(runs)}
+    fp32, nv, late = st.summarize(study, runs, results)
+    assert late.seeds == [0] and late.missing == [] and nv.seeds == [0, 1]
+    table, _ = st.seed_table(study, runs, results)
+    assert "| late | 0 | FINISHED |" in table and "| late | 1 |" not in table
 
 
 def test_table_pairs_each_seed_with_its_own_baseline(tmp_path):

@@ -121,3 +121,28 @@ def small_shards(tmp_path_factory):
     manifest = write_byte_shards(out, synthetic_documents(24, seed=1), val_fraction=0.05)
     assert manifest.num_sequences("train") % 8 != 0  # the partial last chunk is exercised
     return out
+
+
+# MLflow creates its tables when a run first opens a new sqlite store (~3-5 s on the 2-core CI
+# machine, once per training test). Tests that give a run a fresh store take it from here: a copy
+# of one empty store made once per session, identical to what MLflow would create.
+_MLFLOW_TEMPLATE: list = []
+
+
+def mlflow_uri(directory) -> str:
+    """``sqlite:///<directory>/mlruns.db``, the file copied from the session's empty store if absent."""
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    db = Path(directory) / "mlruns.db"
+    if not db.exists():
+        if not _MLFLOW_TEMPLATE:
+            from mlflow.tracking import MlflowClient
+
+            template = Path(tempfile.mkdtemp(prefix="rayfp4-mlflow-")) / "mlruns.db"
+            MlflowClient(tracking_uri=f"sqlite:///{template}").search_experiments()
+            _MLFLOW_TEMPLATE.append(template)
+        db.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(_MLFLOW_TEMPLATE[0], db)
+    return f"sqlite:///{db}"

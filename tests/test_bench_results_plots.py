@@ -38,7 +38,7 @@ def test_gaps_are_to_the_baseline_of_the_same_seed_and_the_transition_is_interpo
     assert f"fp4 {100 * (0.87 / 0.85 - 1):+.2f}%" in out  # the gap of the means
     assert "| bf16 | 0 | 180 | 0.8000 |" in out      # 2.0 -> 1.0 between steps 100 and 200: 1.2 at 180
     assert "| bf16 | 1 | 240 | 0.9000 |" in out      # 1.4 -> 0.9 between 200 and 300: 1.2 at 240
-    assert f"| fp4 | 0 | +0.00 | +10.00 | +5.00 |" in out  # the gap at each validation step
+    assert "| fp4 | 0 | +0.00 | +10.00 | +5.00 |" in out  # the gap at each validation step
     for fig in ("curves", "transition", "gap"):  # named after the study
         assert (tmp_path / f"t-{fig}.png").stat().st_size > 0
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from rayfp4.tracking import read_metrics
+from conftest import mlflow_uri
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "configs" / "tiny.yaml")
@@ -25,7 +26,7 @@ def run(ray_session, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("trained")
     settings = ["train.steps=4", "train.val_every=0", "checkpoint.every=0", "data.val_sequences=8", "model.n_layers=2",
                 "optim.warmup_steps=2", "train.log_every=2", f"output_dir={tmp / 'runs'}", "name=fx",
-                f"tracking.uri=sqlite:///{tmp}/mlruns.db", f"variants={VARIANTS}", "baseline=fp32"]
+                f"tracking.uri={mlflow_uri(tmp)}", f"variants={VARIANTS}", "baseline=fp32"]
     assert main([TINY, *[a for s in settings for a in ("--set", s)]]) == 0
     return tmp / "runs" / "fx"
 

@@ -25,6 +25,7 @@ import pytest
 from fault_hooks import marker
 from rayfp4.run import main
 from rayfp4.tracking import read_metrics
+from conftest import mlflow_uri
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "configs" / "tiny.yaml")
@@ -43,7 +44,7 @@ def sets(*items):
 
 
 def args_for(base: Path, name: str, *extra: str) -> list[str]:
-    return [TINY, *sets(*RUN, f"output_dir={base / 'runs'}", f"tracking.uri=sqlite:///{base}/mlruns.db",
+    return [TINY, *sets(*RUN, f"output_dir={base / 'runs'}", f"tracking.uri={mlflow_uri(base)}",
                         f"name={name}", *extra)]
 
 
@@ -212,7 +213,9 @@ def _kill_when_paused(run_dir: Path, where: str, step: int):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("where,step", [("step", 6), ("checkpoint", 8)])
+# The kill at a step: tests/test_run.py's worker failure at step 6 takes the same path; CI runs the
+# kill inside a checkpoint write, the full suite both.
+@pytest.mark.parametrize("where,step", [pytest.param("step", 6, marks=pytest.mark.extended), ("checkpoint", 8)])
 def test_worker_sigkill_resumes_bit_exact(clean, tmp_path, where, step):
     _, clean_dir, _ = clean
     before = ckpt_leftovers()
@@ -261,7 +264,9 @@ def _reap(proc: subprocess.Popen) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("where,step,unrecorded", [("step", 6, False), ("step", 6, True), ("checkpoint", 8, False)])
+# ("step", 6, False) is the unrecorded case without removing the snapshot: the full suite only.
+@pytest.mark.parametrize("where,step,unrecorded", [pytest.param("step", 6, False, marks=pytest.mark.extended),
+                                                   ("step", 6, True), ("checkpoint", 8, False)])
 def test_driver_sigkill_marks_the_run_killed_and_resumes_bit_exact(clean, tmp_path, where, step, unrecorded, capsys):
     """unrecorded: the driver died after the step-4 checkpoint was uploaded but before Ray Train
     wrote its record of it (the snapshot follows the upload by a moment, so a kill at step 6 lands
@@ -297,7 +302,8 @@ def test_driver_sigkill_marks_the_run_killed_and_resumes_bit_exact(clean, tmp_pa
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+# One handler serves both; SIGINT's stop with a checkpoint is the next test. CI runs SIGTERM.
+@pytest.mark.parametrize("sig,code", [pytest.param(signal.SIGINT, 130, marks=pytest.mark.extended), (signal.SIGTERM, 143)])
 def test_driver_signal_exits_with_one_line_and_ends_runs_killed(ray_session, tmp_path, sig, code):
     # two variants: the parent run and the running child both end KILLED
     # The worker sleeps in the hook, so it never sees the stop request: the grace period ends and
@@ -378,7 +384,7 @@ def tmpfs(tmp_path):
 @pytest.mark.slow
 def test_full_disk_reports_the_checkpoint_error_and_fails_without_retries(ray_session, tmp_path, tmpfs, capsys):
     disk = tmpfs("3m")  # metrics and ledger fit, a checkpoint (~11 MB) does not
-    args = [TINY, *sets(*RUN, f"output_dir={disk}", f"tracking.uri=sqlite:///{tmp_path}/mlruns.db", "name=full")]
+    args = [TINY, *sets(*RUN, f"output_dir={disk}", f"tracking.uri={mlflow_uri(tmp_path)}", "name=full")]
     assert main(args) == 1
     out = capsys.readouterr().out
     assert "StorageError: writing the step-4 checkpoint: No space left on device" in out

@@ -20,6 +20,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from conftest import mlflow_uri
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -118,7 +119,7 @@ def test_ray_job_submit_runs_the_default_config(ray_head, tmp_path):
            "python", "-m", "rayfp4.run", "configs/tiny.yaml",
            "--set", "train.steps=4", "--set", "variants=[]", "--set", "model.n_layers=2",
            "--set", "train.val_every=2", "--set", f"output_dir={tmp_path / 'runs'}",
-           "--set", f"tracking.uri=sqlite:///{tmp_path}/mlruns.db", "--set", "name=submitted"]
+           "--set", f"tracking.uri={mlflow_uri(tmp_path)}", "--set", "name=submitted"]
     r = submit(cmd, env)
     out = r.stdout + r.stderr
     assert r.returncode == 0, out[-3000:]

@@ -30,6 +30,7 @@ import pytest
 from rayfp4.config import ConfigError, load_config
 from rayfp4.run import main
 from rayfp4.train.storage import SNAPSHOT, CheckpointStorage, join, open_checkpoint
+from conftest import mlflow_uri
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "configs" / "tiny.yaml")
@@ -344,7 +345,7 @@ def test_two_node_job_loses_a_node_continues_on_fewer_workers_and_grows_back(two
             "train.steps=8", "checkpoint.every=2", "train.log_every=1", "train.val_every=4", "data.val_sequences=16",
             "scaling.num_workers=[1, 2]", "scaling.cpus_per_worker=0.25", f"scaling.resources_per_worker={{{SLOT}: 1}}",
             "scaling.rendezvous=node", "scaling.elastic_resize_interval_s=5", f"checkpoint.storage=file://{storage}",
-            f"output_dir={tmp_path / 'runs'}", f"tracking.uri=sqlite:///{tmp_path}/mlruns.db", "name=two", hooks]
+            f"output_dir={tmp_path / 'runs'}", f"tracking.uri={mlflow_uri(tmp_path)}", "name=two", hooks]
     cmd = [str(BIN / "ray"), "job", "submit", "--address", head.dashboard, "--working-dir", ".", "--",
            "python", "-m", "rayfp4.run", "configs/tiny.yaml"]
     for s in sets:

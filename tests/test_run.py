@@ -16,6 +16,7 @@ import pytest
 
 from rayfp4.run import main
 from rayfp4.tracking import read_metrics
+from conftest import mlflow_uri
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "configs" / "tiny.yaml")
@@ -31,7 +32,7 @@ def sets(*items):
 
 
 def run_cli(tmp_path, *extra, name="t"):
-    args = [TINY, *sets(*FAST, f"output_dir={tmp_path / 'runs'}", f"tracking.uri=sqlite:///{tmp_path}/mlruns.db",
+    args = [TINY, *sets(*FAST, f"output_dir={tmp_path / 'runs'}", f"tracking.uri={mlflow_uri(tmp_path)}",
                         f"name={name}", *extra)]
     return main(args)
 
@@ -197,7 +198,7 @@ def test_unreachable_tracking_server_does_not_stop_training(ray_session, tmp_pat
 @pytest.mark.slow
 def test_non_finite_steps_in_a_row_stop_the_run_as_failed(ray_session, tmp_path, capsys):
     rc = main([TINY, *sets(*FAST, "variants=[]", f"output_dir={tmp_path / 'runs'}", "name=diverged",
-                             f"tracking.uri=sqlite:///{tmp_path}/mlruns.db", "train.steps=8",
+                             f"tracking.uri={mlflow_uri(tmp_path)}", "train.steps=8",
                              "debug.nan_at_steps=[1, 2, 3]", "train.max_nonfinite_in_a_row=3",
                              "checkpoint.every=2", "train.log_every=1", "checkpoint.max_failures=2")])
     assert rc == 1
@@ -245,6 +246,7 @@ def test_cli_missing_file_schema_and_check(tmp_path, capsys):
 
 
 @pytest.mark.slow
+@pytest.mark.extended  # FSDP2 resume: the N -> M test below; a retry inside the driver: the DDP tests
 def test_fsdp2_strategy_trains_and_resumes(ray_session, tmp_path):
     # FSDP2 (fully_shard per block) over gloo on the CPU: full state dicts in the checkpoint, so a
     # failure after the step-3 checkpoint resumes and finishes.

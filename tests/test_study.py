@@ -19,6 +19,7 @@ import pytest
 
 from rayfp4 import study as st
 from rayfp4.config import ConfigError, load_config
+from conftest import mlflow_uri
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = REPO / "configs" / "tiny.yaml"
@@ -207,7 +208,7 @@ def test_a_study_end_to_end_with_stand_in_runs(tmp_path, monkeypatch, capsys, ra
     monkeypatch.setenv("RAYFP4_REPO", str(REPO))
     monkeypatch.setenv("FAKE_RC_s_nvfp4_s1", "1")  # one run fails
     out = tmp_path / "out"
-    path = write_study(tmp_path, set={"output_dir": str(out), "tracking.uri": f"sqlite:///{tmp_path}/mlruns.db"})
+    path = write_study(tmp_path, set={"output_dir": str(out), "tracking.uri": mlflow_uri(tmp_path)})
     _, base = st.load_study(path)
     cmd = lambda r: [sys.executable, str(fake), str(base), *r.overrides]
     assert st.main([str(path)], command=cmd) == 1  # one run failed

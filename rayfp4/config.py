@@ -71,6 +71,11 @@ class TrainSection(_Strict):
     val_every: int = Field(50, ge=0, description="validation every N steps and at the end (0: only at the end)")
     log_every: int = Field(5, gt=0)
     max_nonfinite_in_a_row: int = Field(5, gt=0, description="stop after this many consecutive skipped steps")
+    compile: Literal["none", "aot_eager", "inductor"] = Field(
+        "none", description="torch.compile the training forward and backward: the whole model is one graph "
+        "(the 4-bit layers enter as custom ops, rayfp4.precision.ops). aot_eager runs it with the eager "
+        "kernels, bit for bit an eager step; inductor also fuses the model's other ops (norms, attention, "
+        "SwiGLU), whose last bits may then differ. Not with scaling.strategy: fsdp2 yet")
 
 
 class CheckpointSection(_Strict):
@@ -292,6 +297,10 @@ class RunConfig(_Strict):
         if self.precision.oscillation_reset is not None and self.scaling.strategy == "fsdp2":
             raise ValueError("precision.oscillation_reset: not available with scaling.strategy: fsdp2 yet (its "
                              "detection works on whole weights, which FSDP2 shards); use ddp")
+        if self.train.compile != "none" and self.scaling.strategy == "fsdp2":
+            raise ValueError("train.compile: not available with scaling.strategy: fsdp2 yet (the 4-bit weight "
+                             "gather and the sharded parameters are untried under torch.compile); use ddp or "
+                             "train.compile: none")
         if self.scaling.strategy == "fsdp2":
             ls = self.precision.late_switch
             if ls is not None and ls.auto is not None:

@@ -38,6 +38,7 @@ from torch import nn
 
 from ..formats import ms_eden
 from ..kernels import resolve
+from . import ops
 from .fsdp import gathered_quantized
 from .policy import PolicyError, PrecisionPolicy
 from .runtime import PrecisionRuntime
@@ -180,120 +181,145 @@ def _finite(layer, *tensors: torch.Tensor) -> bool:
     return all(bool(torch.isfinite(t).all()) for t in tensors)
 
 
+def _forward(layer, x, weight, bias, backward_needed: bool, *, for_backward_only: bool = False):
+    """The forward GEMM and what its backward needs: ``(y, saved, quantize_bwd, finite)``.
+
+    ``for_backward_only``: only ``saved``, built from the same inputs with the same quantizations
+    (bit for bit what the forward would have saved; ``y`` is None and the Fprop operands are not
+    recorded again). The compiled path (``rayfp4.precision.ops``) saves x and the weight and builds
+    the rest in its backward, so that its forward op returns one tensor.
+    """
+    pol, rt, be, roles = layer.policy, layer.runtime, layer.backend, layer.roles
+    b = pol.block
+    # Without a backward pass to come (eval, generation) its operands are not quantized.
+    quantize_fwd, quantize_bwd = not rt.forward_bf16, not rt.backward_bf16 and backward_needed
+    # MS-EDEN quantizes the backward operands from the Fprop operands' values (or from x and
+    # W where Fprop ran in BF16), so nothing of x^T is quantized here.
+    eden = bool(roles.wgrad_x.ms_eden)
+    # Under FSDP2 with the 4-bit weight gather, the weight arrives quantized (its amax says
+    # whether it is finite); Fprop and Dgrad use those codes, which equal quantizing it here.
+    gathered = gathered_quantized(weight)
+    finite = _finite(layer, x, weight if gathered is None else gathered.amax)
+    record = (lambda *a: None) if for_backward_only else layer.record
+    wq = xq = y = am_xt = None
+    if not finite:
+        if not for_backward_only:
+            y = torch.full((x.shape[0], weight.shape[0]), float("nan"), device=x.device)
+        quantize_bwd = False
+    elif quantize_fwd:
+        # One read of x gives the tensor amax of both of its operands (x and x^T's RHT).
+        xt_src = _pad_tokens(x, b).t() if quantize_bwd and not eden else None
+        am_x, am_xt = layer.amaxes(xt_src, roles.wgrad_x) if xt_src is not None else (None, None)
+        if not for_backward_only or (quantize_bwd and eden):
+            xq = layer.quantize(x, roles.fprop_x, amax=am_x)
+        if not for_backward_only or (quantize_bwd and (eden or pol.weight_2d_scaling)):
+            wq = layer.quantize(weight, roles.fprop_w) if gathered is None else gathered
+        if not for_backward_only:
+            record(roles.fprop_x, x, xq)
+            record(roles.fprop_w, weight if gathered is None else None, wq)
+            # Without a bias the GEMM rounds straight to the output dtype (one rounding either way).
+            y = be.gemm(xq, wq, torch.float32 if bias is not None else x.dtype)
+    elif not for_backward_only:
+        y = F.linear(x, weight.to(x.dtype)).float()
+    if y is not None and bias is not None:
+        y = y.float() + bias.float()
+
+    saved = {"weight": weight}  # a parameter: saving it costs no activation memory
+    if quantize_bwd and eden:
+        saved["xsrc"] = xq if quantize_fwd else x  # packed: ~0.28x of BF16
+        if wq is not None:
+            saved["wq"] = wq
+    elif quantize_bwd:
+        if not quantize_fwd:
+            xt_src = _pad_tokens(x, b).t()
+        saved["xt"] = layer.quantize(xt_src, roles.wgrad_x, amax=am_xt if quantize_fwd else None)
+        layer.record(roles.wgrad_x, xt_src, saved["xt"])
+        if pol.weight_2d_scaling:
+            if wq is None:
+                wq = layer.quantize(weight, roles.fprop_w)
+            saved["wq_t"] = wq.transpose()  # Dgrad's operand: the Fprop codes, transposed
+    else:
+        saved["x"] = x
+    return (None if y is None else y.to(x.dtype)), saved, quantize_bwd, finite
+
+
+def _backward(layer, s: dict, dy: torch.Tensor, needs: tuple, *, quantize_bwd: bool, finite: bool,
+              x_dtype: torch.dtype, tokens: int, has_bias: bool):
+    """``(dx, dW, db)`` from the saved operands ``s`` of :func:`_forward`; ``needs``: which of
+    x, W, bias need a gradient."""
+    pol, be, roles = layer.policy, layer.backend, layer.roles
+    b = pol.block
+    weight = s["weight"]
+    dy = dy.contiguous()
+    dx = dw = db = None
+    if not finite or not _finite(layer, dy):
+        nan = float("nan")
+        dx = torch.full((tokens, weight.shape[1]), nan, dtype=x_dtype, device=dy.device)
+        dw = torch.full_like(weight, nan)
+        db = torch.full((weight.shape[0],), nan, device=dy.device) if has_bias else None
+        return dx, dw, db
+    if quantize_bwd and roles.dgrad_dy.ms_eden:
+        dx, dw = _ms_eden_backward(needs, layer, s, dy, x_dtype)
+    elif quantize_bwd:
+        dyt_src = _pad_tokens(dy, b).t() if needs[1] else None
+        am_dy = am_dyt = None
+        if needs[0] and needs[1]:
+            am_dy, am_dyt = layer.amaxes(dyt_src, roles.wgrad_dy)  # both operands of dy from one read
+        if needs[0]:
+            dyq = layer.quantize(dy, roles.dgrad_dy, amax=am_dy)
+            wt_src = weight.t() if gathered_quantized(weight) is None else None  # None: gathered in 4 bits
+            wt = s["wq_t"] if pol.weight_2d_scaling else layer.quantize(wt_src, roles.dgrad_w)
+            layer.record(roles.dgrad_dy, dy, dyq)
+            layer.record(roles.dgrad_w, wt_src, wt)
+            dx = be.gemm(dyq, wt, x_dtype)
+        if needs[1]:
+            dyt = layer.quantize(dyt_src, roles.wgrad_dy, amax=am_dyt)
+            layer.record(roles.wgrad_dy, dyt_src, dyt)
+            dw = be.gemm(dyt, s["xt"], torch.float32).to(weight.dtype)
+    else:
+        x = s["x"]
+        if needs[0]:
+            dx = (dy.float() @ weight.float()).to(x_dtype)
+        if needs[1]:
+            dw = (dy.float().t() @ x.float()).to(weight.dtype)
+    if has_bias and needs[2]:
+        db = dy.float().sum(0)
+    return dx, dw, db
+
+
 class _QuantizedLinearFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, layer, backward_needed):
-        pol, rt, be, roles = layer.policy, layer.runtime, layer.backend, layer.roles
-        b = pol.block
-        # Without a backward pass to come (eval, generation) its operands are not quantized.
-        quantize_fwd, quantize_bwd = not rt.forward_bf16, not rt.backward_bf16 and backward_needed
-        # MS-EDEN quantizes the backward operands from the Fprop operands' values (or from x and
-        # W where Fprop ran in BF16), so nothing of x^T is quantized here.
-        eden = bool(roles.wgrad_x.ms_eden)
-        # Under FSDP2 with the 4-bit weight gather, the weight arrives quantized (its amax says
-        # whether it is finite); Fprop and Dgrad use those codes, which equal quantizing it here.
-        gathered = gathered_quantized(weight)
-        finite = _finite(layer, x, weight if gathered is None else gathered.amax)
-        wq = None
-        if not finite:
-            y = torch.full((x.shape[0], weight.shape[0]), float("nan"), device=x.device)
-            quantize_bwd = False
-        elif quantize_fwd:
-            # One read of x gives the tensor amax of both of its operands (x and x^T's RHT).
-            xt_src = _pad_tokens(x, b).t() if quantize_bwd and not eden else None
-            am_x, am_xt = layer.amaxes(xt_src, roles.wgrad_x) if xt_src is not None else (None, None)
-            xq = layer.quantize(x, roles.fprop_x, amax=am_x)
-            wq = layer.quantize(weight, roles.fprop_w) if gathered is None else gathered
-            layer.record(roles.fprop_x, x, xq)
-            layer.record(roles.fprop_w, weight if gathered is None else None, wq)
-            # Without a bias the GEMM rounds straight to the output dtype (one rounding either way).
-            y = be.gemm(xq, wq, torch.float32 if bias is not None else x.dtype)
-        else:
-            y = F.linear(x, weight.to(x.dtype)).float()
-        if bias is not None:
-            y = y.float() + bias.float()
-
-        saved = {"weight": weight}  # a parameter: saving it costs no activation memory
-        if quantize_bwd and eden:
-            saved["xsrc"] = xq if quantize_fwd else x  # packed: ~0.28x of BF16
-            if wq is not None:
-                saved["wq"] = wq
-        elif quantize_bwd:
-            if not quantize_fwd:
-                xt_src = _pad_tokens(x, b).t()
-            saved["xt"] = layer.quantize(xt_src, roles.wgrad_x, amax=am_xt if quantize_fwd else None)
-            layer.record(roles.wgrad_x, xt_src, saved["xt"])
-            if pol.weight_2d_scaling:
-                if wq is None:
-                    wq = layer.quantize(weight, roles.fprop_w)
-                saved["wq_t"] = wq.transpose()  # Dgrad's operand: the Fprop codes, transposed
-        else:
-            saved["x"] = x
+        y, saved, quantize_bwd, finite = _forward(layer, x, weight, bias, backward_needed)
         _save(ctx, saved)
         ctx.layer, ctx.quantize_bwd, ctx.has_bias = layer, quantize_bwd, bias is not None
         ctx.x_dtype, ctx.tokens, ctx.finite = x.dtype, x.shape[0], finite
-        return y.to(x.dtype)
+        return y
 
     @staticmethod
     def backward(ctx, dy):
-        layer = ctx.layer
-        pol, be, roles = layer.policy, layer.backend, layer.roles
-        b = pol.block
-        s = _load(ctx)
-        weight = s["weight"]
-        dy = dy.contiguous()
-        dx = dw = db = None
-        if not ctx.finite or not _finite(layer, dy):
-            nan = float("nan")
-            dx = torch.full((ctx.tokens, weight.shape[1]), nan, dtype=ctx.x_dtype, device=dy.device)
-            dw = torch.full_like(weight, nan)
-            db = torch.full((weight.shape[0],), nan, device=dy.device) if ctx.has_bias else None
-            return dx, dw, db, None, None
-        if ctx.quantize_bwd and roles.dgrad_dy.ms_eden:
-            dx, dw = _ms_eden_backward(ctx, layer, s, dy)
-        elif ctx.quantize_bwd:
-            dyt_src = _pad_tokens(dy, b).t() if ctx.needs_input_grad[1] else None
-            am_dy = am_dyt = None
-            if ctx.needs_input_grad[0] and ctx.needs_input_grad[1]:
-                am_dy, am_dyt = layer.amaxes(dyt_src, roles.wgrad_dy)  # both operands of dy from one read
-            if ctx.needs_input_grad[0]:
-                dyq = layer.quantize(dy, roles.dgrad_dy, amax=am_dy)
-                wt_src = weight.t() if gathered_quantized(weight) is None else None  # None: gathered in 4 bits
-                wt = s["wq_t"] if pol.weight_2d_scaling else layer.quantize(wt_src, roles.dgrad_w)
-                layer.record(roles.dgrad_dy, dy, dyq)
-                layer.record(roles.dgrad_w, wt_src, wt)
-                dx = be.gemm(dyq, wt, ctx.x_dtype)
-            if ctx.needs_input_grad[1]:
-                dyt = layer.quantize(dyt_src, roles.wgrad_dy, amax=am_dyt)
-                layer.record(roles.wgrad_dy, dyt_src, dyt)
-                dw = be.gemm(dyt, s["xt"], torch.float32).to(weight.dtype)
-        else:
-            x = s["x"]
-            if ctx.needs_input_grad[0]:
-                dx = (dy.float() @ weight.float()).to(ctx.x_dtype)
-            if ctx.needs_input_grad[1]:
-                dw = (dy.float().t() @ x.float()).to(weight.dtype)
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            db = dy.float().sum(0)
+        dx, dw, db = _backward(ctx.layer, _load(ctx), dy, tuple(ctx.needs_input_grad[:3]),
+                               quantize_bwd=ctx.quantize_bwd, finite=ctx.finite, x_dtype=ctx.x_dtype,
+                               tokens=ctx.tokens, has_bias=ctx.has_bias)
         return dx, dw, db, None, None
 
 
-def _ms_eden_backward(ctx, layer, s: dict, dy: torch.Tensor):
+def _ms_eden_backward(needs: tuple, layer, s: dict, dy: torch.Tensor, x_dtype: torch.dtype):
     """Dgrad and Wgrad with MS-EDEN operands (Quartet II): each GEMM draws one set of random
     Hadamard signs for both of its operands; W and x enter as the values Fprop multiplied."""
     roles, be = layer.roles, layer.backend
     n = roles.dgrad_dy.ms_eden
     weight = s["weight"]
     dx = dw = None
-    if ctx.needs_input_grad[0]:
+    if needs[0]:
         signs = layer.hadamard_signs("dgrad", n, dy.device)
         dyq = layer.quantize(dy, roles.dgrad_dy, signs=signs)
         w_vals = be.dequantize(s["wq"]) if "wq" in s else weight.float()
         wt = layer.quantize(w_vals.t(), roles.dgrad_w, signs=signs)
         layer.record(roles.dgrad_dy, None, dyq)
         layer.record(roles.dgrad_w, None, wt)
-        dx = be.gemm(dyq, wt, ctx.x_dtype)
-    if ctx.needs_input_grad[1]:
+        dx = be.gemm(dyq, wt, x_dtype)
+    if needs[1]:
         signs = layer.hadamard_signs("wgrad", n, dy.device)
         dyt = layer.quantize(_pad_tokens(dy, n).t(), roles.wgrad_dy, signs=signs)
         xsrc = s["xsrc"]
@@ -343,6 +369,11 @@ class QuantizedLinear(nn.Linear):
         self.capture: dict | None = None
         self.telemetry: dict[str, dict[str, float]] = {}
         self.backend = resolve(policy.backend, self.weight.device) if self.weight.device.type != "meta" else None
+        self.op_handle = ops.register(self)  # how the compiled path's custom ops find this layer
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self.op_handle = ops.register(self)  # a copy is a layer of its own
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, **kwargs) -> "QuantizedLinear":
@@ -415,6 +446,10 @@ class QuantizedLinear(nn.Linear):
             raise ValueError(f"{self.layer_name or type(self).__name__}: input of shape {tuple(x.shape)} does not "
                              f"end in in_features={self.in_features}")
         lead = x.shape[:-1]
+        if torch.compiler.is_compiling():  # one opaque node for Dynamo (rayfp4.precision.ops)
+            y = torch.ops.rayfp4.quantized_linear(x.reshape(-1, self.in_features), self.weight, self.bias,
+                                                  self.op_handle)
+            return y.reshape(*lead, self.out_features)
         backward_needed = torch.is_grad_enabled() and any(
             t is not None and t.requires_grad for t in (x, self.weight, self.bias))
         y = _QuantizedLinearFn.apply(x.reshape(-1, self.in_features), self.weight, self.bias, self, backward_needed)

@@ -65,6 +65,7 @@ def _train(loop_config: dict) -> None:
                else CheckpointStorage.for_run(None, run_dir))
 
     model, opt, summary = build(cfg, rank, world, device)
+    forward = compiled_forward(model, cfg.train.compile)
     log = _rank_zero_log(cfg, rank, run_dir, loop_config, summary)
     progress = restore(model, opt, cfg, loop_config["fingerprint"], log.notice, run_dir, storage, rank)
     oscillation = None
@@ -106,7 +107,7 @@ def _train(loop_config: dict) -> None:
                 log.notice(switched)
 
         loss, grad_norm = train_step(model, opt, batch.tokens.to(device), data, cfg, autocast,
-                                     lambda x: hooks.on_loss(step, x), summary.runtime.set_micro_batch)
+                                     lambda x: hooks.on_loss(step, x), summary.runtime.set_micro_batch, forward)
         progress.count(loss, grad_norm, cfg.train.max_nonfinite_in_a_row)
         step = progress.step
         last = step >= total
@@ -367,16 +368,18 @@ class Cadence:
 # -- one step, validation ----------------------------------------------------------------------
 
 def train_step(model, opt, tokens: torch.Tensor, data: TrainData, cfg: RunConfig, autocast, on_loss,
-               on_micro_batch=lambda i: None) -> tuple[float, float]:
+               on_micro_batch=lambda i: None, forward=None) -> tuple[float, float]:
     """Forward and backward over the micro-batches (gradients synchronised on the last only), then
     clip and step; a step whose loss or gradient is not finite is not applied. Returns the loss
-    averaged over ranks and the gradient norm before clipping."""
+    averaged over ranks and the gradient norm before clipping. ``forward``: what computes the loss
+    (default the model; :func:`compiled_forward`'s under ``train.compile``)."""
+    forward = model if forward is None else forward
     world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
     loss_sum = torch.zeros((), device=tokens.device)
     for i, chunk in enumerate(tokens.split(data.micro)):
         on_micro_batch(i)
         with _gradient_sync(model, i == data.accum - 1), autocast():
-            loss = on_loss(model(chunk[:, :-1], chunk[:, 1:]))
+            loss = on_loss(forward(chunk[:, :-1], chunk[:, 1:]))
         (loss / data.accum).backward()
         loss_sum += loss.detach().float()
     train_loss = _all_mean(loss_sum / data.accum, world).item()
@@ -386,6 +389,16 @@ def train_step(model, opt, tokens: torch.Tensor, data: TrainData, cfg: RunConfig
         opt.step()
     opt.zero_grad(set_to_none=True)
     return train_loss, grad_norm
+
+
+def compiled_forward(model, mode: str):
+    """What a training step runs the (wrapped) model through: the model itself, or with
+    ``train.compile`` its ``torch.compile`` (a new graph only where Python state it reads changes,
+    e.g. once at a late BF16 switch). Checkpoints, validation and the probes use the model itself,
+    so its parameters and state dict are unchanged."""
+    if mode == "none":
+        return model
+    return torch.compile(model, backend=mode)
 
 
 def micro_batch_loss(model, chunk: torch.Tensor, autocast) -> torch.Tensor:

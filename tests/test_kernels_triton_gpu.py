@@ -192,3 +192,36 @@ def test_backend_dequantize_is_the_reference_values_on_gpu(tile, selection):
             got = T.TritonBackend().dequantize(q)
             assert got.dtype == torch.float32
             assert torch.equal(got.view(torch.int32), want.view(torch.int32)), (s, write)
+
+
+@pytest.mark.parametrize("extra", [{}, {"backward_rounding": "ms_eden"}], ids=["recipe", "ms_eden"])
+def test_a_compiled_step_on_the_triton_backend_equals_the_eager_step(extra):
+    """train.compile: aot_eager on the GPU: the 4-bit layers as custom ops (rayfp4.precision.ops)
+    around the Triton kernels, one graph for the whole model, the same losses and weights."""
+    from rayfp4.model import ModelConfig, build_model
+    from rayfp4.precision import apply_precision_policy
+
+    cfg = ModelConfig(vocab_size=320, seq_len=256, n_layers=2, d_model=256, n_heads=4, n_kv_heads=2, d_ff=768)
+    tokens = torch.randint(0, 320, (3, 4, 257), device=DEV)
+    out = []
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        model = build_model(cfg, device=DEV)
+        summary = apply_precision_policy(model, {"format": "nvfp4", "backend": "triton", "bf16_last_blocks": 0, **extra},
+                                         total_steps=10, device=DEV)
+        torch._dynamo.reset()
+        fwd = torch.compile(model, backend="aot_eager", fullgraph=True) if compiled else model
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        losses = []
+        for step in range(3):
+            summary.runtime.set_step(step)
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss = fwd(tokens[step, :, :-1], tokens[step, :, 1:])
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            losses.append(loss.detach())
+        out.append((torch.stack(losses), [p.detach().clone() for p in model.parameters()]))
+    (la, pa), (lb, pb) = out
+    assert torch.equal(la, lb), (la, lb)
+    assert all(torch.equal(x, y) for x, y in zip(pa, pb))

@@ -102,3 +102,23 @@ def test_the_switch_is_validated_and_leaves_the_fingerprint_alone():
         load_config(tiny, ["train.compile=max-autotune"])
     # a run may resume with or without it (aot_eager computes what eager computes)
     assert load_config(tiny, ["train.compile=aot_eager"]).fingerprint() == load_config(tiny, []).fingerprint()
+
+
+def test_a_late_switch_recompiles_once_not_every_step():
+    """The compiled model reads one flag of the runtime (``all_bf16``), not the step: a late switch
+    at half the run costs one more graph, and the run stays bit for bit the eager run."""
+    from torch._dynamo.utils import counters
+
+    policy = {"late_switch": {"at_fraction": 0.5}}
+    tokens = torch.randint(0, CFG.vocab_size, (8, 4, CFG.seq_len + 1))
+    eager, rt_e = _model(policy, 0)
+    compiled, rt_c = _model(policy, 0)
+    torch._dynamo.reset()
+    counters.clear()
+    fn = torch.compile(compiled, backend="aot_eager", fullgraph=True)
+    rt_c.total_steps = rt_e.total_steps = 8
+    a = _train(eager, rt_e, tokens, 8, eager)
+    b = _train(compiled, rt_c, tokens, 8, fn)
+    assert torch.equal(a, b), (a, b)
+    assert counters["stats"]["unique_graphs"] == 2
+    assert rt_c.all_bf16 and not _model(policy, 0)[1].all_bf16

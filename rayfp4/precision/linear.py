@@ -439,7 +439,7 @@ class QuantizedLinear(nn.Linear):
         if torch.is_autocast_enabled(x.device.type):
             x = x.to(torch.get_autocast_dtype(x.device.type))
         rt = self.runtime
-        if rt.forward_bf16 and rt.backward_bf16:
+        if rt.all_bf16:
             bias = None if self.bias is None else self.bias.to(x.dtype)
             return F.linear(x, self.weight.to(x.dtype), bias)
         if x.shape[-1] != self.in_features:

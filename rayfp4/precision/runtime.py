@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .policy import PrecisionPolicy
+from .policy import PolicyError, PrecisionPolicy
 
 
 @dataclass
@@ -34,6 +34,22 @@ class PrecisionRuntime:
     forced_high_precision: bool = False
     #: Set inside :meth:`no_telemetry`: the linears record no telemetry.
     telemetry_off: bool = False
+
+    #: ``forward_bf16 and backward_bf16``, kept as a plain attribute (refreshed whenever what decides
+    #: it is assigned): a compiled model reads it, so its graph is specialised on this one flag
+    #: (one recompilation at a late switch) instead of on the step, which changes every step.
+    all_bf16 = False  # not a dataclass field: __init__ must not reset it after the fields set it
+
+    _DECIDES = frozenset({"policy", "step", "total_steps", "auto_switch_step", "forced_high_precision"})
+
+    def __setattr__(self, name, value):
+        super().__setattr__(name, value)
+        if name in self._DECIDES and "forced_high_precision" in self.__dict__:
+            try:
+                both = self.forward_bf16 and self.backward_bf16
+            except PolicyError:  # a switch at a fraction before total_steps is known: asking raises there
+                both = False
+            super().__setattr__("all_bf16", both)
 
     def set_step(self, step: int, total_steps: int | None = None) -> None:
         self.step = int(step)

@@ -9,7 +9,10 @@ The studies' runs were trained in sessions on machines that did not keep them (R
 ``rayfp4.study --report`` cannot rebuild their tables from run directories; the CSV holds what
 RESULTS.md needs from each run: its validation loss at each validation step and its tokens/s (the
 ``tokens_per_s...`` column). A run stopped early leaves its last cells empty: it is listed as
-KILLED, not counted in the means, and its curve and gaps go as far as it got. This prints the
+KILLED, not counted in the means, and its curve and gaps go as far as it got. A run whose curve was
+lost with its machine but whose final validation loss was read before (the session's log) has only
+its last cell: it counts in the tables of final losses and is left out of the curves, the gaps at
+each step and the transitions. This prints the
 study's own tables (``rayfp4.study``: per variant, final validation loss and gap to the baseline of
 the same seed, mean and standard deviation over seeds; per run), each variant's gap of the means,
 every run's gap to the baseline of its seed at each validation step, and each run's *transition
@@ -31,9 +34,10 @@ VAL_PREFIX = "val_loss_step"
 
 
 def load(path: str | Path) -> tuple[list[int], dict[tuple[str, int], dict]]:
-    """(steps, {(variant, seed): {"val": [losses], "tokens_per_s": float, "finished": bool}}) in the
-    file's order. A run stopped early has empty cells after its last validation: its ``val`` is
-    shorter than ``steps``."""
+    """(steps, {(variant, seed): {"val": [losses], "tokens_per_s": float, "finished": bool,
+    "curve": bool}}) in the file's order. A run stopped early has empty cells after its last
+    validation: its ``val`` is shorter than ``steps``. A row with only the last cell is a finished
+    run without its curve (``curve`` False, ``val`` its final loss alone)."""
     with open(path, newline="") as f:
         reader = csv.DictReader(f)
         fields = reader.fieldnames or []
@@ -48,11 +52,13 @@ def load(path: str | Path) -> tuple[list[int], dict[tuple[str, int], dict]]:
             try:
                 cells = [row[f"{VAL_PREFIX}{s}"].strip() for s in steps]
                 n = len(cells) - len(list(itertools.takewhile(lambda c: not c, reversed(cells))))
-                if not n or not all(cells[:n]):
-                    raise ValueError("validation losses must be a run's first steps, without gaps")
+                final_only = len(cells) > 1 and n == len(cells) and not any(cells[:-1])
+                if not final_only and (not n or not all(cells[:n])):
+                    raise ValueError("validation losses must be a run's first steps, without gaps, "
+                                     "or its final step alone")
                 runs[(row["variant"], int(row["seed"]))] = {
-                    "val": [float(c) for c in cells[:n]], "tokens_per_s": float(row[speed]),
-                    "finished": n == len(steps)}
+                    "val": [float(c) for c in (cells[-1:] if final_only else cells[:n])],
+                    "tokens_per_s": float(row[speed]), "finished": n == len(steps), "curve": not final_only}
             except (KeyError, TypeError, ValueError, AttributeError) as e:
                 raise SystemExit(f"error: {path}, line {i}: {e}") from None
     return steps, runs
@@ -68,8 +74,8 @@ def crossing(steps: list[int], losses: list[float], level: float) -> float | Non
 
 def gap_curve(runs, baseline: str, variant: str, seed: int) -> list[float] | None:
     """The run's gap to the baseline of its seed at each validation step both reached, in percent."""
-    base = runs.get((baseline, seed))
-    if base is None or (variant, seed) not in runs:
+    base, run = runs.get((baseline, seed)), runs.get((variant, seed))
+    if base is None or run is None or not (base["curve"] and run["curve"]):
         return None
     return [100 * (a / b - 1) for a, b in zip(runs[(variant, seed)]["val"], base["val"])]
 
@@ -109,9 +115,10 @@ def tables(study_path: str | Path, steps, runs, level: float) -> str:
     out += ["", f"| variant | seed | transition step (val loss < {level}) | final val loss |", "|---|---|---|---|"]
     xs, ys = [], []
     for (v, seed), r in runs.items():
-        x = crossing(steps, r["val"], level)
+        x = crossing(steps, r["val"], level) if r["curve"] else None
         last = f"{r['val'][-1]:.4f}" + ("" if r["finished"] else f" (step {steps[len(r['val']) - 1]}, stopped)")
-        out.append(f"| {v} | {seed} | {'-' if x is None else f'{x:.0f}'} | {last} |")
+        out.append(f"| {v} | {seed} | {'-' if x is None else f'{x:.0f}'} | {last}"
+                   + ("" if r["curve"] else " (curve not kept)") + " |")
         if x is not None and r["finished"]:
             xs.append(x)
             ys.append(r["val"][-1])
@@ -131,13 +138,15 @@ def plots(steps, runs, level: float, out: Path, name: str, baseline: str) -> lis
     styles = ["-", "--", ":", "-."]
     fig, axes = plt.subplots(1, 2, figsize=(14, 5))
     for (v, s), r in runs.items():
+        if not r["curve"]:
+            continue
         for ax in axes:
             ax.plot(steps[:len(r["val"])], r["val"], styles[s % len(styles)], color=colors[v], marker=".",
                     label=f"{v} s{s}" if ax is axes[0] else None)
     axes[0].axhline(level, color="grey", lw=0.8)
     axes[0].set_title("every run's validation loss (line style: seed)")
     axes[1].set_xlim(steps[len(steps) // 2 - 1] - 20, steps[-1] + 20)
-    tail = [x for r in runs.values() for x in r["val"][len(steps) // 2 - 1:]] or [0.0]
+    tail = [x for r in runs.values() if r["curve"] for x in r["val"][len(steps) // 2 - 1:]] or [0.0]
     axes[1].set_ylim(min(tail) - 0.01, max(tail) + 0.01)
     axes[1].set_title("second half, zoomed")
     for ax in axes:
@@ -152,7 +161,7 @@ def plots(steps, runs, level: float, out: Path, name: str, baseline: str) -> lis
 
     fig, ax = plt.subplots(figsize=(7, 5))
     for (v, s), r in runs.items():
-        x = crossing(steps, r["val"], level)
+        x = crossing(steps, r["val"], level) if r["curve"] else None
         if x is not None and r["finished"]:
             ax.scatter(x, r["val"][-1], color=colors[v], marker="os^D"[s % 4],
                        label=v if s == min(t for w, t in runs if w == v) else None)

@@ -54,6 +54,20 @@ def test_a_run_stopped_early_is_listed_as_killed_with_its_partial_gaps(tmp_path,
     assert (tmp_path / "t-gap.png").stat().st_size > 0
 
 
+def test_a_run_known_only_by_its_final_loss_counts_in_the_means_but_draws_no_curve(tmp_path, capsys):
+    f = _csv(tmp_path / "v.csv", [("bf16", 0, "x", 100, 2.0, 1.0, 0.80), ("fp4", 0, "x", 50, 2.0, 1.1, 0.84),
+                                   ("bf16", 1, "x", 100, "", "", 0.90), ("fp4", 1, "x", 70, "", "", 0.90)])
+    study = _study(tmp_path / "s.yaml")
+    assert results_plots.main(["--study", str(study), "--csv", str(f), "--out", str(tmp_path), "--level", "1.2"]) == 0
+    out = capsys.readouterr().out
+    assert f"| fp4 | 2 | 0.8700 ± {statistics.stdev([0.84, 0.90]):.4f} |" in out  # both seeds' finals
+    assert "| fp4 | 1 | FINISHED | 0.9000 | +0.00 |" in out
+    assert "| fp4 | 1 | - | 0.9000 (curve not kept) |" in out   # no transition without a curve
+    assert "| fp4 | 0 | +0.00 | +10.00 | +5.00 |" in out and "| fp4 | 1 |  " not in out
+    assert all(not line.startswith("| fp4 | 1 | +") for line in out.splitlines())  # no gaps per step
+    assert (tmp_path / "t-curves.png").stat().st_size > 0
+
+
 def test_a_gap_inside_a_curve_is_refused(tmp_path):
     f = _csv(tmp_path / "v.csv", [("bf16", 0, "x", 100, 2.0, "", 0.8)])
     with pytest.raises(SystemExit, match="line 2"):

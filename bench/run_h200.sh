@@ -64,14 +64,16 @@ case "${1:-checks}" in
       --steps 8 --variants 4over6-fwd,ms_eden-4over6-fwd 2>&1 | grep -v Warn | tee "$out/step_lab_10m.txt"
     ;;
   compile)  # train.compile on the GPU: bit-exact first, then every step with and without torch.compile
-    # (BF16 compiled too), at the 25M study shape (host-bound) and the 337M default (device-bound)
-    python3 -m pytest -q -p no:cacheprovider tests/test_kernels_triton_gpu.py -k compiled 2>&1 | tail -4 \
-      | tee "$out/compile_gpu_tests.txt"
-    for c in none aot_eager inductor; do
+    # (BF16 compiled too), at the 25M study shape (host-bound) and the 337M default (device-bound);
+    # graph: each step replayed from a CUDA graph, the bound on what taking the host out buys
+    # (COMPILE_TESTS=0: the bit-exactness test already passed on this code, 2026-12-02)
+    [ "${COMPILE_TESTS:-1}" = 1 ] && python3 -m pytest -q -p no:cacheprovider tests/test_kernels_triton_gpu.py \
+      -k compiled 2>&1 | tail -4 | tee "$out/compile_gpu_tests.txt"
+    for c in none aot_eager inductor graph; do
       python3 -m bench.step --layers 8 --d-model 512 --d-ff 1536 --kv-heads 4 --vocab 320 --batch 32 --seq 1024 \
         --steps 8 --compile $c 2>&1 | grep -v Warn | tee -a "$out/step_compile_25m.txt"
     done
-    for c in none inductor; do
+    for c in none inductor graph; do
       python3 -m bench.step --steps 6 --compile $c 2>&1 | grep -v Warn | tee -a "$out/step_compile_337m.txt"
     done
     ;;

@@ -14,7 +14,10 @@ quantized by the torch reference, as before), ``ms_eden`` (NVFP4 with ``backward
 ms_eden``: MS-EDEN backward operands) and ``ms_eden-4over6-fwd`` (both: the recipe lab's
 combination). ``--compile aot_eager|inductor`` runs every variant's forward and backward, the BF16
 baseline's too, through ``torch.compile`` (``train.compile``; the 4-bit layers as custom ops);
-the warm-up steps take the compilation.
+the warm-up steps take the compilation. ``--compile graph`` captures each variant's whole eager
+step (forward, backward, a capturable fused AdamW) in one CUDA graph and times its replay: how much
+taking the host out of the step buys at most. It is a timing, not training: a replay reuses the
+stochastic-rounding seeds its capture drew.
 """
 
 from __future__ import annotations
@@ -56,18 +59,37 @@ def run(fmt: str, cfg: ModelConfig, batch: int, steps: int, policy_extra: dict,
             for m in model.modules():
                 if isinstance(m, QuantizedLinear):
                     m.backend = ReferenceMXFP4Backend()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    graph = compile_mode == "graph"
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True, capturable=graph)
     tokens = torch.randint(0, cfg.vocab_size, (batch, cfg.seq_len + 1), device="cuda")
     inp, tgt = tokens[:, :-1], tokens[:, 1:]
-    forward = model if compile_mode == "none" else torch.compile(model, backend=compile_mode)
+    forward = model if compile_mode in ("none", "graph") else torch.compile(model, backend=compile_mode)
 
     def step():
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+        # autocast's cache of cast weights would be captured once and go stale: off for graphs
+        with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=not graph):
             loss = forward(inp, tgt)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
+    if graph:  # warm-up on a side stream, as CUDA graph capture asks, then one capture
+        # SR seeds from CPU generators: a CUDA generator's state may not be read while capturing
+        # (the seed values differ from a CUDA generator's; the streams are as random)
+        for m in model.modules():
+            if isinstance(m, QuantizedLinear):
+                rt = m.runtime
+                rt.generator = lambda layer, stream, device, rt=rt: type(rt).generator(rt, layer, stream, "cpu")
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                step()
+        torch.cuda.current_stream().wait_stream(side)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            step()
+        step = g.replay  # noqa: F811 (the timed step is the replay)
     for _ in range(3):  # warm-up: compiles, allocator
         step()
     torch.cuda.synchronize()
@@ -99,8 +121,9 @@ def main() -> None:
     p.add_argument("--ablate", action="store_true",
                    help="also time NVFP4 without SR, without RHT, with 1x16 weights")
     p.add_argument("--profile", action="store_true", help="print device time per kernel category per step")
-    p.add_argument("--compile", default="none", choices=["none", "aot_eager", "inductor"],
-                   help="torch.compile every variant's step, BF16's too (as train.compile)")
+    p.add_argument("--compile", default="none", choices=["none", "aot_eager", "inductor", "graph"],
+                   help="torch.compile every variant's step, BF16's too (as train.compile); graph: "
+                        "replay each step captured in a CUDA graph (a timing bound, not training)")
     p.add_argument("--variants", default="", help="comma-separated: 4over6, 4over6-fwd, mxfp4, mxfp4-ref, ms_eden, "
                                                   "ms_eden-4over6-fwd (timed after the ablations)")
     a = p.parse_args()

@@ -398,6 +398,47 @@ def test_linear_layer_on_the_triton_backend_equals_the_reference_backend(tokens,
         assert torch.equal(g.amax, q.amax), key
 
 
+def test_a_layer_trained_on_device_seeds_equals_the_layer_on_generators(gen):
+    """NVFP4Linear (Triton backend, SR and RHT on, two micro-batches a step) trains bit for bit
+    the same with the runtime's device seeds as with its generators: the same keys reach the
+    kernels, now from the table. The reference backend keeps its generators."""
+    from rayfp4.precision import NVFP4Linear, PrecisionPolicy, PrecisionRuntime
+
+    pol = PrecisionPolicy()
+    assert pol.stochastic_rounding_grads and pol.rht_wgrad
+    xs = (torch.randn(3, 2, 32, 64, generator=gen) * 3).to(torch.bfloat16)
+    dys = torch.randn(3, 2, 32, 48, generator=gen).to(torch.bfloat16)
+    out = {}
+    for device_seeds in (False, True):
+        torch.manual_seed(0)
+        rt = PrecisionRuntime(pol, seed=11, rank=1)
+        layer = NVFP4Linear(64, 48, bias=True, policy=pol, runtime=rt, layer_index=2)
+        layer.backend = T.TritonBackend()  # the registry offers it on CUDA only
+        if device_seeds:
+            rt.enable_device_seeds("cpu")
+        opt = torch.optim.SGD(layer.parameters(), lr=0.1)
+        grads = []
+        for step in range(3):
+            rt.set_step(step)
+            for mb in range(2):
+                rt.set_micro_batch(mb)
+                x = xs[step, mb].clone().requires_grad_(True)
+                layer(x).backward(dys[step, mb])
+                grads.append(x.grad)
+            grads.append(layer.weight.grad.clone())
+            opt.step()
+            opt.zero_grad()
+        out[device_seeds] = (grads, layer.weight.detach().clone(), layer.bias.detach().clone())
+    assert list(rt._seed_slots) == [(2, "dgrad"), (2, "wgrad")]  # the table was drawn from
+    for a, b in zip(out[False][0], out[True][0]):
+        assert torch.equal(a, b)
+    assert torch.equal(out[False][1], out[True][1]) and torch.equal(out[False][2], out[True][2])
+    ref = NVFP4Linear(64, 48, policy=pol, runtime=PrecisionRuntime(pol))
+    ref.runtime.enable_device_seeds("cpu")
+    ref(xs[0, 0]).backward(dys[0, 0])
+    assert not ref.runtime._seed_slots
+
+
 def test_mxfp4_layer_on_a_fast_backend_skips_a_non_finite_step_instead_of_raising(gen):
     """The fast backends' MXFP4 quantizers, like their NVFP4 ones, turn a NaN/Inf block into a NaN
     scale instead of raising: the NaN reaches the output rows (so the loss, and the loop skips the

@@ -268,3 +268,40 @@ def test_a_captured_quantization_draws_the_device_seed_of_each_replay():
         g.manual_seed(s)
         want = T.quantize_nvfp4(x.t(), rht=True, rounding="stochastic", generator=g)
         assert torch.equal(q.data, want.data), s
+
+
+def test_a_model_trained_on_device_seeds_equals_it_on_generators_without_stopping_the_host():
+    """The runtime's device seed table on CUDA: refreshed each step and micro-batch by one copy
+    from pinned memory (no host sync: CUDA's sync debug mode errs on one), and the model trains
+    bit for bit as with a generator per quantization."""
+    from rayfp4.model import ModelConfig, build_model
+    from rayfp4.precision import apply_precision_policy
+
+    cfg = ModelConfig(vocab_size=320, seq_len=256, n_layers=2, d_model=256, n_heads=4, n_kv_heads=2, d_ff=768)
+    tokens = torch.randint(0, 320, (3, 2, 4, 257), device=DEV)
+    out = []
+    for device_seeds in (False, True):
+        torch.manual_seed(0)
+        model = build_model(cfg, device=DEV)
+        rt = apply_precision_policy(model, {"format": "nvfp4", "backend": "triton", "bf16_last_blocks": 0},
+                                    total_steps=10, device=DEV).runtime
+        if device_seeds:
+            table = rt.enable_device_seeds(DEV)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        for step in range(3):
+            torch.cuda.synchronize()
+            torch.cuda.set_sync_debug_mode("error" if step else "default")  # step 0 compiles
+            try:
+                rt.set_step(step)
+                for mb in range(2):
+                    rt.set_micro_batch(mb)
+                    with torch.autocast("cuda", dtype=torch.bfloat16):
+                        loss = model(tokens[step, mb, :, :-1], tokens[step, mb, :, 1:])
+                    loss.backward()
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        out.append([p.detach().clone() for p in model.parameters()])
+    assert rt.device_seeds is table and len(rt._seed_slots) > 0
+    assert all(torch.equal(a, b) for a, b in zip(*out))

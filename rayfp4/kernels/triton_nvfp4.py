@@ -263,7 +263,8 @@ def _check(x: torch.Tensor, tile: tuple[int, int], what: str) -> None:
 
 
 def quantize_nvfp4(x: torch.Tensor, tile=(1, 16), rounding: str = "nearest", rht: bool = False,
-                   generator: torch.Generator | torch.Tensor | None = None, amax=None, *, rht_signs: torch.Tensor | None = None,
+                   generator: torch.Generator | torch.Tensor | None = None, amax=None, *,
+                   rht_signs: torch.Tensor | None = None,
                    write_gemm_operand: bool | None = None, check_finite: bool = False,
                    trust_amax: bool = False, scale_selection: str = "max6", error_metric: str = "mse",
                    scale_cap: float | None = None) -> NVFP4Tensor:

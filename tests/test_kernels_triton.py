@@ -221,6 +221,100 @@ def test_stochastic_rounding_only_moves_to_neighbours(gen):
     assert not torch.equal(t.data, ref.data)
 
 
+# ------------------------------------------------------------------------- device seeds
+
+#: Every stochastic launch: (view of an [M, K] x, quantize_nvfp4 keywords). Rows, 16x16 tiles and
+#: Four Over Six go through quant_rows_kernel; the transposed views and the RHT through
+#: quant_groups_kernel.
+SR_CASES = {
+    "rows": (lambda x: x, {}),
+    "tile16": (lambda x: x, {"tile": (16, 16)}),
+    "rows_four6": (lambda x: x, {"scale_selection": "four_over_six"}),
+    "cols": (lambda x: x.t(), {}),
+    "cols_rht": (lambda x: x.t(), {"rht": True}),
+    "rows_rht": (lambda x: x, {"rht": True}),
+}
+
+
+def assert_same_quantized(a, b):
+    assert torch.equal(a.data, b.data) and torch.equal(a.scale.view(torch.uint8), b.scale.view(torch.uint8))
+    assert torch.equal(a.amax, b.amax)
+    for x, y in ((a.gemm_operand, b.gemm_operand), (a.transposed, b.transposed)):
+        assert (x is None) == (y is None)
+    if a.gemm_operand is not None:
+        assert torch.equal(a.gemm_operand.view(torch.int16), b.gemm_operand.view(torch.int16))
+    if a.transposed is not None:
+        assert torch.equal(a.transposed.data, b.transposed.data)
+
+
+@pytest.mark.parametrize("case", sorted(SR_CASES))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_device_seed_draws_the_bits_of_the_generator_it_stands_for(case, dtype, gen):
+    """SR with a device seed holding generator_seed(s) equals SR with a fresh generator seeded
+    with s, bit for bit, in every stochastic launch (the kernel loads the key instead of taking
+    it as an argument; nothing else changes)."""
+    view, kw = SR_CASES[case]
+    x = view(random_matrix(32, 64, torch.float32, gen).to(dtype))
+    s = int(torch.randint(0, 2**62, (), generator=gen))
+    want = T.quantize_nvfp4(x, rounding="stochastic", generator=torch.Generator().manual_seed(s), **kw)
+    seed = torch.tensor([T.generator_seed(s, x.device)], dtype=torch.int64)
+    got = T.quantize_nvfp4(x, rounding="stochastic", generator=seed, **kw)
+    assert_same_quantized(got, want)
+    other = T.quantize_nvfp4(x, rounding="stochastic", generator=seed + 1, **kw)
+    assert not torch.equal(other.data, want.data)  # the key read is the one used
+
+
+@pytest.mark.parametrize("key", [0, 5, 2**31 - 1, 2**31 + 3, 2**32 + 7, 2**62 + 12345, 2**63 - 1])
+def test_a_loaded_key_of_any_width_equals_the_host_integer(key, gen, monkeypatch):
+    """Triton types a host integer key i32 or i64 by its size; the loaded one is always int64.
+    randint4x widens both to uint64, so every non-negative key below 2**63 draws the same bits."""
+    x = random_matrix(32, 64, torch.float32, gen)
+    seed = torch.tensor([key], dtype=torch.int64)
+    for view, kw in (SR_CASES["rows"], SR_CASES["cols_rht"]):
+        got = T.quantize_nvfp4(view(x), rounding="stochastic", generator=seed, **kw)
+        with monkeypatch.context() as m:
+            m.setattr(T, "_sr_seed", lambda generator, device: key)
+            want = T.quantize_nvfp4(view(x), rounding="stochastic", generator=None, **kw)
+        assert_same_quantized(got, want)
+
+
+def test_a_device_seed_must_be_one_int64_on_the_device():
+    x = torch.randn(16, 32)
+    for bad in (torch.tensor([1], dtype=torch.int32), torch.tensor([1, 2]), torch.tensor([[1]], device="meta")):
+        with pytest.raises(ValueError, match="1-element int64 tensor"):
+            T.quantize_nvfp4(x, rounding="stochastic", generator=bad)
+
+
+class _CudaGeneratorState:
+    """A stand-in for a CUDA generator as _sr_seed reads it (seed, offset), so the CUDA key's
+    arithmetic is checked on the CPU too (tests/test_kernels_triton_gpu.py checks a real one)."""
+
+    device = torch.device("cuda")
+
+    def __init__(self, seed):
+        self.seed, self.offset = seed, 0
+
+    def initial_seed(self):
+        return self.seed
+
+    def get_offset(self):
+        return self.offset
+
+    def set_offset(self, offset):
+        self.offset = offset
+
+
+@pytest.mark.parametrize("seed", [0, 1, 12345, 2**62 + 12345, 2**63 - 1])
+def test_generator_seed_is_the_key_of_a_fresh_generator(seed):
+    cpu = torch.device("cpu")
+    assert T.generator_seed(seed, cpu) == T._sr_seed(torch.Generator().manual_seed(seed), cpu)
+    g = _CudaGeneratorState(seed)
+    assert T.generator_seed(seed, "cuda") == T._sr_seed(g, torch.device("cuda")) < 2**63
+    assert g.offset == 4  # read at offset 0 (a fresh generator), then advanced as on a real one
+    with pytest.raises(ValueError, match="seed must be in"):
+        T.generator_seed(-1, cpu)
+
+
 # ------------------------------------------------------------------------- GEMM and backend
 
 
@@ -302,6 +396,47 @@ def test_linear_layer_on_the_triton_backend_equals_the_reference_backend(tokens,
         g = got[4][key]
         assert torch.equal(g.data, q.data) and torch.equal(g.scale.view(torch.uint8), q.scale.view(torch.uint8)), key
         assert torch.equal(g.amax, q.amax), key
+
+
+def test_a_layer_trained_on_device_seeds_equals_the_layer_on_generators(gen):
+    """NVFP4Linear (Triton backend, SR and RHT on, two micro-batches a step) trains bit for bit
+    the same with the runtime's device seeds as with its generators: the same keys reach the
+    kernels, now from the table. The reference backend keeps its generators."""
+    from rayfp4.precision import NVFP4Linear, PrecisionPolicy, PrecisionRuntime
+
+    pol = PrecisionPolicy()
+    assert pol.stochastic_rounding_grads and pol.rht_wgrad
+    xs = (torch.randn(3, 2, 32, 64, generator=gen) * 3).to(torch.bfloat16)
+    dys = torch.randn(3, 2, 32, 48, generator=gen).to(torch.bfloat16)
+    out = {}
+    for device_seeds in (False, True):
+        torch.manual_seed(0)
+        rt = PrecisionRuntime(pol, seed=11, rank=1)
+        layer = NVFP4Linear(64, 48, bias=True, policy=pol, runtime=rt, layer_index=2)
+        layer.backend = T.TritonBackend()  # the registry offers it on CUDA only
+        if device_seeds:
+            rt.enable_device_seeds("cpu")
+        opt = torch.optim.SGD(layer.parameters(), lr=0.1)
+        grads = []
+        for step in range(3):
+            rt.set_step(step)
+            for mb in range(2):
+                rt.set_micro_batch(mb)
+                x = xs[step, mb].clone().requires_grad_(True)
+                layer(x).backward(dys[step, mb])
+                grads.append(x.grad)
+            grads.append(layer.weight.grad.clone())
+            opt.step()
+            opt.zero_grad()
+        out[device_seeds] = (grads, layer.weight.detach().clone(), layer.bias.detach().clone())
+    assert list(rt._seed_slots) == [(2, "dgrad"), (2, "wgrad")]  # the table was drawn from
+    for a, b in zip(out[False][0], out[True][0]):
+        assert torch.equal(a, b)
+    assert torch.equal(out[False][1], out[True][1]) and torch.equal(out[False][2], out[True][2])
+    ref = NVFP4Linear(64, 48, policy=pol, runtime=PrecisionRuntime(pol))
+    ref.runtime.enable_device_seeds("cpu")
+    ref(xs[0, 0]).backward(dys[0, 0])
+    assert not ref.runtime._seed_slots
 
 
 def test_mxfp4_layer_on_a_fast_backend_skips_a_non_finite_step_instead_of_raising(gen):

@@ -225,3 +225,83 @@ def test_a_compiled_step_on_the_triton_backend_equals_the_eager_step(extra):
     (la, pa), (lb, pb) = out
     assert torch.equal(la, lb), (la, lb)
     assert all(torch.equal(x, y) for x, y in zip(pa, pb))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 12345, 2**62 + 12345, 2**63 - 1])
+def test_a_device_seed_draws_the_bits_of_a_fresh_cuda_generator(seed):
+    """generator_seed computes a fresh CUDA generator's key on the host (manual_seed keeps the
+    uint64 seed, offset 0), and the compiled kernels loading it from device memory draw what the
+    generator's key, passed as a host integer, draws: in every stochastic launch."""
+    g = torch.Generator(device=DEV)
+    g.manual_seed(seed)
+    key = T.generator_seed(seed, DEV)
+    assert key == T._sr_seed(g, DEV)
+    dev_seed = torch.tensor([key], dtype=torch.int64, device=DEV)
+    x = random_matrix(256, 512, torch.float32, torch.Generator().manual_seed(seed % 2**32)).to(DEV)
+    for view, kw in ((x, {}), (x, {"tile": (16, 16)}), (x, {"scale_selection": "four_over_six"}), (x.t(), {}),
+                     (x.t(), {"rht": True}), (x.to(torch.bfloat16).t(), {"rht": True})):
+        g = torch.Generator(device=DEV)
+        g.manual_seed(seed)
+        want = T.quantize_nvfp4(view, rounding="stochastic", generator=g, **kw)
+        got = T.quantize_nvfp4(view, rounding="stochastic", generator=dev_seed, **kw)
+        assert torch.equal(got.data, want.data) and torch.equal(got.scale.view(torch.uint8),
+                                                                want.scale.view(torch.uint8)), kw
+        assert torch.equal(got.amax, want.amax), kw
+
+
+def test_a_captured_quantization_draws_the_device_seed_of_each_replay():
+    """What device seeds are for: a CUDA graph replays the launch it captured, key argument
+    included, but reads the device seed afresh, so rewriting the seed between replays gives each
+    replay the streams of its own key."""
+    x = torch.randn(256, 512, device=DEV)
+    seed = torch.tensor([T.generator_seed(1, DEV)], dtype=torch.int64, device=DEV)
+    for _ in range(2):  # compile the kernels outside the capture
+        T.quantize_nvfp4(x.t(), rht=True, rounding="stochastic", generator=seed)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        q = T.quantize_nvfp4(x.t(), rht=True, rounding="stochastic", generator=seed)
+    for s in (2, 3):
+        seed.fill_(T.generator_seed(s, DEV))
+        graph.replay()
+        g = torch.Generator(device=DEV)
+        g.manual_seed(s)
+        want = T.quantize_nvfp4(x.t(), rht=True, rounding="stochastic", generator=g)
+        assert torch.equal(q.data, want.data), s
+
+
+def test_a_model_trained_on_device_seeds_equals_it_on_generators_without_stopping_the_host():
+    """The runtime's device seed table on CUDA: refreshed each step and micro-batch by one copy
+    from pinned memory (no host sync: CUDA's sync debug mode errs on one), and the model trains
+    bit for bit as with a generator per quantization."""
+    from rayfp4.model import ModelConfig, build_model
+    from rayfp4.precision import apply_precision_policy
+
+    cfg = ModelConfig(vocab_size=320, seq_len=256, n_layers=2, d_model=256, n_heads=4, n_kv_heads=2, d_ff=768)
+    tokens = torch.randint(0, 320, (3, 2, 4, 257), device=DEV)
+    out = []
+    for device_seeds in (False, True):
+        torch.manual_seed(0)
+        model = build_model(cfg, device=DEV)
+        rt = apply_precision_policy(model, {"format": "nvfp4", "backend": "triton", "bf16_last_blocks": 0},
+                                    total_steps=10, device=DEV).runtime
+        if device_seeds:
+            table = rt.enable_device_seeds(DEV)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        for step in range(3):
+            torch.cuda.synchronize()
+            torch.cuda.set_sync_debug_mode("error" if step else "default")  # step 0 compiles
+            try:
+                rt.set_step(step)
+                for mb in range(2):
+                    rt.set_micro_batch(mb)
+                    with torch.autocast("cuda", dtype=torch.bfloat16):
+                        loss = model(tokens[step, mb, :, :-1], tokens[step, mb, :, 1:])
+                    loss.backward()
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        out.append([p.detach().clone() for p in model.parameters()])
+    assert rt.device_seeds is table and len(rt._seed_slots) > 0
+    assert all(torch.equal(a, b) for a, b in zip(*out))

@@ -165,6 +165,65 @@ def test_sr_streams_differ_per_step_layer_and_rank():
     assert PrecisionRuntime(pol, seed=2).sr_seed(0, "dgrad") != PrecisionRuntime(pol, seed=1).sr_seed(0, "dgrad")
 
 
+def test_device_seed_table_keeps_its_slots_and_memory_and_follows_the_step():
+    """Each (layer, stream) keeps one slot of one table allocated once (what a captured CUDA graph
+    reads); every step and micro-batch rewrites the slots in place with the keys their generators
+    would give; a slot gets its value when first asked for."""
+    import copy
+
+    from rayfp4.kernels.triton_nvfp4 import generator_seed
+    from rayfp4.precision import PrecisionRuntime
+
+    cpu = torch.device("cpu")
+    rt = PrecisionRuntime(PrecisionPolicy(), seed=3, rank=1)
+    assert rt.device_seeds is None
+    with pytest.raises(RuntimeError, match="enable_device_seeds"):
+        rt.device_seed(0, "dgrad", cpu)
+    table = rt.enable_device_seeds(cpu)
+    assert rt.enable_device_seeds("cpu") is table and table.dtype == torch.int64
+    ptr = table.data_ptr()
+    keys = [(layer, stream) for layer in (0, 1, 7) for stream in ("dgrad", "wgrad")]
+    slots = {}
+    seen = set()
+    for step in range(3):
+        rt.set_step(step)
+        for mb in range(2):
+            rt.set_micro_batch(mb)
+            for key in keys:
+                view = rt.device_seed(*key, cpu)
+                assert view.shape == (1,) and view.dtype == torch.int64
+                assert slots.setdefault(key, view.data_ptr()) == view.data_ptr()
+                assert int(view) == generator_seed(rt.sr_seed(*key), cpu)
+                seen.add(int(view))
+            assert table.data_ptr() == ptr
+    assert len(seen) == 3 * 2 * len(keys)  # a fresh key per step, micro-batch, layer and stream
+    # A refresh alone (no lookup) updates every registered slot.
+    views = [rt.device_seed(*key, cpu) for key in keys]
+    rt.set_step(10)
+    assert [int(v) for v in views] == [generator_seed(rt.sr_seed(*key), cpu) for key in keys]
+    assert not rt.all_bf16 and rt == PrecisionRuntime(PrecisionPolicy(), seed=3, rank=1, step=10)
+    twin = copy.deepcopy(rt)  # a copied model's runtime: a table of its own, the same slots
+    twin.set_step(11)
+    assert twin.device_seeds.data_ptr() != ptr and int(views[0]) == generator_seed(rt.sr_seed(*keys[0]), cpu)
+    assert int(twin.device_seed(*keys[0], cpu)) == generator_seed(twin.sr_seed(*keys[0]), cpu)
+
+
+def test_a_full_device_seed_table_raises():
+    from rayfp4.precision import PrecisionRuntime
+
+    rt = PrecisionRuntime(PrecisionPolicy())
+    rt.enable_device_seeds("cpu", slots=3)
+    for layer in range(3):
+        rt.device_seed(layer, "dgrad", "cpu")
+    rt.device_seed(0, "dgrad", "cpu")  # a registered key still works
+    with pytest.raises(RuntimeError, match="table is full: all 3 slots"):
+        rt.device_seed(3, "dgrad", "cpu")
+    with pytest.raises(ValueError, match="already enabled on cpu"):
+        rt.enable_device_seeds("meta")
+    with pytest.raises(ValueError, match="table is on cpu, not meta"):
+        rt.device_seed(0, "dgrad", "meta")
+
+
 def test_saves_packed_operands_not_a_copy_of_x(gen):
     layer = make_layer(out_f=64, in_f=256)
     x = torch.randn(512, 256, generator=gen, dtype=torch.bfloat16, requires_grad=True)

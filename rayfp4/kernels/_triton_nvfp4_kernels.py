@@ -310,6 +310,19 @@ def _rand8(r0, r1, r2, r3, j: tl.constexpr):
     return ((r >> (8 * (j % 4))) & 0xFF).to(tl.int32)
 
 
+@triton.jit
+def _key(seed, seed_ptr, SEED_PTR: tl.constexpr):
+    """The Philox key of stochastic rounding: the host integer ``seed``, or with SEED_PTR the
+    int64 at ``seed_ptr`` (a "device seed", which a CUDA graph reads afresh at every replay
+    where a host integer would be baked into the captured launch). ``tl.randint4x`` widens either
+    to uint64, so a non-negative key gives the same bits both ways."""
+    if SEED_PTR:
+        key = tl.load(seed_ptr)
+    else:
+        key = seed
+    return key
+
+
 # ---------------------------------------------------------------------------- amax
 
 
@@ -527,10 +540,11 @@ def _word32(lo, hi):
 
 @triton.jit
 def quant_groups_kernel(x_ptr, data_ptr, scale_ptr, amax_ptr, deq_ptr, M, K, stride_m, stride_k,
-                        stride_dm, stride_dk, seed, one_sixth,
+                        stride_dm, stride_dk, seed, seed_ptr, one_sixth,
                         RHT: tl.constexpr, SIGNS: tl.constexpr, ROUND: tl.constexpr, SR: tl.constexpr,
                         BM: tl.constexpr, G: tl.constexpr, WRITE_DEQ: tl.constexpr = False,
-                        FOUR6: tl.constexpr = False, MAE: tl.constexpr = False, GMAX: tl.constexpr = 2688.0):
+                        FOUR6: tl.constexpr = False, MAE: tl.constexpr = False, GMAX: tl.constexpr = 2688.0,
+                        SEED_PTR: tl.constexpr = False):
     """1x16 quantization of a strided [M, K] view along K (optionally RHT first): packed int64 words
     [M, K/16] and E4M3 scale bytes [M, K/16], both row-major. For K = the physical row index (the
     transposed, column-wise quantization) the transpose is never written to memory.
@@ -542,6 +556,8 @@ def quant_groups_kernel(x_ptr, data_ptr, scale_ptr, amax_ptr, deq_ptr, M, K, str
     GMAX is 6 * the block-scale cap (2688 for the recipe). FOUR6 picks each block's scale by Four
     Over Six (the map-to-4 or map-to-6 candidate with the lower error, MAE or squared; ties: 6),
     as ``formats.nvfp4.quantize`` does; launch it with FMA contraction off.
+
+    SR's Philox key is ``seed``, or with SEED_PTR the int64 at ``seed_ptr`` (see :func:`_key`).
     """
     rows = tl.program_id(0) * BM + tl.arange(0, BM)
     grp = tl.program_id(1) * G + tl.arange(0, G)
@@ -571,7 +587,7 @@ def quant_groups_kernel(x_ptr, data_ptr, scale_ptr, amax_ptr, deq_ptr, M, K, str
         sb, byte, enc = _block_scales(bamax, block_enc, s_dec, bad)
     out = rows[:, None].to(tl.int64) * nb + grp[None, :]
     if SR:
-        r0, r1, r2, r3 = tl.randint4x(seed, out.to(tl.uint32, bitcast=False))
+        r0, r1, r2, r3 = tl.randint4x(_key(seed, seed_ptr, SEED_PTR), out.to(tl.uint32, bitcast=False))
     else:
         r0 = 0
         r1 = 0
@@ -606,11 +622,11 @@ def quant_groups_kernel(x_ptr, data_ptr, scale_ptr, amax_ptr, deq_ptr, M, K, str
 
 @triton.jit
 def quant_rows_kernel(x_ptr, data_ptr, scale_ptr, deq_ptr, amax_ptr, datat_ptr, scalet_ptr,
-                      M, K, stride_m, seed, one_sixth,
+                      M, K, stride_m, seed, seed_ptr, one_sixth,
                       TILE_ROWS: tl.constexpr, SR: tl.constexpr, WRITE_DEQ: tl.constexpr,
                       WRITE_T: tl.constexpr, BM: tl.constexpr, G: tl.constexpr,
                       PACK: tl.constexpr = 0, FOUR6: tl.constexpr = False, MAE: tl.constexpr = False,
-                      GMAX: tl.constexpr = 2688.0):
+                      GMAX: tl.constexpr = 2688.0, SEED_PTR: tl.constexpr = False):
     """Quantization along a contiguous K with 1x16 blocks (TILE_ROWS=1) or 16x16 tiles (16).
 
     Writes packed int64 words and E4M3 bytes [M, K/16]; with WRITE_DEQ also the unscaled
@@ -626,6 +642,8 @@ def quant_rows_kernel(x_ptr, data_ptr, scale_ptr, deq_ptr, amax_ptr, datat_ptr, 
 
     GMAX is 6 * the block-scale cap (2688 for the recipe). FOUR6 picks each block's (or tile's)
     scale by Four Over Six, as ``formats.nvfp4.quantize`` does (launch with FMA contraction off).
+
+    SR's Philox key is ``seed``, or with SEED_PTR the int64 at ``seed_ptr`` (see :func:`_key`).
     """
     rows = tl.program_id(0) * BM + tl.arange(0, BM)
     grp = tl.program_id(1) * G + tl.arange(0, G)
@@ -663,7 +681,7 @@ def quant_rows_kernel(x_ptr, data_ptr, scale_ptr, deq_ptr, amax_ptr, datat_ptr, 
     y = x * enc[:, :, None]
     if SR:
         out0 = (rows[:, None].to(tl.int64) * nb + grp[None, :]).to(tl.uint32, bitcast=False)
-        r0, r1, r2, r3 = tl.randint4x(seed, out0)
+        r0, r1, r2, r3 = tl.randint4x(_key(seed, seed_ptr, SEED_PTR), out0)
         # Byte j % 4 of Philox output j // 4 for element j (as _rand8 does per element).
         q = j[None, None, :] // 4
         r = tl.where(q == 0, r0[:, :, None], tl.where(q == 1, r1[:, :, None],

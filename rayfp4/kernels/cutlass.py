@@ -43,7 +43,8 @@ class CutlassBackend:
         return None
 
     def quantize_nvfp4(self, x, tile, rounding, rht, generator, amax=None, write_gemm_operand=None, **selection):
-        # selection: scale_selection, error_metric, scale_cap (Four Over Six), passed on as given
+        # selection: scale_selection, error_metric, scale_cap (Four Over Six), passed on as given;
+        # generator may be a device seed (triton_nvfp4.quantize_nvfp4), the Triton quantizer's
         return self._fallback(x.device).quantize_nvfp4(x, tile, rounding, rht, generator, amax, write_gemm_operand,
                                                        **selection)
 

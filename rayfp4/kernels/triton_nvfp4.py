@@ -154,52 +154,67 @@ def _selection_args(selection: tuple[str, str, float] | None) -> dict:
     return args
 
 
+def _seed_args(seed, dummy: torch.Tensor) -> tuple[int, torch.Tensor, dict]:
+    """The kernels' (seed, seed_ptr, extra) arguments for ``seed``: a host int (seed_ptr unused:
+    ``dummy``; the launch exactly as before device seeds existed) or a device seed, a 1-element
+    int64 tensor the kernel loads the key from (SEED_PTR=True, seed 0)."""
+    if isinstance(seed, torch.Tensor):
+        return 0, seed, {"SEED_PTR": True}
+    return seed, dummy, {}
+
+
 def launch_quant_rows(x, words, scale, deq, am, words_t, scale_t, seed, tile_rows, sr, cfg=None, selection=None):
     """quant_rows_kernel over a K-contiguous [M, K] x into the int64 [M, K/16] ``words`` (and the
     optional BF16 ``deq`` and transposed ``words_t``/``scale_t``) with the launch parameters
-    ``cfg`` (default: this module's LAUNCH entry); ``selection``: (rule, metric, cap) or None
-    for the recipe's."""
+    ``cfg`` (default: this module's LAUNCH entry); ``seed``: SR's Philox key, a host int or a
+    device seed (see :func:`quantize_nvfp4`); ``selection``: (rule, metric, cap) or None for the
+    recipe's."""
     if cfg is None:
         cfg = LAUNCH["rows_tile" if tile_rows == 16 else "rows_sr" if sr else "rows"]
     m, k = x.shape
     write_t = words_t is not None
     grid = (_cdiv(m, cfg["BM"]), _cdiv(k // 16, cfg["G"]))
+    seed, seed_ptr, seed_kw = _seed_args(seed, am)
     _kernel_module().quant_rows_kernel[grid](
         x, words.view(_PACK_DTYPE[cfg.get("PACK", 0)]), scale, deq if deq is not None else words, am,
         words_t if write_t else words, scale_t if write_t else scale,
-        m, k, x.stride(0), seed, ONE_SIXTH_F32,
+        m, k, x.stride(0), seed, seed_ptr, ONE_SIXTH_F32,
         TILE_ROWS=tile_rows, SR=sr, WRITE_DEQ=deq is not None, WRITE_T=write_t, **cfg,
-        **_selection_args(selection))
+        **_selection_args(selection), **seed_kw)
 
 
 def launch_quant_groups(x, words, scale, am, seed, rht, sr, signs=DEFAULT_SIGN_MASK, cfg=None, deq=None,
                         selection=None):
     """quant_groups_kernel over a strided [M, K] view x (1x16 blocks along K, optional RHT); with
     ``deq`` (an [M, K] view, best with x's strides) also the unscaled dequantized operand;
-    ``selection`` as for :func:`launch_quant_rows`."""
+    ``seed`` and ``selection`` as for :func:`launch_quant_rows`."""
     write_deq = deq is not None
     if cfg is None:
         key = "groups" + ("_rht" if rht else "") + ("_sr" if sr else "")
         cfg = LAUNCH["groups_deq" if key == "groups" and write_deq else key]
     m, k = x.shape
     grid = (_cdiv(m, cfg["BM"]), _cdiv(k // 16, cfg["G"]))
+    seed, seed_ptr, seed_kw = _seed_args(seed, am)
     _kernel_module().quant_groups_kernel[grid](
         x, words, scale, am, deq if write_deq else words, m, k, x.stride(0), x.stride(1),
-        deq.stride(0) if write_deq else 0, deq.stride(1) if write_deq else 0, seed, ONE_SIXTH_F32,
+        deq.stride(0) if write_deq else 0, deq.stride(1) if write_deq else 0, seed, seed_ptr, ONE_SIXTH_F32,
         RHT=bool(rht), SIGNS=signs, ROUND=_ROUND_CODE[x.dtype], SR=sr, WRITE_DEQ=write_deq, **cfg,
-        **_selection_args(selection))
+        **_selection_args(selection), **seed_kw)
 
 
 # ---------------------------------------------------------------------------------- quantize
 
 
-def _sr_seed(generator: torch.Generator | None, device: torch.device) -> int:
-    """A 63-bit Philox key drawn from ``generator`` without a device sync.
+def _sr_seed(generator: torch.Generator | torch.Tensor | None, device: torch.device) -> int | torch.Tensor:
+    """A 63-bit Philox key drawn from ``generator`` without a device sync; a device seed (a
+    1-element int64 tensor, see :func:`quantize_nvfp4`) is the key itself and comes back as it is.
 
     CPU generators give a random integer directly. A CUDA generator's state is (seed, offset): we
     mix both and advance the offset, so successive calls on one generator get distinct streams and
     a freshly seeded generator (one per step, layer, rank and stream in the recipe) reproduces.
     """
+    if isinstance(generator, torch.Tensor):
+        return generator
     if generator is None:
         generator = torch.default_generator if device.type == "cpu" else torch.cuda.default_generators[
             device.index if device.index is not None else torch.cuda.current_device()]
@@ -207,10 +222,39 @@ def _sr_seed(generator: torch.Generator | None, device: torch.device) -> int:
         return int(torch.randint(0, 2**62, (1,), generator=generator).item())
     seed, off = generator.initial_seed(), generator.get_offset()
     generator.set_offset(off + 4)
-    z = (seed * 0x9E3779B97F4A7C15 + off + 0x632BE59BD9B4E019) & (2**64 - 1)  # splitmix64
+    return _mix_key(seed, off)
+
+
+def _mix_key(seed: int, offset: int) -> int:
+    """The 63-bit key of a CUDA generator's state (seed, offset): splitmix64 of both."""
+    z = (seed * 0x9E3779B97F4A7C15 + offset + 0x632BE59BD9B4E019) & (2**64 - 1)
     z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & (2**64 - 1)
     z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & (2**64 - 1)
     return (z ^ (z >> 31)) >> 1
+
+
+def generator_seed(seed: int, device) -> int:
+    """The key :func:`_sr_seed` draws from a fresh generator on ``device`` seeded with ``seed``
+    (``torch.Generator(device).manual_seed(seed)``), computed without creating a CUDA generator:
+    what a device seed must hold to reproduce the generator path bit for bit (the runtime's
+    device seed table, :meth:`rayfp4.precision.runtime.PrecisionRuntime.device_seed`).
+
+    ``manual_seed`` on CUDA keeps the seed as the uint64 it is given with offset 0, so the key
+    is the splitmix64 of (seed, 0), pure host arithmetic. A CPU generator's key is its first
+    draw, so one is created (cheap, no device involved). ``seed``: 0 <= seed < 2**64.
+    """
+    if not 0 <= seed < 2**64:
+        raise ValueError(f"generator_seed: seed must be in [0, 2**64), got {seed}")
+    device = torch.device(device)
+    if device.type == "cpu":
+        return _sr_seed(torch.Generator().manual_seed(seed), device)
+    return _mix_key(seed, 0)
+
+
+def _check_device_seed(seed: torch.Tensor, device: torch.device, what: str) -> None:
+    if seed.dtype != torch.int64 or seed.numel() != 1 or seed.device != device:
+        raise ValueError(f"{what}: a device seed must be a 1-element int64 tensor on {device}, got "
+                         f"{seed.dtype} of shape {tuple(seed.shape)} on {seed.device}")
 
 
 def _check(x: torch.Tensor, tile: tuple[int, int], what: str) -> None:
@@ -219,7 +263,8 @@ def _check(x: torch.Tensor, tile: tuple[int, int], what: str) -> None:
 
 
 def quantize_nvfp4(x: torch.Tensor, tile=(1, 16), rounding: str = "nearest", rht: bool = False,
-                   generator: torch.Generator | None = None, amax=None, *, rht_signs: torch.Tensor | None = None,
+                   generator: torch.Generator | torch.Tensor | None = None, amax=None, *,
+                   rht_signs: torch.Tensor | None = None,
                    write_gemm_operand: bool | None = None, check_finite: bool = False,
                    trust_amax: bool = False, scale_selection: str = "max6", error_metric: str = "mse",
                    scale_cap: float | None = None) -> NVFP4Tensor:
@@ -233,6 +278,11 @@ def quantize_nvfp4(x: torch.Tensor, tile=(1, 16), rounding: str = "nearest", rht
     ``trust_amax``: ``amax`` is an FP32 device tensor from :func:`tensor_amax` of this very tensor,
     used as it is (the checks of a caller-supplied amax would synchronise with the host).
     SR streams come from ``generator`` (a seed drawn from it) and differ from the reference's.
+    In place of a generator, ``generator`` may be a device seed: a 1-element int64 tensor on x's
+    device holding the Philox key (0 <= key < 2**63), which the kernel reads from device memory
+    at run time, so a captured CUDA graph draws fresh streams when the tensor is rewritten between
+    replays; holding :func:`generator_seed` (s, device) it gives the bits of a fresh generator
+    seeded with s.
     ``scale_selection``, ``error_metric``, ``scale_cap``: the block-scale rule (Four Over Six), in
     the same kernels, bit for bit as the reference.
     """
@@ -262,6 +312,8 @@ def quantize_nvfp4(x: torch.Tensor, tile=(1, 16), rounding: str = "nearest", rht
         am = amax.reshape(())
     else:
         am = check_amax(amax, dev, what).reshape(())
+    if isinstance(generator, torch.Tensor):
+        _check_device_seed(generator, dev, what)
     seed = _sr_seed(generator, dev) if rounding == "stochastic" else 0
     sr = rounding == "stochastic"
 
@@ -435,7 +487,8 @@ class TritonBackend:
     def quantize_nvfp4(self, x, tile, rounding, rht, generator, amax=None, write_gemm_operand=None, *,
                        scale_selection="max6", error_metric="mse", scale_cap=None):
         """``write_gemm_operand``: also write the BF16 GEMM operand (default: K-contiguous, no
-        RHT); an ``amax`` tensor from :meth:`amaxes` is used without host-side checks."""
+        RHT); an ``amax`` tensor from :meth:`amaxes` is used without host-side checks;
+        ``generator`` may be a device seed (see :func:`quantize_nvfp4`)."""
         return quantize_nvfp4(x, tile=tile, rounding=rounding, rht=rht, generator=generator, amax=amax,
                               write_gemm_operand=write_gemm_operand, trust_amax=True,
                               scale_selection=scale_selection, error_metric=error_metric, scale_cap=scale_cap)

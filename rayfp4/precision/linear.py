@@ -44,6 +44,10 @@ from .policy import PolicyError, PrecisionPolicy
 from .runtime import PrecisionRuntime
 from .telemetry import operand_stats
 
+#: The backends whose NVFP4 quantizer takes a device seed in place of a generator (both quantize
+#: with the Triton kernels; the reference needs a generator).
+DEVICE_SEED_BACKENDS = frozenset({"triton", "cutlass"})
+
 
 @dataclass(frozen=True)
 class OperandRole:
@@ -388,11 +392,22 @@ class QuantizedLinear(nn.Linear):
     def quantize(self, t: torch.Tensor, role: OperandRole, amax=None, signs: torch.Tensor | None = None):
         """Quantize ``t`` as ``role`` says with the layer's backend; ``amax`` (NVFP4 only) comes
         from :meth:`amaxes`. SR draws from this layer's stream of the role's GEMM for the step;
-        MS-EDEN (``signs`` from :meth:`hadamard_signs`) rounds its scales from the role's own stream."""
+        MS-EDEN (``signs`` from :meth:`hadamard_signs`) rounds its scales from the role's own stream.
+
+        With the runtime's device seeds enabled, NVFP4 SR on the Triton quantizers (the triton
+        and cutlass backends) takes the stream's key from the runtime's device seed table, the
+        same bits as its generator (what a CUDA graph of the step needs); the reference backend,
+        MXFP4 and MS-EDEN keep drawing from generators."""
         if role.ms_eden:
             generator = self.runtime.generator(self.layer_index, role.name, t.device)
             return self.backend.quantize_ms_eden(t, role.ms_eden, signs, generator)
-        generator = self.runtime.generator(self.layer_index, role.gemm, t.device) if role.stochastic else None
+        if not role.stochastic:
+            generator = None
+        elif (self.format == "nvfp4" and self.runtime.device_seeds is not None
+              and self.backend.name in DEVICE_SEED_BACKENDS):
+            generator = self.runtime.device_seed(self.layer_index, role.gemm, t.device)
+        else:
+            generator = self.runtime.generator(self.layer_index, role.gemm, t.device)
         if self.format == "nvfp4":
             return self.backend.quantize_nvfp4(t, role.tile, role.rounding, role.rht, generator, amax,
                                                role.write_gemm_operand, **self.selection_kwargs(role))

@@ -15,9 +15,9 @@ ms_eden``: MS-EDEN backward operands) and ``ms_eden-4over6-fwd`` (both: the reci
 combination). ``--compile aot_eager|inductor`` runs every variant's forward and backward, the BF16
 baseline's too, through ``torch.compile`` (``train.compile``; the 4-bit layers as custom ops);
 the warm-up steps take the compilation. ``--compile graph`` captures each variant's whole eager
-step (forward, backward, a capturable fused AdamW) in one CUDA graph and times its replay: how much
-taking the host out of the step buys at most. It is a timing, not training: a replay reuses the
-stochastic-rounding seeds its capture drew.
+step (forward, backward, a capturable fused AdamW) in one CUDA graph and times its replay, with the
+runtime's device seeds rewritten for each step (recipe variants only: MS-EDEN and MXFP4 draw from
+CUDA generators, which capture refuses): how much taking the host out of the step buys.
 """
 
 from __future__ import annotations
@@ -74,12 +74,11 @@ def run(fmt: str, cfg: ModelConfig, batch: int, steps: int, policy_extra: dict,
         opt.zero_grad(set_to_none=True)
 
     if graph:  # warm-up on a side stream, as CUDA graph capture asks, then one capture
-        # SR seeds from CPU generators: a CUDA generator's state may not be read while capturing
-        # (the seed values differ from a CUDA generator's; the streams are as random)
-        for m in model.modules():
-            if isinstance(m, QuantizedLinear):
-                rt = m.runtime
-                rt.generator = lambda layer, stream, device, rt=rt: type(rt).generator(rt, layer, stream, "cpu")
+        # SR keys from the runtime's device seed table (a CUDA generator may not be read while
+        # capturing), registered by the warm-up and rewritten before each replay
+        runtimes = list({id(m.runtime): m.runtime for m in model.modules() if isinstance(m, QuantizedLinear)}.values())
+        for rt in runtimes:
+            rt.enable_device_seeds("cuda")
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
@@ -89,7 +88,13 @@ def run(fmt: str, cfg: ModelConfig, batch: int, steps: int, policy_extra: dict,
         g = torch.cuda.CUDAGraph()
         with torch.cuda.graph(g):
             step()
-        step = g.replay  # noqa: F811 (the timed step is the replay)
+        count = iter(range(1, 1 << 30))
+
+        def step():  # noqa: F811 (the timed step: the next step's SR keys, then the replay)
+            n = next(count)
+            for rt in runtimes:
+                rt.set_step(n)
+            g.replay()
     for _ in range(3):  # warm-up: compiles, allocator
         step()
     torch.cuda.synchronize()
@@ -123,7 +128,7 @@ def main() -> None:
     p.add_argument("--profile", action="store_true", help="print device time per kernel category per step")
     p.add_argument("--compile", default="none", choices=["none", "aot_eager", "inductor", "graph"],
                    help="torch.compile every variant's step, BF16's too (as train.compile); graph: "
-                        "replay each step captured in a CUDA graph (a timing bound, not training)")
+                        "replay each step captured in a CUDA graph (device seeds; recipe variants)")
     p.add_argument("--variants", default="", help="comma-separated: 4over6, 4over6-fwd, mxfp4, mxfp4-ref, ms_eden, "
                                                   "ms_eden-4over6-fwd (timed after the ablations)")
     a = p.parse_args()

@@ -138,6 +138,11 @@ def main() -> None:
         layers[backend] = layer
         us = per_call_us(fwd_bwd(layer), a.calls)
         print(f"{'nvfp4[' + backend + ']':24s} {us:9.1f} {us / t_bf16:7.2f}")
+    if "triton" in layers:  # the SR keys from the runtime's device seed table instead of generators
+        layer = NVFP4Linear(f, f, bias=False, policy=PrecisionPolicy(backend="triton"), device="cuda")
+        layer.runtime.enable_device_seeds("cuda")
+        us = per_call_us(fwd_bwd(layer), a.calls)
+        print(f"{'nvfp4[triton, dev seeds]':24s} {us:9.1f} {us / t_bf16:7.2f}")
     pieces(layers.get("triton") or next(iter(layers.values())), x, dy, a.calls)
     for layer in layers.values():
         fn = fwd_bwd(layer)

@@ -481,6 +481,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="start no run later than SECONDS after the study starts; the running ones finish, the "
                         "others wait for the next invocation (e.g. to end inside a machine's time limit without "
                         "losing half-trained runs)")
+    p.add_argument("--only", metavar="RUN[,RUN...]", default=None,
+                   help="train only these runs of the matrix (names as the study prints them, e.g. "
+                        "recipe-25m-nvfp4-auto-s2); the others are left as they are")
     p.add_argument("--report", action="store_true",
                    help="only rebuild the tables (study.md, study.results.json) and plots from the runs on disk: "
                         "no Ray, no training (e.g. for runs copied back from another machine)")
@@ -496,8 +499,8 @@ def main(argv: list[str] | None = None, command=None) -> int:
     args = parser.parse_args(argv)
     if args.out is not None and not args.report:
         parser.error("--out goes with --report (to train into another directory: --set 'set={output_dir: DIR}')")
-    if args.report and (args.check or args.rerun or args.start_until is not None):
-        parser.error("--report trains nothing: it does not go with --check, --rerun or --start-until")
+    if args.report and (args.check or args.rerun or args.start_until is not None or args.only is not None):
+        parser.error("--report trains nothing: it does not go with --check, --rerun, --start-until or --only")
     if args.start_until is not None and not args.start_until >= 0:
         parser.error(f"--start-until: {args.start_until} is not a number of seconds >= 0")
     from .data.errors import DataError
@@ -512,6 +515,13 @@ def main(argv: list[str] | None = None, command=None) -> int:
         try:
             study, base = load_study(args.study, args.overrides)
             runs = expand(study)
+            only = None
+            if args.only is not None:
+                only = {n.strip() for n in args.only.split(",") if n.strip()}
+                unknown = sorted(only - {r.name for r in runs})
+                if unknown or not only:
+                    raise ConfigError(f"--only: {', '.join(unknown) or '(no run named)'} not in the study's runs: "
+                                      f"{', '.join(r.name for r in runs)}")
             configs = {}
             # --out moves where the runs are looked for, not what they are (their overrides).
             where = [_override("output_dir", str(Path(args.out).expanduser().resolve()))] if args.out else []
@@ -539,7 +549,7 @@ def main(argv: list[str] | None = None, command=None) -> int:
         except (ConfigError, PolicyError, DataError) as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
-        return _run_study(study, base, runs, configs, out_dir, args.rerun, command, args.start_until)
+        return _run_study(study, base, runs, configs, out_dir, args.rerun, command, args.start_until, only)
     except (Interrupted, KeyboardInterrupt) as e:
         signum = e.signum if isinstance(e, Interrupted) else signal.SIGINT
         print(f"\n[study] interrupted ({signal.Signals(signum).name}): runs stopped, their MLflow runs KILLED; "
@@ -551,7 +561,8 @@ def main(argv: list[str] | None = None, command=None) -> int:
 
 
 def _run_study(study: StudyConfig, base: Path, runs: list[StudyRun], configs: dict, out_dir: Path,
-               rerun: bool, command, start_until: float | None = None) -> int:
+               rerun: bool, command, start_until: float | None = None, only: set[str] | None = None) -> int:
+    """Train the runs not finished yet (``only``: of those named), then the study's tables."""
     from .tracking.tracker import Tracker, resolve_tracking_uri
     from .train.launch import RunLock, start_shared_ray, stop_shared_ray
 
@@ -574,31 +585,40 @@ def _run_study(study: StudyConfig, base: Path, runs: list[StudyRun], configs: di
                           enabled=first.tracking.enabled)
         parent = _parent_run(tracker, study, root)
         ray_ctx = None
-        status = "FAILED"
+        status = "FAILED"  # the study's, its MLflow run's
+        result = None  # this invocation's, where it differs (--only)
         try:
             extra = {}
             if command is None:
                 command = lambda r: command_for(base, r)
-            if any(r.status == "PENDING" for r in runs) and not os.environ.get("RAY_ADDRESS"):
+            chosen = [r for r in runs if only is None or r.name in only]
+            if any(r.status == "PENDING" for r in chosen) and not os.environ.get("RAY_ADDRESS"):
                 # one cluster for all runs: fractional resources pack them onto the devices
                 extra["RAY_ADDRESS"], owned = start_shared_ray()
                 ray_ctx = owned or None
             # Read after Ray started: ray.init sets what joining its cluster needs (RAY_AUTH_MODE).
             env = {**os.environ, **extra, **({PARENT_RUN_ENV: parent} if parent else {})}
-            todo = sum(r.status == "PENDING" for r in runs)
-            say(f"{study.name}: {len(study.variants)} variant(s) x {len(study.seeds)} seed(s); {todo} run(s) to train, "
-                f"{study.concurrent} at a time" + (f"; Ray at {env.get('RAY_ADDRESS')}" if env.get("RAY_ADDRESS") else ""))
-            execute(runs, study.concurrent, command, root / "logs", env,
+            todo = sum(r.status == "PENDING" for r in chosen)
+            say(f"{study.name}: {len(study.variants)} variant(s) x {len(study.seeds)} seed(s); {todo} run(s) to train"
+                + ("" if only is None else f" (--only: {len(chosen)} of {len(runs)})")
+                + f", {study.concurrent} at a time" + (f"; Ray at {env.get('RAY_ADDRESS')}" if env.get("RAY_ADDRESS") else ""))
+            execute(chosen, study.concurrent, command, root / "logs", env,
                     on_change=lambda: _write_state(state_path, study, runs),
                     start_until=None if start_until is None else started + start_until)
-            trained = [r for r in runs if r.status != "PENDING"]
+            trained = [r for r in chosen if r.status != "PENDING"]
             if any(r.status != "FINISHED" for r in trained):
                 status = "FAILED"
-            elif len(trained) < len(runs):  # stopped starting runs (--start-until): not done, not failed
+            elif len(trained) < len(chosen):  # stopped starting runs (--start-until): not done, not failed
                 status = "KILLED"
-                say(f"{len(runs) - len(trained)} run(s) left to train: run the study again to go on")
+                say(f"{sum(r.status == 'PENDING' for r in runs)} run(s) left to train: run the study again to go on")
             else:
                 status = "FINISHED"
+                others = [r.name for r in runs if r.status != "FINISHED"]
+                if others:  # --only: what was asked is done, the study is not: its MLflow run ends KILLED
+                    result = "FINISHED"
+                    status = "KILLED"
+                    say(f"the runs asked for (--only) finished; {len(others)} other run(s) of the study are not: "
+                        + ", ".join(others))
         except BaseException as e:
             status = "KILLED" if isinstance(e, (Interrupted, KeyboardInterrupt)) else "FAILED"
             raise
@@ -611,7 +631,7 @@ def _run_study(study: StudyConfig, base: Path, runs: list[StudyRun], configs: di
                 tracker.end_run(parent, status)
                 if ray_ctx is not None:
                     stop_shared_ray()
-    return 0 if status == "FINISHED" else 1
+    return 0 if (result or status) == "FINISHED" else 1
 
 
 def _parent_run(tracker, study: StudyConfig, root: Path) -> str | None:

@@ -63,6 +63,10 @@ def test_cli_exits_2_before_anything_starts(tmp_path, capsys):
     assert st.main([str(bad)]) == 2
     err = capsys.readouterr().err
     assert "run s-wide-s0:" in err and "model.d_model" in err
+    # --only names a run the study does not have: the error lists the study's runs
+    assert st.main([str(write_study(tmp_path)), "--only", "s-fp32-s0,s-fp8-s0"]) == 2
+    err = capsys.readouterr().err
+    assert "--only: s-fp8-s0 not in the study's runs: s-fp32-s0, s-nvfp4-s0" in err
     assert not (tmp_path / "out").exists()  # nothing written
 
 
@@ -211,6 +215,17 @@ def test_a_study_end_to_end_with_stand_in_runs(tmp_path, monkeypatch, capsys, ra
     path = write_study(tmp_path, set={"output_dir": str(out), "tracking.uri": mlflow_uri(tmp_path)})
     _, base = st.load_study(path)
     cmd = lambda r: [sys.executable, str(fake), str(base), *r.overrides]
+    # --only: the named run alone; the others stay to be trained
+    assert st.main([str(path), "--only", "s-fp32-s1"], command=cmd) == 0
+    text = capsys.readouterr().out
+    assert "1 run(s) to train (--only: 1 of 4)" in text and "started s-fp32-s1 (1/1)" in text
+    state = json.loads((out / "s" / "study.json").read_text())
+    assert [r["status"] for r in state["runs"]] == ["PENDING", "PENDING", "FINISHED", "PENDING"]
+    assert "3 other run(s) of the study are not: s-fp32-s0, s-nvfp4-s0, s-nvfp4-s1" in text
+    import mlflow
+
+    parent = (out / "s" / "mlflow_study_run_id").read_text().strip()
+    assert mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlruns.db").get_run(parent).info.status == "KILLED"
     assert st.main([str(path)], command=cmd) == 1  # one run failed
     text = capsys.readouterr().out
     assert "| nvfp4 | 1 | 3.0300 | +1.00 |" in text and "s1: FAILED" in text
@@ -222,8 +237,6 @@ def test_a_study_end_to_end_with_stand_in_runs(tmp_path, monkeypatch, capsys, ra
     parent = (out / "s" / "mlflow_study_run_id").read_text().strip()
     assert parent and all((out / f"{n}.env").read_text() == parent
                           for n in ("s-fp32-s0", "s-nvfp4-s0", "s-fp32-s1", "s-nvfp4-s1"))
-    import mlflow
-
     run = mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlruns.db").get_run(parent)
     assert run.info.status == "FAILED" and "| nvfp4 |" in run.data.tags["mlflow.note.content"]
     # The plots next to study.md and as the study run's artifacts, with it.

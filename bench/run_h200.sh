@@ -69,11 +69,11 @@ case "${1:-checks}" in
     # (COMPILE_TESTS=0: the bit-exactness test already passed on this code, 2026-12-02)
     [ "${COMPILE_TESTS:-1}" = 1 ] && python3 -m pytest -q -p no:cacheprovider tests/test_kernels_triton_gpu.py \
       -k compiled 2>&1 | tail -4 | tee "$out/compile_gpu_tests.txt"
-    for c in ${MODES_25M:-none graph inductor aot_eager}; do
+    for c in ${MODES_25M:-none graph reduce-overhead inductor aot_eager}; do
       python3 -m bench.step --layers 8 --d-model 512 --d-ff 1536 --kv-heads 4 --vocab 320 --batch 32 --seq 1024 \
         --steps 8 --compile $c 2>&1 | grep -v Warn | tee -a "$out/step_compile_25m.txt"
     done
-    for c in ${MODES_337M:-none graph inductor}; do
+    for c in ${MODES_337M:-none graph reduce-overhead inductor}; do
       python3 -m bench.step --steps 6 --compile $c 2>&1 | grep -v Warn | tee -a "$out/step_compile_337m.txt"
     done
     ;;

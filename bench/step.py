@@ -18,6 +18,8 @@ the warm-up steps take the compilation. ``--compile graph`` captures each varian
 step (forward, backward, a capturable fused AdamW) in one CUDA graph and times its replay, with the
 runtime's device seeds rewritten for each step (recipe variants only: MS-EDEN and MXFP4 draw from
 CUDA generators, which capture refuses): how much taking the host out of the step buys.
+``--compile reduce-overhead``: inductor with its CUDA graph trees (``torch.compile(mode=
+"reduce-overhead")``), the SR keys from the device seed table as for ``graph``.
 """
 
 from __future__ import annotations
@@ -63,9 +65,21 @@ def run(fmt: str, cfg: ModelConfig, batch: int, steps: int, policy_extra: dict,
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True, capturable=graph)
     tokens = torch.randint(0, cfg.vocab_size, (batch, cfg.seq_len + 1), device="cuda")
     inp, tgt = tokens[:, :-1], tokens[:, 1:]
-    forward = model if compile_mode in ("none", "graph") else torch.compile(model, backend=compile_mode)
+    runtimes = list({id(m.runtime): m.runtime for m in model.modules() if isinstance(m, QuantizedLinear)}.values())
+    if compile_mode == "reduce-overhead":  # inductor with CUDA graph trees: SR keys must be on the device
+        for rt in runtimes:
+            rt.enable_device_seeds("cuda")
+        forward = torch.compile(model, backend="inductor", mode="reduce-overhead")
+    else:
+        forward = model if compile_mode in ("none", "graph") else torch.compile(model, backend=compile_mode)
+    count = iter(range(1, 1 << 30))
 
     def step():
+        if compile_mode == "reduce-overhead":
+            n = next(count)
+            for rt in runtimes:
+                rt.set_step(n)
+            torch.compiler.cudagraph_mark_step_begin()
         # autocast's cache of cast weights would be captured once and go stale: off for graphs
         with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=not graph):
             loss = forward(inp, tgt)
@@ -76,7 +90,6 @@ def run(fmt: str, cfg: ModelConfig, batch: int, steps: int, policy_extra: dict,
     if graph:  # warm-up on a side stream, as CUDA graph capture asks, then one capture
         # SR keys from the runtime's device seed table (a CUDA generator may not be read while
         # capturing), registered by the warm-up and rewritten before each replay
-        runtimes = list({id(m.runtime): m.runtime for m in model.modules() if isinstance(m, QuantizedLinear)}.values())
         for rt in runtimes:
             rt.enable_device_seeds("cuda")
         torch.cuda.synchronize()
@@ -90,7 +103,6 @@ def run(fmt: str, cfg: ModelConfig, batch: int, steps: int, policy_extra: dict,
         g = torch.cuda.CUDAGraph()
         with torch.cuda.graph(g):
             step()
-        count = iter(range(1, 1 << 30))
 
         def step():  # noqa: F811 (the timed step: the next step's SR keys, then the replay)
             n = next(count)
@@ -129,7 +141,7 @@ def main() -> None:
     p.add_argument("--ablate", action="store_true",
                    help="also time NVFP4 without SR, without RHT, with 1x16 weights")
     p.add_argument("--profile", action="store_true", help="print device time per kernel category per step")
-    p.add_argument("--compile", default="none", choices=["none", "aot_eager", "inductor", "graph"],
+    p.add_argument("--compile", default="none", choices=["none", "aot_eager", "inductor", "reduce-overhead", "graph"],
                    help="torch.compile every variant's step, BF16's too (as train.compile); graph: "
                         "replay each step captured in a CUDA graph (device seeds; recipe variants)")
     p.add_argument("--variants", default="", help="comma-separated: 4over6, 4over6-fwd, mxfp4, mxfp4-ref, ms_eden, "

@@ -65,20 +65,25 @@ def run(fmt: str, cfg: ModelConfig, batch: int, steps: int, policy_extra: dict,
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True, capturable=graph)
     tokens = torch.randint(0, cfg.vocab_size, (batch, cfg.seq_len + 1), device="cuda")
     inp, tgt = tokens[:, :-1], tokens[:, 1:]
-    runtimes = list({id(m.runtime): m.runtime for m in model.modules() if isinstance(m, QuantizedLinear)}.values())
-    if compile_mode == "reduce-overhead":  # inductor with CUDA graph trees: SR keys must be on the device
-        for rt in runtimes:
-            rt.enable_device_seeds("cuda")
+    if compile_mode == "reduce-overhead":  # inductor with its CUDA graph trees
         forward = torch.compile(model, backend="inductor", mode="reduce-overhead")
     else:
         forward = model if compile_mode in ("none", "graph") else torch.compile(model, backend=compile_mode)
+    runtimes = list({id(m.runtime): m.runtime for m in model.modules() if isinstance(m, QuantizedLinear)}.values())
+    if compile_mode in ("graph", "reduce-overhead"):
+        # a CUDA generator may not be read while capturing: SR keys from the device seed table
+        for rt in runtimes:
+            rt.enable_device_seeds("cuda")
     count = iter(range(1, 1 << 30))
+
+    def next_step():  # the next step's SR keys, rewritten in the device table before a replay
+        n = next(count)
+        for rt in runtimes:
+            rt.set_step(n)
 
     def step():
         if compile_mode == "reduce-overhead":
-            n = next(count)
-            for rt in runtimes:
-                rt.set_step(n)
+            next_step()
             torch.compiler.cudagraph_mark_step_begin()
         # autocast's cache of cast weights would be captured once and go stale: off for graphs
         with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=not graph):
@@ -87,11 +92,8 @@ def run(fmt: str, cfg: ModelConfig, batch: int, steps: int, policy_extra: dict,
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    if graph:  # warm-up on a side stream, as CUDA graph capture asks, then one capture
-        # SR keys from the runtime's device seed table (a CUDA generator may not be read while
-        # capturing), registered by the warm-up and rewritten before each replay
-        for rt in runtimes:
-            rt.enable_device_seeds("cuda")
+    if graph:  # warm-up on a side stream, as CUDA graph capture asks (it registers every SR key's
+        # slot), then one capture
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()  # the graph's memory is allocated while capturing
         side = torch.cuda.Stream()
@@ -105,9 +107,7 @@ def run(fmt: str, cfg: ModelConfig, batch: int, steps: int, policy_extra: dict,
             step()
 
         def step():  # noqa: F811 (the timed step: the next step's SR keys, then the replay)
-            n = next(count)
-            for rt in runtimes:
-                rt.set_step(n)
+            next_step()
             g.replay()
     for _ in range(3):  # warm-up: compiles, allocator
         step()

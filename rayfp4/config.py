@@ -71,11 +71,14 @@ class TrainSection(_Strict):
     val_every: int = Field(50, ge=0, description="validation every N steps and at the end (0: only at the end)")
     log_every: int = Field(5, gt=0)
     max_nonfinite_in_a_row: int = Field(5, gt=0, description="stop after this many consecutive skipped steps")
-    compile: Literal["none", "aot_eager", "inductor"] = Field(
+    compile: Literal["none", "aot_eager", "inductor", "graph"] = Field(
         "none", description="torch.compile the training forward and backward: the whole model is one graph "
         "(the 4-bit layers enter as custom ops, rayfp4.precision.ops). aot_eager runs it with the eager "
         "kernels, bit for bit an eager step; inductor also fuses the model's other ops (norms, attention, "
-        "SwiGLU), whose last bits may then differ. Not with scaling.strategy: fsdp2 yet")
+        "SwiGLU), whose last bits may then differ. graph: no compiler; each micro-batch's forward and "
+        "backward are captured once in CUDA graphs and replayed (rayfp4.train.graphs), bit for bit an eager "
+        "step without its host time; one GPU worker, NVFP4 with SR (not MXFP4 or MS-EDEN) or BF16. Not with "
+        "scaling.strategy: fsdp2 yet")
 
 
 class CheckpointSection(_Strict):
@@ -301,6 +304,8 @@ class RunConfig(_Strict):
             raise ValueError("train.compile: not available with scaling.strategy: fsdp2 yet (the 4-bit weight "
                              "gather and the sharded parameters are untried under torch.compile); use ddp or "
                              "train.compile: none")
+        if self.train.compile == "graph":
+            self._check_graph()
         if self.scaling.strategy == "fsdp2":
             ls = self.precision.late_switch
             if ls is not None and ls.auto is not None:
@@ -319,6 +324,26 @@ class RunConfig(_Strict):
                 raise ValueError(f"resume_changes: {change!r} is not a setting that defines a run; those are "
                                  f"{', '.join(DEFINING)} (and not {', '.join(NOT_DEFINING)})")
         return self
+
+    def _check_graph(self) -> None:
+        """train.compile: graph's requirements (rayfp4.train.graphs), named by the field at fault."""
+        why = None
+        if not self.scaling.use_gpu:
+            why = "it replays CUDA graphs: set scaling.use_gpu: true"
+        elif self.scaling.max_workers > 1:
+            why = (f"it runs one worker for now (scaling.num_workers={self.scaling.num_workers}: data-parallel "
+                   f"gradient hooks under graph replay are untried); use train.compile: none on several workers")
+        elif self.precision.format == "mxfp4":
+            why = ("precision.format: mxfp4 draws its stochastic rounding from CUDA generators, which a "
+                   "captured graph would replay with the same bits every step; use nvfp4 or bf16")
+        elif self.precision.format == "nvfp4" and self.precision.backward_rounding == "ms_eden":
+            why = ("precision.backward_rounding: ms_eden draws from CUDA generators, which a captured graph "
+                   "would replay with the same bits every step; use sr")
+        elif self.precision.format == "nvfp4" and self.precision.backend == "reference":
+            why = ("precision.backend: reference checks every operand for NaN/Inf on the host, which a graph "
+                   "cannot capture; use auto, triton or cutlass")
+        if why:
+            raise ValueError(f"train.compile: graph: {why}")
 
     def fingerprint(self, data_identity: str | None = None) -> dict[str, str]:
         """The settings that define what a run computes, flattened (``optim.lr: '0.003'``).

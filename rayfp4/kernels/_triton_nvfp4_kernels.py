@@ -27,6 +27,7 @@ Whether these are compiled or interpreted is fixed when triton is imported (TRIT
 
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
 FLT_MAX = tl.constexpr(3.4028234663852886e38)
 
@@ -505,6 +506,13 @@ def amax_groups_kernel(x_ptr, out_ptr, M, K, stride_m, stride_k,
     offs = rows[:, None].to(tl.int64) * stride_m + grp[None, :].to(tl.int64) * 16 * stride_k
     x0, x1, x2, x3, x4, x5, x6, x7, x8, x9, x10, x11, x12, x13, x14, x15 = _load16(
         x_ptr, offs, stride_k, mask)
+    _fold_amaxes(x0, x1, x2, x3, x4, x5, x6, x7, x8, x9, x10, x11, x12, x13, x14, x15, out_ptr, RHT, SIGNS, ROUND)
+
+
+@triton.jit
+def _fold_amaxes(x0, x1, x2, x3, x4, x5, x6, x7, x8, x9, x10, x11, x12, x13, x14, x15, out_ptr,
+                 RHT: tl.constexpr, SIGNS: tl.constexpr, ROUND: tl.constexpr):
+    """Fold the tile's max |x| into out_ptr[0] and, when RHT, its max |RHT(x)| into out_ptr[1]."""
     m = _absmax16(x0, x1, x2, x3, x4, x5, x6, x7, x8, x9, x10, x11, x12, x13, x14, x15)
     nan = tl.max(tl.max((m != m).to(tl.int32), axis=1), axis=0)
     tl.atomic_max(out_ptr, _nan_bits(tl.max(tl.max(m, axis=1), axis=0), nan))
@@ -513,6 +521,81 @@ def amax_groups_kernel(x_ptr, out_ptr, M, K, stride_m, stride_k,
             x0, x1, x2, x3, x4, x5, x6, x7, x8, x9, x10, x11, x12, x13, x14, x15, SIGNS, ROUND)
         m = _absmax16(x0, x1, x2, x3, x4, x5, x6, x7, x8, x9, x10, x11, x12, x13, x14, x15)
         tl.atomic_max(out_ptr + 1, _nan_bits(tl.max(tl.max(m, axis=1), axis=0), nan))
+
+
+# ---------------------------------------------------------------------------- SwiGLU + amax
+#
+# The input of the MLP's down projection, h = silu(gate) * up, computed where its amax pass reads
+# it: gate and up are read once, h is written once, and no silu(gate) goes through memory.
+
+
+@triton.jit
+def _bf16_rne(v):
+    """FP32 v rounded to the nearest BF16 (ties to even), as FP32. On the bits, since the
+    interpreter's cast truncates; a NaN stays NaN (the carry could reach a NaN's sign bit)."""
+    b = v.to(tl.int32, bitcast=True)
+    r = ((b + 0x7FFF + ((b >> 16) & 1)) & -65536).to(tl.float32, bitcast=True)
+    return tl.where(v != v, v, r)
+
+
+@triton.jit
+def _silu_mul(g, u, LIBDEVICE: tl.constexpr):
+    """``F.silu(g) * u`` of BF16 tensors (g, u: their FP32 values), as torch computes it: silu in
+    FP32 as g / (1 + exp(-g)) (torch's CUDA and CPU kernels both), rounded to BF16, then the
+    product in FP32 (exact: two 8-bit significands) rounded to BF16. exp is CUDA's expf
+    (libdevice) when compiled and numpy's under the interpreter: they agree with torch's exp after
+    the rounding to BF16 for every BF16 input (the tests check all of them), not in FP32."""
+    if LIBDEVICE:
+        e = libdevice.exp(-g)
+    else:
+        e = tl.exp(-g)
+    s = _bf16_rne(tl.div_rn(g, 1.0 + e))
+    return _bf16_rne(s * u)
+
+
+@triton.jit
+def _swiglu_at(g_ptr, u_ptr, h_ptr, feat, tok, T, TP, F, sgt, sgf, sut, suf, LIBDEVICE: tl.constexpr):
+    """h = silu(g) * u at [feat, tok] ([BM, G] tensors): loaded from gate and up, stored into the
+    [TP, F] row-major BF16 h (the rows T..TP-1 of padding get silu(0) * 0 = +0.0), returned as FP32."""
+    m = (feat < F) & (tok < T)
+    g = _to_f32(tl.load(g_ptr + tok.to(tl.int64) * sgt + feat.to(tl.int64) * sgf, mask=m, other=0.0))
+    u = _to_f32(tl.load(u_ptr + tok.to(tl.int64) * sut + feat.to(tl.int64) * suf, mask=m, other=0.0))
+    h = _silu_mul(g, u, LIBDEVICE)
+    # Stored as its upper 16 bits (h is a BF16 value): the interpreter's cast garbles BF16 subnormals.
+    hb = (h.to(tl.int32, bitcast=True) >> 16).to(tl.int16).to(tl.bfloat16, bitcast=True)
+    tl.store(h_ptr + tok.to(tl.int64) * F + feat.to(tl.int64), hb, mask=(feat < F) & (tok < TP))
+    return h
+
+
+@triton.jit
+def swiglu_amax_kernel(g_ptr, u_ptr, h_ptr, out_ptr, T, TP, F, sgt, sgf, sut, suf,
+                       RHT: tl.constexpr, SIGNS: tl.constexpr, LIBDEVICE: tl.constexpr,
+                       BM: tl.constexpr, G: tl.constexpr):
+    """h = silu(gate) * up (BF16, [T, F] gate and up of any strides) into the row-major [TP, F] h,
+    its rows padded with zeros to TP = a multiple of 16, and ``amax_groups_kernel`` of h^T [F, TP]
+    (out_ptr[0]: max |h|; out_ptr[1]: max |RHT(h^T)| along the tokens when RHT) from the same
+    registers: the tile is h^T's, BM features by G blocks of 16 tokens, element j of each block
+    token 16 g + j, each load and store coalesced along the features."""
+    feat = (tl.program_id(0) * BM + tl.arange(0, BM))[:, None]
+    tok = (tl.program_id(1) * G + tl.arange(0, G))[None, :] * 16
+    x0 = _swiglu_at(g_ptr, u_ptr, h_ptr, feat, tok + 0, T, TP, F, sgt, sgf, sut, suf, LIBDEVICE)
+    x1 = _swiglu_at(g_ptr, u_ptr, h_ptr, feat, tok + 1, T, TP, F, sgt, sgf, sut, suf, LIBDEVICE)
+    x2 = _swiglu_at(g_ptr, u_ptr, h_ptr, feat, tok + 2, T, TP, F, sgt, sgf, sut, suf, LIBDEVICE)
+    x3 = _swiglu_at(g_ptr, u_ptr, h_ptr, feat, tok + 3, T, TP, F, sgt, sgf, sut, suf, LIBDEVICE)
+    x4 = _swiglu_at(g_ptr, u_ptr, h_ptr, feat, tok + 4, T, TP, F, sgt, sgf, sut, suf, LIBDEVICE)
+    x5 = _swiglu_at(g_ptr, u_ptr, h_ptr, feat, tok + 5, T, TP, F, sgt, sgf, sut, suf, LIBDEVICE)
+    x6 = _swiglu_at(g_ptr, u_ptr, h_ptr, feat, tok + 6, T, TP, F, sgt, sgf, sut, suf, LIBDEVICE)
+    x7 = _swiglu_at(g_ptr, u_ptr, h_ptr, feat, tok + 7, T, TP, F, sgt, sgf, sut, suf, LIBDEVICE)
+    x8 = _swiglu_at(g_ptr, u_ptr, h_ptr, feat, tok + 8, T, TP, F, sgt, sgf, sut, suf, LIBDEVICE)
+    x9 = _swiglu_at(g_ptr, u_ptr, h_ptr, feat, tok + 9, T, TP, F, sgt, sgf, sut, suf, LIBDEVICE)
+    x10 = _swiglu_at(g_ptr, u_ptr, h_ptr, feat, tok + 10, T, TP, F, sgt, sgf, sut, suf, LIBDEVICE)
+    x11 = _swiglu_at(g_ptr, u_ptr, h_ptr, feat, tok + 11, T, TP, F, sgt, sgf, sut, suf, LIBDEVICE)
+    x12 = _swiglu_at(g_ptr, u_ptr, h_ptr, feat, tok + 12, T, TP, F, sgt, sgf, sut, suf, LIBDEVICE)
+    x13 = _swiglu_at(g_ptr, u_ptr, h_ptr, feat, tok + 13, T, TP, F, sgt, sgf, sut, suf, LIBDEVICE)
+    x14 = _swiglu_at(g_ptr, u_ptr, h_ptr, feat, tok + 14, T, TP, F, sgt, sgf, sut, suf, LIBDEVICE)
+    x15 = _swiglu_at(g_ptr, u_ptr, h_ptr, feat, tok + 15, T, TP, F, sgt, sgf, sut, suf, LIBDEVICE)
+    # ROUND=1: the RHT's output rounded to BF16, as for the BF16 h the unfused pass reads.
+    _fold_amaxes(x0, x1, x2, x3, x4, x5, x6, x7, x8, x9, x10, x11, x12, x13, x14, x15, out_ptr, RHT, SIGNS, 1)
 
 
 @triton.jit

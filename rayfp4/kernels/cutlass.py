@@ -51,6 +51,10 @@ class CutlassBackend:
     def amaxes(self, xt, rht: bool):
         return self._fallback(xt.device).amaxes(xt, rht)
 
+    def swiglu_amaxes(self, gate, up, rht: bool):
+        # Wherever this backend runs, its quantizers are the Triton ones (unavailable_reason).
+        return self._triton.swiglu_amaxes(gate, up, rht)
+
     def quantize_mxfp4(self, x, tile, rounding, rht, generator, scale_rule="ceil"):
         return self._fallback(x.device).quantize_mxfp4(x, tile, rounding, rht, generator, scale_rule)
 

@@ -50,7 +50,8 @@ DEFAULT_SIGN_MASK = sum(1 << j for j, s in enumerate(DEFAULT_SIGNS) if s < 0)
 _ROUND_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 #: Launch parameters of each kernel (tile, warps, packing variant); none of them changes a bit of
-#: the output. Keys: "amax"; "amax_rht" (amax + amax of the RHT, one read); "rows", "rows_sr"
+#: the output. Keys: "amax"; "amax_rht" (amax + amax of the RHT, one read); "swiglu" (the same
+#: with h = silu(gate) * up computed and written on the way); "rows", "rows_sr"
 #: (1x16 blocks along a contiguous K), "rows_tile" (16x16 tiles, + the transpose); "groups",
 #: "groups_rht", "groups_rht_sr", "groups_sr", "groups_deq" (along a strided K: the column-wise
 #: quantizations);
@@ -58,6 +59,7 @@ _ROUND_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 LAUNCH = {  # H200, 2026-11-28 (BENCHMARKS.md): fastest bit-identical candidate of bench/tune_quantize.py
     "amax": dict(BM=32, BK=256, num_warps=4),
     "amax_rht": dict(BM=64, G=4, num_warps=4),
+    "swiglu": dict(BM=64, G=4, num_warps=4),  # not swept: amax_rht's
     "rows": dict(BM=16, G=16, num_warps=4, PACK=0),
     "rows_sr": dict(BM=16, G=8, num_warps=4, PACK=1),
     "rows_tile": dict(BM=32, G=8, num_warps=4, PACK=1),
@@ -138,6 +140,30 @@ def tensor_amax(x: torch.Tensor, rht: bool = False, signs: int = DEFAULT_SIGN_MA
         grid = (_cdiv(pm, cfg["BM"]), _cdiv(pk, cfg["BK"]))
         kern.amax_kernel[grid](phys, out, pm, pk, phys.stride(0), phys.stride(1), **cfg)
     return out.view(torch.float32)
+
+
+def swiglu_amax(gate: torch.Tensor, up: torch.Tensor, rht: bool,
+                signs: int = DEFAULT_SIGN_MASK) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(h, amax)``: h = ``F.silu(gate) * up`` of BF16 [T, F] tensors (any strides), bit for bit
+    as torch computes it, written once as a row-major [T', F] tensor whose rows T..T'-1 are zeros
+    (T' = T rounded up to a multiple of 16: x padded for its Wgrad operand, as the linear layer
+    pads it), and ``tensor_amax(h.t(), rht)`` from the same registers. One read of gate and up,
+    one write of h, where torch's silu and product and the amax pass make three reads and two
+    writes of that size. The MLP's down projection quantizes ``h[:T]`` and ``h.t()`` next."""
+    what = "triton.swiglu_amax"
+    if gate.dtype != torch.bfloat16 or up.dtype != torch.bfloat16 or gate.dim() != 2 or gate.shape != up.shape:
+        raise ValueError(f"{what}: gate and up must be BF16 matrices of one shape, got {gate.dtype} "
+                         f"{tuple(gate.shape)} and {up.dtype} {tuple(up.shape)}")
+    t, f = gate.shape
+    tp = t + (-t % 16)
+    h = torch.empty(tp, f, dtype=torch.bfloat16, device=gate.device)
+    out = torch.zeros(2, dtype=torch.int32, device=gate.device)
+    cfg = LAUNCH["swiglu"]
+    grid = (_cdiv(f, cfg["BM"]), _cdiv(tp // 16, cfg["G"]))
+    _kernel_module().swiglu_amax_kernel[grid](
+        gate, up, h, out, t, tp, f, gate.stride(0), gate.stride(1), up.stride(0), up.stride(1),
+        RHT=bool(rht), SIGNS=signs, LIBDEVICE=gate.device.type == "cuda", **cfg)
+    return h, out.view(torch.float32)
 
 
 def _selection_args(selection: tuple[str, str, float] | None) -> dict:
@@ -498,6 +524,14 @@ class TritonBackend:
         second is max |RHT(x^T)| when ``rht``, else the same value. Device tensors, no sync."""
         a = tensor_amax(xt, rht=rht)
         return a[0], (a[1] if rht else a[0])
+
+    def swiglu_amaxes(self, gate, up, rht: bool):
+        """``(h, amax of h, amax of h^T's Wgrad operand)`` for h = ``F.silu(gate) * up`` (BF16,
+        bit for bit), its rows padded with zeros to whole blocks of 16: :meth:`amaxes` of the
+        down projection's input with the product computed in the same pass
+        (:func:`swiglu_amax`)."""
+        h, a = swiglu_amax(gate, up, rht)
+        return h, a[0], (a[1] if rht else a[0])
 
     def quantize_mxfp4(self, x, tile, rounding, rht, generator, scale_rule="ceil"):
         """:func:`rayfp4.formats.mxfp4.quantize` with the Triton kernels (bit for bit; SR streams

@@ -140,6 +140,11 @@ class SwiGLU(nn.Module):
 
     def forward(self, x):
         gate, up = self.gate_up(x).chunk(2, dim=-1)
+        fuses = getattr(self.down, "fuses_swiglu", None)
+        if fuses is not None and fuses(gate, up):
+            # A quantized down projection computes silu(gate) * up itself, with the same bits, in
+            # the pass that measures its input's amax (rayfp4.precision.QuantizedLinear).
+            return self.down(gate, up)
         return self.down(F.silu(gate) * up)
 
 

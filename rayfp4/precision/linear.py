@@ -185,13 +185,18 @@ def _finite(layer, *tensors: torch.Tensor) -> bool:
     return all(bool(torch.isfinite(t).all()) for t in tensors)
 
 
-def _forward(layer, x, weight, bias, backward_needed: bool, *, for_backward_only: bool = False):
+def _forward(layer, x, weight, bias, backward_needed: bool, *, for_backward_only: bool = False,
+             amaxes: tuple | None = None):
     """The forward GEMM and what its backward needs: ``(y, saved, quantize_bwd, finite)``.
 
     ``for_backward_only``: only ``saved``, built from the same inputs with the same quantizations
     (bit for bit what the forward would have saved; ``y`` is None and the Fprop operands are not
     recorded again). The compiled path (``rayfp4.precision.ops``) saves x and the weight and builds
     the rest in its backward, so that its forward op returns one tensor.
+    ``amaxes``: ``(x padded to whole blocks of tokens, amax of x, amax of x^T's Wgrad operand)``
+    from the pass that produced x (the fused SwiGLU, :meth:`QuantizedLinear.fuses_swiglu`) in
+    place of the layer's own amax pass; only where both directions quantize and x^T is not
+    MS-EDEN's.
     """
     pol, rt, be, roles = layer.policy, layer.runtime, layer.backend, layer.roles
     b = pol.block
@@ -200,6 +205,8 @@ def _forward(layer, x, weight, bias, backward_needed: bool, *, for_backward_only
     # MS-EDEN quantizes the backward operands from the Fprop operands' values (or from x and
     # W where Fprop ran in BF16), so nothing of x^T is quantized here.
     eden = bool(roles.wgrad_x.ms_eden)
+    if amaxes is not None and not (quantize_fwd and quantize_bwd and not eden):
+        raise RuntimeError("_forward: precomputed amaxes are for a layer quantizing x and x^T (not MS-EDEN)")
     # Under FSDP2 with the 4-bit weight gather, the weight arrives quantized (its amax says
     # whether it is finite); Fprop and Dgrad use those codes, which equal quantizing it here.
     gathered = gathered_quantized(weight)
@@ -211,9 +218,13 @@ def _forward(layer, x, weight, bias, backward_needed: bool, *, for_backward_only
             y = torch.full((x.shape[0], weight.shape[0]), float("nan"), device=x.device)
         quantize_bwd = False
     elif quantize_fwd:
-        # One read of x gives the tensor amax of both of its operands (x and x^T's RHT).
-        xt_src = _pad_tokens(x, b).t() if quantize_bwd and not eden else None
-        am_x, am_xt = layer.amaxes(xt_src, roles.wgrad_x) if xt_src is not None else (None, None)
+        if amaxes is not None:  # x, padded, and its amaxes came from the pass that produced x
+            x_pad, am_x, am_xt = amaxes
+            xt_src = x_pad.t()
+        else:
+            # One read of x gives the tensor amax of both of its operands (x and x^T's RHT).
+            xt_src = _pad_tokens(x, b).t() if quantize_bwd and not eden else None
+            am_x, am_xt = layer.amaxes(xt_src, roles.wgrad_x) if xt_src is not None else (None, None)
         if not for_backward_only or (quantize_bwd and eden):
             xq = layer.quantize(x, roles.fprop_x, amax=am_x)
         if not for_backward_only or (quantize_bwd and (eden or pol.weight_2d_scaling)):
@@ -308,6 +319,36 @@ class _QuantizedLinearFn(torch.autograd.Function):
         return dx, dw, db, None, None
 
 
+class _SwiGLUQuantizedLinearFn(torch.autograd.Function):
+    """The layer of h = ``F.silu(gate) * up`` with h computed in the backend's amax pass over it
+    (:meth:`QuantizedLinear.fuses_swiglu`): what ``_QuantizedLinearFn`` of the product computes,
+    bit for bit. Backward recomputes silu(gate) from the saved gate and up and applies autograd's
+    own backward of the two ops (the same torch ops, so the same bits); autograd would have saved
+    silu(gate) as well."""
+
+    @staticmethod
+    def forward(ctx, gate, up, weight, bias, layer, backward_needed):
+        h, am_x, am_xt = layer.backend.swiglu_amaxes(gate, up, layer.roles.wgrad_x.rht)
+        x = h[:gate.shape[0]]
+        y, saved, quantize_bwd, finite = _forward(layer, x, weight, bias, backward_needed, amaxes=(h, am_x, am_xt))
+        _save(ctx, {**saved, "gate": gate, "up": up})
+        ctx.layer, ctx.quantize_bwd, ctx.has_bias = layer, quantize_bwd, bias is not None
+        ctx.x_dtype, ctx.tokens, ctx.finite = x.dtype, x.shape[0], finite
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        s = _load(ctx)
+        needs = ctx.needs_input_grad
+        dh, dw, db = _backward(ctx.layer, s, dy, (needs[0] or needs[1], needs[2], needs[3]),
+                               quantize_bwd=ctx.quantize_bwd, finite=ctx.finite, x_dtype=ctx.x_dtype,
+                               tokens=ctx.tokens, has_bias=ctx.has_bias)
+        gate, up = s["gate"], s["up"]
+        dgate = torch.ops.aten.silu_backward(dh * up, gate) if needs[0] else None
+        dup = dh * F.silu(gate) if needs[1] else None
+        return dgate, dup, dw, db, None, None
+
+
 def _ms_eden_backward(needs: tuple, layer, s: dict, dy: torch.Tensor, x_dtype: torch.dtype):
     """Dgrad and Wgrad with MS-EDEN operands (Quartet II): each GEMM draws one set of random
     Hadamard signs for both of its operands; W and x enter as the values Fprop multiplied."""
@@ -345,6 +386,9 @@ class QuantizedLinear(nn.Linear):
     """
 
     format = "nvfp4"
+    #: Whether the SwiGLU product may be fused into the layer's amax pass where that is bit for bit
+    #: the same (:meth:`fuses_swiglu`); False leaves it to torch (tests and benchmarks compare).
+    fuse_swiglu = True
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, policy: PrecisionPolicy,
                  runtime: PrecisionRuntime | None = None, layer_index: int = 0, name: str = "",
@@ -450,7 +494,38 @@ class QuantizedLinear(nn.Linear):
             self.backend = resolve(self.policy.backend, self.weight.device)
         return out
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def fuses_swiglu(self, gate: torch.Tensor, up: torch.Tensor) -> bool:
+        """Whether ``self(gate, up)`` computes its input h = ``F.silu(gate) * up`` itself, in the
+        pass that measures h's amax (``_SwiGLUQuantizedLinearFn``: one read of gate and up, one
+        write of h, no silu(gate) in memory), rather than taking h from torch; the model's SwiGLU
+        asks before it calls. Where the bits are the same: an NVFP4 layer on a backend with the
+        Triton quantizers (``swiglu_amaxes``: triton, cutlass); BF16 gate and up, not cast by
+        autocast afterwards (the kernel matches torch's silu after its rounding to BF16, not in
+        FP32); both directions quantized with the recipe's operands (not MS-EDEN, not in BF16
+        after the late switch, a backward to come); eagerly (the compiled path has its own op)."""
+        if torch.compiler.is_compiling():  # first: a traced step must not read the runtime's step
+            return False
+        rt, bf16 = self.runtime, torch.bfloat16
+        backward_needed = torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (gate, up, self.weight, self.bias))
+        return (self.fuse_swiglu and self.format == "nvfp4" and hasattr(self.backend, "swiglu_amaxes")
+                and gate.dtype == bf16 and up.dtype == bf16 and gate.shape == up.shape
+                and gate.shape[-1] == self.in_features
+                and (not torch.is_autocast_enabled(gate.device.type)
+                     or torch.get_autocast_dtype(gate.device.type) == bf16)
+                and self.policy.backward_rounding != "ms_eden" and not rt.forward_bf16 and not rt.backward_bf16
+                and backward_needed)
+
+    def forward(self, x: torch.Tensor, up: torch.Tensor | None = None) -> torch.Tensor:
+        """The layer of x or, with ``up``, of ``F.silu(x) * up`` (x the SwiGLU gate), the product
+        fused into the layer's amax pass where :meth:`fuses_swiglu` says so."""
+        if up is not None:
+            if self.fuses_swiglu(x, up):
+                lead = x.shape[:-1]
+                y = _SwiGLUQuantizedLinearFn.apply(x.reshape(-1, self.in_features), up.reshape(-1, self.in_features),
+                                                   self.weight, self.bias, self, True)
+                return y.reshape(*lead, self.out_features)
+            x = F.silu(x) * up
         if torch.is_autocast_enabled(x.device.type):
             x = x.to(torch.get_autocast_dtype(x.device.type))
         rt = self.runtime

@@ -1,0 +1,204 @@
+"""The SwiGLU product fused into the down projection's amax pass, under the Triton interpreter (CPU).
+
+``triton_nvfp4.swiglu_amax`` computes h = silu(gate) * up where the down projection's amax pass
+reads it. It must give torch's BF16 ``F.silu(gate) * up`` bit for bit (every BF16 gate value is
+tried), the amaxes of the unfused pass, and a layer and a model that train exactly as without it.
+On a GPU machine the kernel compiles (with CUDA's expf) and test_kernels_triton_gpu.py checks it
+against torch's CUDA kernels; this module then skips.
+"""
+
+import os
+
+import pytest
+
+if os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("Triton compiles for the GPU in this run (test_kernels_triton_gpu.py checks the kernels); "
+                "RAYFP4_TEST_INTERPRET=1 runs this module through the interpreter", allow_module_level=True)
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+pytest.importorskip("triton")
+
+from rayfp4.kernels import triton_nvfp4 as T  # noqa: E402
+
+EDGES = [0.0, -0.0, 1.0, -1.0, float("inf"), float("-inf"), float("nan"), 3.0e38, -3.0e38, 1.0e-38,
+         -1.0e-40, 9.2e-41]
+
+
+@pytest.fixture
+def gen():
+    seed = int(torch.randint(0, 2**31 - 1, ()).item())
+    print(f"seed={seed}")
+    return torch.Generator().manual_seed(seed)
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """BF16 tensors equal bit for bit (-0.0 too), NaN where the other is NaN (payloads aside)."""
+    na, nb = torch.isnan(a), torch.isnan(b)
+    return torch.equal(na, nb) and torch.equal(a.view(torch.int16)[~na], b.view(torch.int16)[~nb])
+
+
+def gate_up(tokens: int, f: int, gen, every_gate: bool = False) -> torch.Tensor:
+    """A gate_up output [tokens, 2f] in BF16: gate every BF16 bit pattern (``every_gate``) or normal
+    values, up of magnitudes 2^-140 .. 2^130 (products that overflow, underflow and land on FP32
+    subnormals) with the edge values mixed in."""
+    if every_gate:
+        assert tokens * f == 2**16
+        g = torch.arange(-2**15, 2**15, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
+        g = g[torch.randperm(2**16, generator=gen)].view(tokens, f)
+    else:
+        g = (torch.randn(tokens, f, generator=gen) * 4).to(torch.bfloat16)
+    scale = torch.exp2(torch.randint(-140, 130, (tokens, f), generator=gen).float())
+    u = torch.randn(tokens, f, generator=gen) * scale
+    pick = torch.rand(tokens, f, generator=gen) < 1 / 16
+    u[pick] = torch.tensor(EDGES)[torch.randint(0, len(EDGES), (int(pick.sum()),), generator=gen)]
+    return torch.cat([g, u.to(torch.bfloat16)], dim=1)
+
+
+def test_silu_product_is_torchs_for_every_bf16_gate(gen):
+    # The kernel's exp (numpy's here) differs from torch's in FP32 for ~2% of BF16 inputs, but
+    # never after silu's rounding to BF16: every gate value is tried, NaN and infinities included.
+    gu = gate_up(512, 128, gen, every_gate=True)
+    gate, up = gu.chunk(2, dim=-1)  # strided views, as in the model
+    h, _ = T.swiglu_amax(gate, up, rht=False)
+    assert h.shape == (512, 128) and h.dtype == torch.bfloat16
+    assert same_bits(h, F.silu(gate) * up)
+    # up = 1: silu(gate) alone, for every gate value
+    h, _ = T.swiglu_amax(gate, torch.ones_like(up), rht=False)
+    assert same_bits(h, F.silu(gate))
+
+
+@pytest.mark.parametrize("tokens", [64, 40])
+@pytest.mark.parametrize("rht", [False, True])
+def test_swiglu_amax_is_the_unfused_pass_over_the_padded_product(tokens, rht, gen):
+    """h padded with zero rows to whole blocks of tokens, as the linear layer pads x for its Wgrad
+    operand, and ``tensor_amax`` of its transpose (max |h|, max |RHT(h^T)|) from the same pass."""
+    gate, up = gate_up(tokens, 96, gen).chunk(2, dim=-1)
+    up = up.clamp(-1e30, 1e30).nan_to_num(0.0, 1.0, -1.0)  # finite amaxes
+    want = F.pad(F.silu(gate) * up, (0, 0, 0, -tokens % 16))
+    h, amax = T.swiglu_amax(gate, up, rht=rht)
+    assert h.shape == want.shape and same_bits(h, want)
+    ref = T.tensor_amax(want.t(), rht=rht)
+    assert amax.dtype == torch.float32 and torch.equal(amax, ref), (amax.tolist(), ref.tolist())
+    assert T.TritonBackend().swiglu_amaxes(gate, up, rht)[2] == (ref[1] if rht else ref[0])
+    gate = gate.clone()
+    gate[3, 7] = float("nan")  # a NaN anywhere: NaN amaxes (hence NaN scales), as the unfused pass
+    assert torch.isnan(T.swiglu_amax(gate, up, rht=rht)[1][: 1 + rht]).all()
+
+
+class _Count:
+    """Counts the fused kernel's launches (wraps ``triton_nvfp4.swiglu_amax``)."""
+
+    def __init__(self, monkeypatch):
+        self.n, self._f = 0, T.swiglu_amax
+        monkeypatch.setattr(T, "swiglu_amax", self)
+
+    def __call__(self, *a, **k):
+        self.n += 1
+        return self._f(*a, **k)
+
+
+POLICIES = {
+    "recipe": {},  # SR dY, RHT Wgrad, 2-D weight tiles
+    "no_rht_1d": {"rht_wgrad": False, "weight_2d_scaling": False},
+    "four_over_six": {"scale_selection": "four_over_six"},
+}
+
+
+@pytest.mark.parametrize("policy", list(POLICIES))
+def test_down_projection_with_fused_swiglu_equals_the_unfused_layer(policy, gen, monkeypatch):
+    """NVFP4Linear(gate, up) on the Triton backend: output, the gradients of gate, up, W, b and
+    every quantized operand equal the layer of ``F.silu(gate) * up`` computed by torch."""
+    from rayfp4.precision import NVFP4Linear, PrecisionPolicy, PrecisionRuntime
+
+    pol = PrecisionPolicy(**POLICIES[policy])
+    count = _Count(monkeypatch)
+    gu0 = gate_up(40, 64, gen)  # 40 tokens: x^T is padded to 48
+    gu0 = torch.where(gu0.abs() < 1e4, gu0, 1.0).to(torch.bfloat16)  # finite, a usable scale range
+    dy = torch.randn(2, 20, 48, generator=gen).to(torch.bfloat16)
+    out = {}
+    for fuse in (False, True):
+        torch.manual_seed(0)
+        layer = NVFP4Linear(64, 48, bias=True, policy=pol, runtime=PrecisionRuntime(pol, seed=5), layer_index=1)
+        layer.backend = T.TritonBackend()  # the registry offers it on CUDA only
+        layer.fuse_swiglu = fuse
+        layer.capture = {}
+        gu = gu0.view(2, 20, 128).clone().requires_grad_(True)
+        gate, up = gu.chunk(2, dim=-1)
+        y = layer(gate, up)
+        y.backward(dy)
+        out[fuse] = (y.detach(), gu.grad, layer.weight.grad, layer.bias.grad, layer.capture)
+        assert count.n == int(fuse)
+    plain, fused = out[False], out[True]
+    for a, b in zip(plain[:4], fused[:4]):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+    assert set(plain[4]) == set(fused[4]) == {"fprop.x", "fprop.w", "dgrad.dy", "dgrad.w", "wgrad.dy", "wgrad.x"}
+    for key, q in plain[4].items():
+        g = fused[4][key]
+        assert torch.equal(g.data, q.data) and torch.equal(g.scale.view(torch.uint8), q.scale.view(torch.uint8)), key
+        assert torch.equal(g.amax, q.amax), key
+
+
+def test_swiglu_is_not_fused_where_it_would_not_be_exact(gen, monkeypatch):
+    """FP32 activations (the kernel matches torch's silu only after the rounding to BF16), MS-EDEN,
+    MXFP4, the reference backend and no backward to come take the product from torch: same results,
+    no fused launch."""
+    from rayfp4.precision import NVFP4Linear, PrecisionPolicy
+    from rayfp4.precision.linear import MXFP4Linear
+
+    count = _Count(monkeypatch)
+    gate, up = (torch.randn(32, 128, generator=gen) * 2).chunk(2, dim=-1)
+    bf16 = torch.bfloat16
+    cases = [  # layer, policy, dtype, Triton backend, grad enabled
+        (NVFP4Linear, {}, torch.float32, True, True),
+        (NVFP4Linear, {"backward_rounding": "ms_eden", "ms_eden_hadamard": 16}, bf16, True, True),
+        (MXFP4Linear, {"format": "mxfp4"}, bf16, True, True),
+        (NVFP4Linear, {}, bf16, False, True),
+        (NVFP4Linear, {}, bf16, True, False),
+    ]
+    for cls, kw, dtype, triton_backend, grad in cases:
+        torch.manual_seed(0)
+        pol = PrecisionPolicy(stochastic_rounding_grads=False, **kw)
+        layer = cls(64, 32, bias=False, policy=pol)
+        if triton_backend:
+            layer.backend = T.TritonBackend()
+        with torch.set_grad_enabled(grad):
+            g, u = gate.to(dtype), up.to(dtype)
+            assert torch.equal(layer(g, u), layer(F.silu(g) * u)), (cls.__name__, kw, dtype)
+    assert count.n == 0
+
+
+def test_a_tiny_model_trains_the_same_with_the_swiglu_fused(monkeypatch):
+    """A two-block NVFP4 model (Triton backend, BF16 autocast, the recipe with SR and RHT) trained
+    three AdamW steps with and without the fusion: the same losses and weights, bit for bit."""
+    from rayfp4.model import ModelConfig, build_model
+    from rayfp4.precision import QuantizedLinear, apply_precision_policy
+
+    count = _Count(monkeypatch)
+    cfg = ModelConfig(vocab_size=64, seq_len=16, n_layers=2, d_model=32, n_heads=2, d_ff=64)
+    tokens = torch.randint(0, 64, (3, 2, 16))  # 2 x 15 = 30 tokens a step: x^T padded to 32
+    result = {}
+    for fuse in (False, True):
+        torch.manual_seed(0)
+        model = build_model(cfg)
+        summary = apply_precision_policy(model, {"format": "nvfp4"}, seed=3)
+        for m in model.modules():
+            if isinstance(m, QuantizedLinear):
+                m.backend = T.TritonBackend()  # the registry offers it on CUDA only
+                m.fuse_swiglu = fuse
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        losses = []
+        for step in range(3):
+            summary.runtime.set_step(step)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = model(tokens[step, :, :-1], tokens[step, :, 1:])
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            losses.append(loss.detach())
+        result[fuse] = (torch.stack(losses), {n: p.detach().clone() for n, p in model.named_parameters()})
+    assert count.n == 3 * cfg.n_layers  # each block's down projection, each step
+    assert torch.equal(result[False][0], result[True][0]), (result[False][0], result[True][0])
+    for name, p in result[False][1].items():
+        assert torch.equal(p, result[True][1][name]), name

@@ -81,8 +81,27 @@ def test_the_committed_study_reproduces_the_results_table(capsys):
     assert "| nvfp4 | 3 | 0.8727 ± 0.0127 | +1.66 ± 2.96 |" in out
     assert [f"| nvfp4 | {s} | FINISHED | {v} |" in out for s, v in ((0, "0.8873 | +3.07"), (1, "0.8666 | +3.66"),
                                                                     (2, "0.8642 | -1.74"))] == [True] * 3
-    assert "| nvfp4-auto | 0 | PENDING |" in out  # a run not trained is listed as such
-    assert "correlation of the transition step with the final validation loss: 0.93 over 23 runs" in out
+    assert "| nvfp4-auto | 3 | 0.8745 ± 0.0246 | +1.92 ± 5.40 |" in out  # every variant has its three seeds
+    assert "PENDING" not in out
+    assert "correlation of the transition step with the final validation loss: 0.93 over 27 runs" in out
+
+
+def test_the_committed_long_horizon_reproduces_its_table(capsys):
+    study, csv = ROOT / "configs" / "study" / "recipe-long.yaml", ROOT / "docs" / "results" / "recipe-long-val.csv"
+    assert results_plots.main(["--study", str(study), "--csv", str(csv), "--level", "0.8", "--no-plots"]) == 0
+    out = capsys.readouterr().out
+    assert "| nvfp4 | 3 | 0.6214 ± 0.0040 | +3.60 ± 0.63 |" in out
+    assert "| nvfp4-4over6-fwd | 3 | 0.6181 ± 0.0028 | +3.06 ± 0.25 |" in out
+    assert "| nvfp4-4over6-fwd-msedens | 0 | KILLED | - |" in out  # seed 0 stopped at step 1,520
+
+
+def test_a_run_not_trained_is_listed_as_pending(tmp_path, capsys):
+    f = _csv(tmp_path / "v.csv", [("bf16", 0, "x", 100, 2.0, 1.0, 0.80), ("bf16", 1, "x", 100, 2.0, 1.4, 0.90),
+                                   ("fp4", 0, "x", 50, 2.0, 1.1, 0.84)])
+    assert results_plots.main(["--study", str(_study(tmp_path / "s.yaml")), "--csv", str(f), "--no-plots"]) == 0
+    out = capsys.readouterr().out
+    assert "| fp4 | 1 | PENDING | - |" in out
+    assert "| fp4 | 1 | 0.8400 | +5.00 | 50 | s1: PENDING |" in out  # the means over the seed it has
 
 
 def test_a_damaged_file_names_its_line(tmp_path):

@@ -170,26 +170,27 @@ def test_swiglu_is_not_fused_where_it_would_not_be_exact(gen, monkeypatch):
 
 
 def test_a_tiny_model_trains_the_same_with_the_swiglu_fused(monkeypatch):
-    """A two-block NVFP4 model (Triton backend, BF16 autocast, the recipe with SR and RHT) trained
-    three AdamW steps with and without the fusion: the same losses and weights, bit for bit."""
+    """A one-block NVFP4 model (Triton backend, BF16 autocast, the recipe with SR and RHT) trained
+    two AdamW steps with and without the fusion: the same losses and weights, bit for bit (the
+    second step on updated weights). One block and two steps: the interpreter runs every kernel."""
     from rayfp4.model import ModelConfig, build_model
     from rayfp4.precision import QuantizedLinear, apply_precision_policy
 
     count = _Count(monkeypatch)
-    cfg = ModelConfig(vocab_size=64, seq_len=16, n_layers=2, d_model=32, n_heads=2, d_ff=64)
-    tokens = torch.randint(0, 64, (3, 2, 16))  # 2 x 15 = 30 tokens a step: x^T padded to 32
+    cfg = ModelConfig(vocab_size=64, seq_len=16, n_layers=1, d_model=32, n_heads=2, d_ff=64)
+    tokens = torch.randint(0, 64, (2, 2, 16))  # 2 x 15 = 30 tokens a step: x^T padded to 32
     result = {}
     for fuse in (False, True):
         torch.manual_seed(0)
         model = build_model(cfg)
-        summary = apply_precision_policy(model, {"format": "nvfp4"}, seed=3)
+        summary = apply_precision_policy(model, {"format": "nvfp4", "bf16_last_blocks": 0}, seed=3)
         for m in model.modules():
             if isinstance(m, QuantizedLinear):
                 m.backend = T.TritonBackend()  # the registry offers it on CUDA only
                 m.fuse_swiglu = fuse
         opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
         losses = []
-        for step in range(3):
+        for step in range(2):
             summary.runtime.set_step(step)
             with torch.autocast("cpu", dtype=torch.bfloat16):
                 loss = model(tokens[step, :, :-1], tokens[step, :, 1:])
@@ -198,7 +199,7 @@ def test_a_tiny_model_trains_the_same_with_the_swiglu_fused(monkeypatch):
             opt.zero_grad()
             losses.append(loss.detach())
         result[fuse] = (torch.stack(losses), {n: p.detach().clone() for n, p in model.named_parameters()})
-    assert count.n == 3 * cfg.n_layers  # each block's down projection, each step
+    assert count.n == 2 * cfg.n_layers  # each block's down projection, each step
     assert torch.equal(result[False][0], result[True][0]), (result[False][0], result[True][0])
     for name, p in result[False][1].items():
         assert torch.equal(p, result[True][1][name]), name

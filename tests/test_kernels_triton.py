@@ -285,6 +285,17 @@ def test_a_device_seed_must_be_one_int64_on_the_device():
             T.quantize_nvfp4(x, rounding="stochastic", generator=bad)
 
 
+def test_the_mxfp4_and_ms_eden_quantizers_refuse_a_device_seed_by_name():
+    """Only the NVFP4 kernels read a device seed; the others say so instead of failing in a launch."""
+    from rayfp4.kernels import triton_eden, triton_mxfp4
+
+    seed = torch.tensor([T.generator_seed(1, torch.device("cpu"))], dtype=torch.int64)
+    with pytest.raises(TypeError, match="triton.quantize_mxfp4: .*device seeds"):
+        triton_mxfp4.quantize_mxfp4(torch.randn(32, 64), rounding="stochastic", generator=seed)
+    with pytest.raises(TypeError, match="quantize_ms_eden: .*device seeds"):
+        triton_eden.quantize_ms_eden(torch.randn(32, 128), hadamard=128, generator=seed)
+
+
 class _CudaGeneratorState:
     """A stand-in for a CUDA generator as _sr_seed reads it (seed, offset), so the CUDA key's
     arithmetic is checked on the CPU too (tests/test_kernels_triton_gpu.py checks a real one)."""

@@ -55,6 +55,9 @@ def quantize_ms_eden(x: torch.Tensor, hadamard: int = 128, signs: torch.Tensor |
     if k % n:
         raise ValueError(f"{what}: K={k} of shape {tuple(x.shape)} is not a multiple of the Hadamard size {n}")
     dev = x.device
+    if isinstance(generator, torch.Tensor):
+        raise TypeError(f"{what}: generator must be a torch.Generator; device seeds (an int64 tensor) are "
+                        f"read by the NVFP4 kernels only")
     if signs is None:
         signs = ms_eden.random_signs(n, generator, dev)
     ms_eden.check_signs(signs, n, what, values=signs.device.type == "cpu")

@@ -139,6 +139,9 @@ def quantize_mxfp4(x: torch.Tensor, tile=(1, 32), rounding: str = "nearest", rht
     in_dtype = x.dtype
     x, orient = _layout(x)
     sr = rounding == "stochastic"
+    if isinstance(generator, torch.Tensor):
+        raise TypeError(f"{what}: generator must be a torch.Generator; device seeds (an int64 tensor) are "
+                        f"read by the NVFP4 kernels only")
     seed = _sr_seed(generator, dev) if sr else 0
     ceil = scale_rule == "ceil"
 

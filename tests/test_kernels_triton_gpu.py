@@ -195,6 +195,22 @@ def test_backend_dequantize_is_the_reference_values_on_gpu(tile, selection):
             assert torch.equal(got.view(torch.int32), want.view(torch.int32)), (s, write)
 
 
+def _adamw_steps(model, fwd, runtime, tokens):
+    """(losses, parameters) after one AdamW step (lr 1e-3, BF16 autocast) per ``tokens[step]``
+    through ``fwd`` (the model, or what runs it), the runtime set to each step."""
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    losses = []
+    for step in range(len(tokens)):
+        runtime.set_step(step)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = fwd(tokens[step, :, :-1], tokens[step, :, 1:])
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.detach())
+    return torch.stack(losses), [p.detach().clone() for p in model.parameters()]
+
+
 @pytest.mark.parametrize("extra", [{}, {"backward_rounding": "ms_eden"}], ids=["recipe", "ms_eden"])
 def test_a_compiled_step_on_the_triton_backend_equals_the_eager_step(extra):
     """train.compile: aot_eager on the GPU: the 4-bit layers as custom ops (rayfp4.precision.ops)
@@ -212,17 +228,7 @@ def test_a_compiled_step_on_the_triton_backend_equals_the_eager_step(extra):
                                          total_steps=10, device=DEV)
         torch._dynamo.reset()
         fwd = torch.compile(model, backend="aot_eager", fullgraph=True) if compiled else model
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-        losses = []
-        for step in range(3):
-            summary.runtime.set_step(step)
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                loss = fwd(tokens[step, :, :-1], tokens[step, :, 1:])
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            losses.append(loss.detach())
-        out.append((torch.stack(losses), [p.detach().clone() for p in model.parameters()]))
+        out.append(_adamw_steps(model, fwd, summary.runtime, tokens))
     (la, pa), (lb, pb) = out
     assert torch.equal(la, lb), (la, lb)
     assert all(torch.equal(x, y) for x, y in zip(pa, pb))
@@ -363,17 +369,7 @@ def test_a_model_trains_the_same_with_the_swiglu_fused_on_gpu(policy, monkeypatc
         for m in model.modules():
             if isinstance(m, QuantizedLinear):
                 m.fuse_swiglu = fuse
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-        losses = []
-        for step in range(3):
-            rt.set_step(step)
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                loss = model(tokens[step, :, :-1], tokens[step, :, 1:])
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            losses.append(loss.detach())
-        out[fuse] = (torch.stack(losses), [p.detach().clone() for p in model.parameters()])
+        out[fuse] = _adamw_steps(model, model, rt, tokens)
     assert len(launches) == 3 * cfg.n_layers
     assert torch.equal(out[False][0], out[True][0]), (out[False][0], out[True][0])
     assert all(torch.equal(a, b) for a, b in zip(out[False][1], out[True][1]))

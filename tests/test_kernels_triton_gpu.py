@@ -373,3 +373,58 @@ def test_a_model_trains_the_same_with_the_swiglu_fused_on_gpu(policy, monkeypatc
     assert len(launches) == 3 * cfg.n_layers
     assert torch.equal(out[False][0], out[True][0]), (out[False][0], out[True][0])
     assert all(torch.equal(a, b) for a, b in zip(out[False][1], out[True][1]))
+
+
+def test_rmsnorm_output_is_torchs_cuda_kernels():
+    """The fused RMSNorm products (rmsnorm_amax) against the model's RMSNorm on CUDA, cast to BF16
+    as the quantized layer casts its input: FP32 and BF16 residuals at scale, rows of magnitudes
+    2^-60 .. 2^60, a weight with zeros, tiny and huge values; and the amaxes of the unfused pass."""
+    from rayfp4.model import RMSNorm
+
+    gen = torch.Generator(device=DEV).manual_seed(11)
+    x = torch.randn(4004, 2048, generator=gen, device=DEV) * torch.exp2(
+        torch.randint(-60, 60, (4004, 1), generator=gen, device=DEV).float())
+    x[1] = 0.0
+    norm = RMSNorm(2048, 1e-5).to(DEV)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(2048, generator=gen, device=DEV) * 2)
+        norm.weight[:5] = torch.tensor([0.0, -0.0, 1e-38, 3e38, -1.0], device=DEV)
+    for dtype in (torch.float32, torch.bfloat16):
+        xd = x.to(dtype)
+        with torch.no_grad():
+            want = F.pad(norm(xd).to(torch.bfloat16), (0, 0, 0, 12))
+            rstd = norm.rstd(xd.float()).reshape(-1)
+        for rht in (False, True):
+            y, amax = T.rmsnorm_amax(xd, rstd, norm.weight, rht=rht)
+            assert _same_bits(y, want), (dtype, rht)
+            assert torch.equal(amax, T.tensor_amax(want.t(), rht=rht)), (dtype, rht)
+
+
+@pytest.mark.parametrize("policy", [{}, {"rht_wgrad": False, "weight_2d_scaling": False}])
+def test_a_model_trains_the_same_with_the_norms_fused_on_gpu(policy, monkeypatch):
+    """Three AdamW steps of a BF16-autocast NVFP4 model on the triton backend: the same losses and
+    weights (the norms' included) with the RMSNorms fused into the qkv and gate_up projections'
+    amax passes as with torch computing them (the SwiGLU fused in both)."""
+    from rayfp4.model import ModelConfig, build_model
+    from rayfp4.precision import QuantizedLinear, apply_precision_policy
+
+    launches = []
+    fused = T.rmsnorm_amax
+    monkeypatch.setattr(T, "rmsnorm_amax", lambda *a, **k: launches.append(1) or fused(*a, **k))
+    cfg = ModelConfig(vocab_size=320, seq_len=256, n_layers=2, d_model=256, n_heads=4, n_kv_heads=2, d_ff=768)
+    tokens = torch.randint(0, 320, (3, 4, 250), device=DEV)  # 4 x 249 tokens: y^T padded
+    out = {}
+    for fuse in (False, True):
+        torch.manual_seed(0)
+        model = build_model(cfg, device=DEV)
+        rt = apply_precision_policy(model, {"format": "nvfp4", "backend": "triton", **policy}, seed=3,
+                                    device=DEV).runtime
+        for m in model.modules():
+            if isinstance(m, QuantizedLinear):
+                m.fuse_rmsnorm = fuse
+        out[fuse] = _adamw_steps(model, model, rt, tokens)
+    quantized = sum(isinstance(b.attn.qkv, QuantizedLinear) + isinstance(b.mlp.gate_up, QuantizedLinear)
+                    for b in model.layers)
+    assert quantized > 0 and len(launches) == 3 * quantized
+    assert torch.equal(out[False][0], out[True][0]), (out[False][0], out[True][0])
+    assert all(torch.equal(a, b) for a, b in zip(out[False][1], out[True][1]))

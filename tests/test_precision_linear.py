@@ -364,3 +364,31 @@ def test_without_a_backward_to_come_the_backward_operands_are_not_quantized(fmt)
         y_eval = layer(x)
     assert torch.equal(y_eval, y_train.detach())
     assert set(layer.capture) == {"fprop.x", "fprop.w"}
+
+
+@pytest.mark.parametrize("xdtype,wdtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
+                                           (torch.float32, torch.bfloat16)])
+def test_rmsnorm_backward_is_autograds_bit_for_bit(xdtype, wdtype, gen):
+    """rmsnorm_backward (what the fused norm's backward runs) against autograd through the model's
+    RMSNorm behind a residual connection, d = 48 (mean's division is not a power of two): the
+    gradients of x and of the weight equal, bit for bit, with x's parts added in autograd's order."""
+    from rayfp4.model import RMSNorm
+    from rayfp4.precision.linear import rmsnorm_backward
+
+    x = (torch.randn(3, 10, 48, generator=gen) * torch.exp2(torch.randint(-20, 20, (3, 10, 1), generator=gen).float()))
+    x = x.to(xdtype)
+    w0 = (1 + 0.3 * torch.randn(48, generator=gen)).to(wdtype)
+    grad_y = torch.randn(3, 10, 48, generator=gen).to(torch.bfloat16)  # what the projection returns
+    grad_res = torch.randn(3, 10, 48, generator=gen).to(xdtype)
+    norm = RMSNorm(48, 1e-5)
+    norm.weight.data = w0.clone()
+    xa = x.clone().requires_grad_(True)
+    h = xa * 1.0  # a non-leaf residual: its gradient sums the residual's and the norm's
+    torch.autograd.backward([h, norm(h).to(torch.bfloat16)], [grad_res, grad_y])
+    dx_prod, dx_sq, dw = rmsnorm_backward(grad_y, x, norm.rstd(x.float()), w0)
+    if xdtype == torch.float32:
+        dx = (grad_res + dx_prod) + dx_sq
+    else:
+        dx = grad_res + (dx_prod + dx_sq).to(xdtype)
+    assert dx.dtype == xdtype and torch.equal(dx, xa.grad)
+    assert dw.dtype == wdtype and torch.equal(dw, norm.weight.grad)

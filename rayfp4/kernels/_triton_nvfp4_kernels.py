@@ -598,6 +598,60 @@ def swiglu_amax_kernel(g_ptr, u_ptr, h_ptr, out_ptr, T, TP, F, sgt, sgf, sut, su
     _fold_amaxes(x0, x1, x2, x3, x4, x5, x6, x7, x8, x9, x10, x11, x12, x13, x14, x15, out_ptr, RHT, SIGNS, 1)
 
 
+# --------------------------------------------------------------------------- RMSNorm + amax
+#
+# The input of a projection after an RMSNorm (attention's qkv, the MLP's gate_up): y = x * rstd * w
+# computed where its amax pass reads it, from the residual x, the per-token rstd (torch's
+# reduction, computed before) and the norm's weight; x is read once and y written once in BF16,
+# where torch's two products and casts write and read FP32 copies of it first.
+
+
+@triton.jit
+def _rmsnorm_at(x_ptr, r_ptr, w_ptr, y_ptr, feat, tok, T, TP, D, sxt, sxd):
+    """y = bf16((x * rstd) * w) at [feat, tok] ([BM, G] tensors), in torch's order (two FP32
+    products, one rounding to BF16), stored into the [TP, D] row-major BF16 y (the rows T..TP-1 of
+    padding get +0.0), returned as FP32."""
+    m = (feat < D) & (tok < T)
+    x = _to_f32(tl.load(x_ptr + tok.to(tl.int64) * sxt + feat.to(tl.int64) * sxd, mask=m, other=0.0))
+    r = tl.load(r_ptr + tok, mask=tok < T, other=0.0)
+    w = _to_f32(tl.load(w_ptr + feat, mask=feat < D, other=0.0))
+    y = tl.where(tok < T, _bf16_rne((x * r) * w), 0.0)  # padding: +0.0 (not 0 * a negative weight)
+    yb = (y.to(tl.int32, bitcast=True) >> 16).to(tl.int16).to(tl.bfloat16, bitcast=True)
+    tl.store(y_ptr + tok.to(tl.int64) * D + feat.to(tl.int64), yb, mask=(feat < D) & (tok < TP))
+    return y
+
+
+@triton.jit
+def rmsnorm_amax_kernel(x_ptr, r_ptr, w_ptr, y_ptr, out_ptr, T, TP, D, sxt, sxd,
+                        RHT: tl.constexpr, SIGNS: tl.constexpr, BM: tl.constexpr, G: tl.constexpr):
+    """y = RMSNorm's output (BF16) from x [T, D] (FP32 or BF16, any strides), the FP32 rstd [T]
+    and the weight [D] into the row-major [TP, D] y, rows padded with zeros to TP = a multiple of
+    16, and ``amax_groups_kernel`` of y^T [D, TP] from the same registers (out_ptr[0]: max |y|;
+    out_ptr[1]: max |RHT(y^T)| along the tokens when RHT). The tile is y^T's, as in
+    ``swiglu_amax_kernel``: BM features by G blocks of 16 tokens, loads and stores coalesced along
+    the features."""
+    feat = (tl.program_id(0) * BM + tl.arange(0, BM))[:, None]
+    tok = (tl.program_id(1) * G + tl.arange(0, G))[None, :] * 16
+    x0 = _rmsnorm_at(x_ptr, r_ptr, w_ptr, y_ptr, feat, tok + 0, T, TP, D, sxt, sxd)
+    x1 = _rmsnorm_at(x_ptr, r_ptr, w_ptr, y_ptr, feat, tok + 1, T, TP, D, sxt, sxd)
+    x2 = _rmsnorm_at(x_ptr, r_ptr, w_ptr, y_ptr, feat, tok + 2, T, TP, D, sxt, sxd)
+    x3 = _rmsnorm_at(x_ptr, r_ptr, w_ptr, y_ptr, feat, tok + 3, T, TP, D, sxt, sxd)
+    x4 = _rmsnorm_at(x_ptr, r_ptr, w_ptr, y_ptr, feat, tok + 4, T, TP, D, sxt, sxd)
+    x5 = _rmsnorm_at(x_ptr, r_ptr, w_ptr, y_ptr, feat, tok + 5, T, TP, D, sxt, sxd)
+    x6 = _rmsnorm_at(x_ptr, r_ptr, w_ptr, y_ptr, feat, tok + 6, T, TP, D, sxt, sxd)
+    x7 = _rmsnorm_at(x_ptr, r_ptr, w_ptr, y_ptr, feat, tok + 7, T, TP, D, sxt, sxd)
+    x8 = _rmsnorm_at(x_ptr, r_ptr, w_ptr, y_ptr, feat, tok + 8, T, TP, D, sxt, sxd)
+    x9 = _rmsnorm_at(x_ptr, r_ptr, w_ptr, y_ptr, feat, tok + 9, T, TP, D, sxt, sxd)
+    x10 = _rmsnorm_at(x_ptr, r_ptr, w_ptr, y_ptr, feat, tok + 10, T, TP, D, sxt, sxd)
+    x11 = _rmsnorm_at(x_ptr, r_ptr, w_ptr, y_ptr, feat, tok + 11, T, TP, D, sxt, sxd)
+    x12 = _rmsnorm_at(x_ptr, r_ptr, w_ptr, y_ptr, feat, tok + 12, T, TP, D, sxt, sxd)
+    x13 = _rmsnorm_at(x_ptr, r_ptr, w_ptr, y_ptr, feat, tok + 13, T, TP, D, sxt, sxd)
+    x14 = _rmsnorm_at(x_ptr, r_ptr, w_ptr, y_ptr, feat, tok + 14, T, TP, D, sxt, sxd)
+    x15 = _rmsnorm_at(x_ptr, r_ptr, w_ptr, y_ptr, feat, tok + 15, T, TP, D, sxt, sxd)
+    # ROUND=1: the RHT's output rounded to BF16, as for the BF16 y the unfused pass reads.
+    _fold_amaxes(x0, x1, x2, x3, x4, x5, x6, x7, x8, x9, x10, x11, x12, x13, x14, x15, out_ptr, RHT, SIGNS, 1)
+
+
 @triton.jit
 def _code16h(x, enc, sb, r0, r1, r2, r3, deq_ptr, doffs, mask, j: tl.constexpr, SR: tl.constexpr,
              WRITE_DEQ: tl.constexpr):

@@ -55,6 +55,9 @@ class CutlassBackend:
         # Wherever this backend runs, its quantizers are the Triton ones (unavailable_reason).
         return self._triton.swiglu_amaxes(gate, up, rht)
 
+    def rmsnorm_amaxes(self, x, rstd, weight, rht: bool):
+        return self._triton.rmsnorm_amaxes(x, rstd, weight, rht)
+
     def quantize_mxfp4(self, x, tile, rounding, rht, generator, scale_rule="ceil"):
         return self._fallback(x.device).quantize_mxfp4(x, tile, rounding, rht, generator, scale_rule)
 

@@ -51,7 +51,8 @@ _ROUND_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 #: Launch parameters of each kernel (tile, warps, packing variant); none of them changes a bit of
 #: the output. Keys: "amax"; "amax_rht" (amax + amax of the RHT, one read); "swiglu" (the same
-#: with h = silu(gate) * up computed and written on the way); "rows", "rows_sr"
+#: with h = silu(gate) * up computed and written on the way); "rmsnorm" (the same with an
+#: RMSNorm's output computed and written on the way); "rows", "rows_sr"
 #: (1x16 blocks along a contiguous K), "rows_tile" (16x16 tiles, + the transpose); "groups",
 #: "groups_rht", "groups_rht_sr", "groups_sr", "groups_deq" (along a strided K: the column-wise
 #: quantizations);
@@ -60,6 +61,7 @@ LAUNCH = {  # H200, 2026-11-28 (BENCHMARKS.md): fastest bit-identical candidate 
     "amax": dict(BM=32, BK=256, num_warps=4),
     "amax_rht": dict(BM=64, G=4, num_warps=4),
     "swiglu": dict(BM=64, G=4, num_warps=4),  # not swept: amax_rht's
+    "rmsnorm": dict(BM=64, G=4, num_warps=4),  # not swept: amax_rht's
     "rows": dict(BM=16, G=16, num_warps=4, PACK=0),
     "rows_sr": dict(BM=16, G=8, num_warps=4, PACK=1),
     "rows_tile": dict(BM=32, G=8, num_warps=4, PACK=1),
@@ -164,6 +166,36 @@ def swiglu_amax(gate: torch.Tensor, up: torch.Tensor, rht: bool,
         gate, up, h, out, t, tp, f, gate.stride(0), gate.stride(1), up.stride(0), up.stride(1),
         RHT=bool(rht), SIGNS=signs, LIBDEVICE=gate.device.type == "cuda", **cfg)
     return h, out.view(torch.float32)
+
+
+def rmsnorm_amax(x: torch.Tensor, rstd: torch.Tensor, weight: torch.Tensor, rht: bool,
+                 signs: int = DEFAULT_SIGN_MASK) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(y, amax)``: y = an RMSNorm's output rounded to BF16, ``((x * rstd) * weight)`` in FP32 as
+    ``rayfp4.model.RMSNorm`` computes it, for x [T, D] (FP32 or BF16, any strides), rstd [T] (FP32,
+    torch's reduction over x, computed before) and weight [D] (FP32 or BF16); written once as a
+    row-major [T', D] BF16 tensor whose rows T..T'-1 are zeros (T' = T rounded up to a multiple of
+    16, as the linear layer pads x for its Wgrad operand), with ``tensor_amax(y.t(), rht)`` from
+    the same registers. One read of x and one write of y, where torch's two products, its cast to
+    BF16 and the amax pass write and read FP32 copies of x first."""
+    what = "triton.rmsnorm_amax"
+    if x.dim() != 2 or x.dtype not in (torch.float32, torch.bfloat16):
+        raise ValueError(f"{what}: x must be an FP32 or BF16 matrix, got {x.dtype} {tuple(x.shape)}")
+    t, d = x.shape
+    if rstd.shape != (t,) or rstd.dtype != torch.float32:
+        raise ValueError(f"{what}: rstd must be FP32 of shape ({t},) for x {tuple(x.shape)}, got {rstd.dtype} "
+                         f"{tuple(rstd.shape)}")
+    if weight.shape != (d,) or weight.dtype not in (torch.float32, torch.bfloat16):
+        raise ValueError(f"{what}: weight must be FP32 or BF16 of shape ({d},), got {weight.dtype} "
+                         f"{tuple(weight.shape)}")
+    tp = t + (-t % 16)
+    y = torch.empty(tp, d, dtype=torch.bfloat16, device=x.device)
+    out = torch.zeros(2, dtype=torch.int32, device=x.device)
+    cfg = LAUNCH["rmsnorm"]
+    grid = (_cdiv(d, cfg["BM"]), _cdiv(tp // 16, cfg["G"]))
+    _kernel_module().rmsnorm_amax_kernel[grid](
+        x, rstd.contiguous(), weight.contiguous(), y, out, t, tp, d, x.stride(0), x.stride(1),
+        RHT=bool(rht), SIGNS=signs, **cfg)
+    return y, out.view(torch.float32)
 
 
 def _selection_args(selection: tuple[str, str, float] | None) -> dict:
@@ -532,6 +564,14 @@ class TritonBackend:
         (:func:`swiglu_amax`)."""
         h, a = swiglu_amax(gate, up, rht)
         return h, a[0], (a[1] if rht else a[0])
+
+    def rmsnorm_amaxes(self, x, rstd, weight, rht: bool):
+        """``(y, amax of y, amax of y^T's Wgrad operand)`` for y = an RMSNorm's output in BF16 (bit
+        for bit, from x, its per-token rstd and the norm's weight), its rows padded with zeros to
+        whole blocks of 16: :meth:`amaxes` of the projection's input with the norm's products
+        computed in the same pass (:func:`rmsnorm_amax`)."""
+        y, a = rmsnorm_amax(x, rstd, weight, rht)
+        return y, a[0], (a[1] if rht else a[0])
 
     def quantize_mxfp4(self, x, tile, rounding, rht, generator, scale_rule="ceil"):
         """:func:`rayfp4.formats.mxfp4.quantize` with the Triton kernels (bit for bit; SR streams

@@ -80,10 +80,25 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
+    def rstd(self, xf: torch.Tensor) -> torch.Tensor:
+        """1 / RMS of each row of the FP32 ``xf`` (with eps), shape [..., 1]: the reduction of the
+        forward, which a quantized projection fusing the rest of the norm takes from here."""
+        return torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xf = x.float()
-        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        y = xf * self.rstd(xf)
         return (y * self.weight.float()).to(x.dtype)
+
+
+def normed_projection(linear: nn.Module, norm: RMSNorm, x: torch.Tensor) -> torch.Tensor:
+    """``linear(norm(x))``; a quantized projection computes the norm's output itself, with the
+    same bits, in the pass that measures its input's amax, where it says it can
+    (rayfp4.precision.QuantizedLinear.fuses_rmsnorm)."""
+    fuses = getattr(linear, "fuses_rmsnorm", None)
+    if fuses is not None and fuses(x, norm):
+        return linear(x, norm=norm)
+    return linear(norm(x))
 
 
 def rotary_tables(head_dim: int, seq_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -108,9 +123,11 @@ class Attention(nn.Module):
         self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
         self.proj.rayfp4_residual = True
 
-    def forward(self, x, cos, sin, cache: "KVCache | None" = None, layer: int = 0):
+    def forward(self, x, cos, sin, cache: "KVCache | None" = None, layer: int = 0, norm: RMSNorm | None = None):
+        """Attention over x, or over ``norm(x)`` given the block's norm (applied by the projection)."""
         b, t, _ = x.shape
-        q, k, v = self.qkv(x).split(
+        qkv = self.qkv(x) if norm is None else normed_projection(self.qkv, norm, x)
+        q, k, v = qkv.split(
             [self.n_heads * self.head_dim, self.kv_heads * self.head_dim, self.kv_heads * self.head_dim], dim=-1)
         q = q.view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
         k = k.view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
@@ -138,8 +155,10 @@ class SwiGLU(nn.Module):
         self.down = nn.Linear(cfg.ffn_dim, cfg.d_model, bias=False)
         self.down.rayfp4_residual = True
 
-    def forward(self, x):
-        gate, up = self.gate_up(x).chunk(2, dim=-1)
+    def forward(self, x, norm: RMSNorm | None = None):
+        """The MLP of x, or of ``norm(x)`` given the block's norm (applied by the projection)."""
+        gu = self.gate_up(x) if norm is None else normed_projection(self.gate_up, norm, x)
+        gate, up = gu.chunk(2, dim=-1)
         fuses = getattr(self.down, "fuses_swiglu", None)
         if fuses is not None and fuses(gate, up):
             # A quantized down projection computes silu(gate) * up itself, with the same bits, in
@@ -157,8 +176,8 @@ class Block(nn.Module):
         self.mlp = SwiGLU(cfg)
 
     def forward(self, x, cos, sin, cache: "KVCache | None" = None, layer: int = 0):
-        x = x + self.attn(self.attn_norm(x), cos, sin, cache, layer)
-        return x + self.mlp(self.mlp_norm(x))
+        x = x + self.attn(x, cos, sin, cache, layer, norm=self.attn_norm)
+        return x + self.mlp(x, norm=self.mlp_norm)
 
 
 class Transformer(nn.Module):

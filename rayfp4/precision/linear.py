@@ -349,6 +349,72 @@ class _SwiGLUQuantizedLinearFn(torch.autograd.Function):
         return dgate, dup, dw, db, None, None
 
 
+class _RMSNormQuantizedLinearFn(torch.autograd.Function):
+    """The layer of y = ``norm(x)`` (the model's RMSNorm) with the norm's products computed in the
+    backend's amax pass over y (:meth:`QuantizedLinear.fuses_rmsnorm`): the reduction (rstd) is
+    torch's own ops, as in the norm; then one read of x and one BF16 write of y. What
+    ``_QuantizedLinearFn`` of ``norm(x)`` computes, bit for bit, the backward included
+    (:func:`rmsnorm_backward` applies autograd's formulas with the same torch ops). Saves x and
+    rstd, where autograd would also have saved the FP32 product x * rstd.
+
+    x comes in twice (``x_sq``: the norm's second use of it, in its square): for an FP32 x, torch's
+    norm uses x itself twice, and autograd adds the two gradients to x's one by one, after the
+    residual connection's; returning them on two inputs keeps that order of additions, hence the
+    bits. A BF16 x enters the norm through one cast, whose gradient is the sum of the two."""
+
+    @staticmethod
+    def forward(ctx, x, x_sq, norm_weight, weight, bias, layer, norm, backward_needed):
+        rstd = norm.rstd(x.float())
+        d = x.shape[-1]
+        y_pad, am_x, am_xt = layer.backend.rmsnorm_amaxes(x.reshape(-1, d), rstd.reshape(-1), norm_weight,
+                                                           layer.roles.wgrad_x.rht)
+        y2 = y_pad[:x.numel() // d]
+        y, saved, quantize_bwd, finite = _forward(layer, y2, weight, bias, backward_needed, amaxes=(y_pad, am_x, am_xt))
+        _save(ctx, {**saved, "norm_x": x, "norm_rstd": rstd, "norm_weight": norm_weight})
+        ctx.layer, ctx.quantize_bwd, ctx.has_bias = layer, quantize_bwd, bias is not None
+        ctx.x_dtype, ctx.tokens, ctx.finite = y2.dtype, y2.shape[0], finite
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        s = _load(ctx)
+        needs = ctx.needs_input_grad
+        needs_x = needs[0] or needs[1]
+        dnorm, dw, db = _backward(ctx.layer, s, dy, (needs_x or needs[2], needs[3], needs[4]),
+                                  quantize_bwd=ctx.quantize_bwd, finite=ctx.finite, x_dtype=ctx.x_dtype,
+                                  tokens=ctx.tokens, has_bias=ctx.has_bias)
+        x = s["norm_x"]
+        dx_prod, dx_sq, dnw = rmsnorm_backward(dnorm.reshape(x.shape), x, s["norm_rstd"], s["norm_weight"],
+                                               (needs_x, needs[2]))
+        if needs_x and x.dtype != torch.float32:  # x.float()'s backward: the sum, cast back
+            dx_prod, dx_sq = (dx_prod + dx_sq).to(x.dtype), None
+        return dx_prod, dx_sq, dnw, dw, db, None, None, None
+
+
+def rmsnorm_backward(grad: torch.Tensor, x: torch.Tensor, rstd: torch.Tensor, weight: torch.Tensor,
+                     needs: tuple = (True, True)):
+    """``(dx_prod, dx_sq, dweight)`` of ``rayfp4.model.RMSNorm`` (y = ((xf * rstd) * weight.float())
+    cast to the input's dtype, xf = x.float(), rstd = rsqrt(mean(xf^2) + eps)) for the gradient
+    ``grad`` of y, as autograd computes them from the norm's graph: the same torch ops in the same
+    order, so the same bits (each node's formula, the broadcast reductions the engine applies).
+    xf's gradient comes in its two parts, FP32, in the order autograd adds them: through the
+    product xf * rstd, then through the square. ``needs``: whether x and weight need one (None
+    otherwise)."""
+    xf, wf = x.float(), weight.float()
+    g = grad.float()  # the casts' backward: to the norm's FP32 output
+    dx_prod = dx_sq = dw = None
+    if needs[1]:  # y = a * wf, a = xf * rstd: d wf = g * a, summed over the broadcast dims
+        dw = (g * (xf * rstd)).sum(tuple(range(x.dim() - 1)), keepdim=True).view(weight.shape).to(weight.dtype)
+    if needs[0]:
+        ga = g * wf
+        dx_prod = ga * rstd  # a = xf * rstd, the xf side
+        dr = (ga * xf).sum((x.dim() - 1,), keepdim=True)  # ... and the rstd side
+        dm = -0.5 * dr * rstd.pow(3)  # rsqrt's backward (the + eps passes it on)
+        dp = dm.expand(xf.shape) / x.shape[-1]  # mean's backward
+        dx_sq = dp * (2.0 * xf)  # pow(2)'s backward
+    return dx_prod, dx_sq, dw
+
+
 def _ms_eden_backward(needs: tuple, layer, s: dict, dy: torch.Tensor, x_dtype: torch.dtype):
     """Dgrad and Wgrad with MS-EDEN operands (Quartet II): each GEMM draws one set of random
     Hadamard signs for both of its operands; W and x enter as the values Fprop multiplied."""
@@ -389,6 +455,9 @@ class QuantizedLinear(nn.Linear):
     #: Whether the SwiGLU product may be fused into the layer's amax pass where that is bit for bit
     #: the same (:meth:`fuses_swiglu`); False leaves it to torch (tests and benchmarks compare).
     fuse_swiglu = True
+    #: Whether a preceding RMSNorm's products may be fused into the layer's amax pass where that is
+    #: bit for bit the same (:meth:`fuses_rmsnorm`); False leaves the norm to torch.
+    fuse_rmsnorm = True
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, policy: PrecisionPolicy,
                  runtime: PrecisionRuntime | None = None, layer_index: int = 0, name: str = "",
@@ -516,9 +585,43 @@ class QuantizedLinear(nn.Linear):
                 and self.policy.backward_rounding != "ms_eden" and not rt.forward_bf16 and not rt.backward_bf16
                 and backward_needed)
 
-    def forward(self, x: torch.Tensor, up: torch.Tensor | None = None) -> torch.Tensor:
+    def fuses_rmsnorm(self, x: torch.Tensor, norm: nn.Module) -> bool:
+        """Whether ``self(x, norm=norm)`` computes its input y = ``norm(x)`` itself (the model's
+        RMSNorm: its rstd reduction by torch, then x * rstd * weight and the rounding to BF16 in the
+        pass that measures y's amax, ``_RMSNormQuantizedLinearFn``) rather than taking y from
+        torch; the model asks before it calls (``rayfp4.model.transformer.normed_projection``).
+        Where the bits are the same: an NVFP4 layer on a backend with the Triton quantizers
+        (``rmsnorm_amaxes``: triton, cutlass); x and the norm's weight in FP32 or BF16; the layer's
+        input in BF16 (autocast to BF16, or BF16 x without autocast); both directions quantized
+        with the recipe's operands (not MS-EDEN, not in BF16 after the late switch, a backward to
+        come); eagerly (the compiled path traces the norm as torch ops)."""
+        if torch.compiler.is_compiling():  # first: a traced step must not read the runtime's step
+            return False
+        rt, bf16, fp = self.runtime, torch.bfloat16, (torch.float32, torch.bfloat16)
+        w = getattr(norm, "weight", None)
+        if not (self.fuse_rmsnorm and callable(getattr(norm, "rstd", None)) and isinstance(w, torch.Tensor)):
+            return False
+        backward_needed = torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (x, w, self.weight, self.bias))
+        autocast = torch.is_autocast_enabled(x.device.type)
+        return (self.format == "nvfp4" and hasattr(self.backend, "rmsnorm_amaxes")
+                and x.dtype in fp and w.dtype in fp and x.shape[-1] == self.in_features and w.shape == (self.in_features,)
+                and (torch.get_autocast_dtype(x.device.type) == bf16 if autocast else x.dtype == bf16)
+                and self.policy.backward_rounding != "ms_eden" and not rt.forward_bf16 and not rt.backward_bf16
+                and backward_needed)
+
+    def forward(self, x: torch.Tensor, up: torch.Tensor | None = None, *, norm: nn.Module | None = None) -> torch.Tensor:
         """The layer of x or, with ``up``, of ``F.silu(x) * up`` (x the SwiGLU gate), the product
-        fused into the layer's amax pass where :meth:`fuses_swiglu` says so."""
+        fused into the layer's amax pass where :meth:`fuses_swiglu` says so; with ``norm``, of
+        ``norm(x)``, the norm's products fused into that pass where :meth:`fuses_rmsnorm` says so."""
+        if norm is not None:
+            if up is not None:
+                raise ValueError(f"{self.layer_name or type(self).__name__}: norm and up do not combine")
+            if self.fuses_rmsnorm(x, norm):
+                lead = x.shape[:-1]
+                y = _RMSNormQuantizedLinearFn.apply(x, x, norm.weight, self.weight, self.bias, self, norm, True)
+                return y.reshape(*lead, self.out_features)
+            x = norm(x)
         if up is not None:
             if self.fuses_swiglu(x, up):
                 lead = x.shape[:-1]

@@ -1,0 +1,237 @@
+"""An RMSNorm's products fused into the next projection's amax pass, under the Triton interpreter (CPU).
+
+``triton_nvfp4.rmsnorm_amax`` computes y = (x * rstd) * weight, rounded to BF16, where the amax pass
+of attention's qkv (or the MLP's gate_up) reads it; rstd is torch's own reduction. It must give the
+model's RMSNorm output (cast to BF16 as the quantized layer casts its input) bit for bit, the amaxes
+of the unfused pass, and a layer and a model that train exactly as without it, the norm's gradients
+included (``rmsnorm_backward`` replays autograd's formulas). On a GPU machine the kernel compiles
+and test_kernels_triton_gpu.py checks it against torch's CUDA kernels; this module then skips.
+"""
+
+import os
+
+import pytest
+
+if os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("Triton compiles for the GPU in this run (test_kernels_triton_gpu.py checks the kernels); "
+                "RAYFP4_TEST_INTERPRET=1 runs this module through the interpreter", allow_module_level=True)
+
+import torch  # noqa: E402
+
+pytest.importorskip("triton")
+
+from rayfp4.kernels import triton_nvfp4 as T  # noqa: E402
+from rayfp4.model import RMSNorm  # noqa: E402
+
+
+@pytest.fixture
+def gen():
+    seed = int(torch.randint(0, 2**31 - 1, ()).item())
+    print(f"seed={seed}")
+    return torch.Generator().manual_seed(seed)
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """BF16 tensors equal bit for bit (-0.0 too), NaN where the other is NaN (payloads aside)."""
+    na, nb = torch.isnan(a), torch.isnan(b)
+    return torch.equal(na, nb) and torch.equal(a.view(torch.int16)[~na], b.view(torch.int16)[~nb])
+
+
+def residual(tokens: int, d: int, gen, dtype=torch.float32) -> torch.Tensor:
+    """A residual stream [tokens, d]: rows of magnitudes 2^-60 .. 2^60 (norm outputs landing on
+    subnormal and huge products with the weight), a zero row (rstd = 1/sqrt(eps)) and ties."""
+    scale = torch.exp2(torch.randint(-60, 60, (tokens, 1), generator=gen).float())
+    x = torch.randn(tokens, d, generator=gen) * scale
+    x[1] = 0.0
+    x[2, : d // 2] = 1.0  # equal values: products that tie on the BF16 grid
+    return x.to(dtype)
+
+
+def norm_weight(d: int, gen, dtype=torch.float32) -> torch.Tensor:
+    """A norm weight with edge values: zero, negative, tiny (subnormal products), huge (overflow)."""
+    w = torch.randn(d, generator=gen) * 2
+    w[:6] = torch.tensor([0.0, -0.0, -1.0, 1e-38, 3e38, 1.5])
+    return w.to(dtype)
+
+
+def torch_norm_bf16(x, w, eps=1e-5):
+    norm = RMSNorm(x.shape[-1], eps)
+    with torch.no_grad():
+        norm.weight.data = w
+        return norm(x).to(torch.bfloat16)
+
+
+@pytest.mark.parametrize("xdtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("wdtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("tokens", [64, 40])
+@pytest.mark.parametrize("rht", [False, True])
+def test_rmsnorm_amax_is_the_norm_and_the_unfused_pass(xdtype, wdtype, tokens, rht, gen):
+    """y padded with zero rows to whole blocks of tokens (as the linear layer pads x for its Wgrad
+    operand), bit for bit the norm's output in BF16, and ``tensor_amax`` of its transpose from the
+    same pass; a NaN anywhere gives NaN amaxes (hence NaN scales), as the unfused pass."""
+    d = 96
+    x, w = residual(tokens, d, gen, xdtype), norm_weight(d, gen, wdtype)
+    norm = RMSNorm(d, 1e-5)
+    rstd = norm.rstd(x.float()).reshape(-1)
+    want = torch.nn.functional.pad(torch_norm_bf16(x, w), (0, 0, 0, -tokens % 16))
+    y, amax = T.rmsnorm_amax(x, rstd, w, rht=rht)
+    assert y.shape == want.shape and y.dtype == torch.bfloat16 and same_bits(y, want)
+    ref = T.tensor_amax(want.t(), rht=rht)
+    assert amax.dtype == torch.float32 and torch.equal(amax, ref), (amax.tolist(), ref.tolist())
+    assert T.TritonBackend().rmsnorm_amaxes(x, rstd, w, rht)[2] == (ref[1] if rht else ref[0])
+    # a strided x (a view of a wider tensor) reads the same values
+    wide = torch.zeros(tokens, 2 * d, dtype=xdtype)
+    wide[:, d:] = x
+    assert same_bits(T.rmsnorm_amax(wide[:, d:], rstd, w, rht=rht)[0], want)
+    x = x.clone()
+    x[3, 7] = float("nan")
+    assert torch.isnan(T.rmsnorm_amax(x, norm.rstd(x.float()).reshape(-1), w, rht=rht)[1][: 1 + rht]).all()
+
+
+def test_rmsnorm_amax_names_what_is_wrong():
+    x = torch.zeros(16, 32)
+    with pytest.raises(ValueError, match="rstd must be FP32 of shape \\(16,\\)"):
+        T.rmsnorm_amax(x, torch.zeros(8), torch.ones(32), rht=False)
+    with pytest.raises(ValueError, match="weight must be FP32 or BF16 of shape \\(32,\\)"):
+        T.rmsnorm_amax(x, torch.zeros(16), torch.ones(16), rht=False)
+    with pytest.raises(ValueError, match="x must be an FP32 or BF16 matrix"):
+        T.rmsnorm_amax(x.half(), torch.zeros(16), torch.ones(32), rht=False)
+
+
+class _Count:
+    """Counts the fused kernel's launches (wraps ``triton_nvfp4.rmsnorm_amax``)."""
+
+    def __init__(self, monkeypatch):
+        self.n, self._f = 0, T.rmsnorm_amax
+        monkeypatch.setattr(T, "rmsnorm_amax", self)
+
+    def __call__(self, *a, **k):
+        self.n += 1
+        return self._f(*a, **k)
+
+
+POLICIES = {
+    "recipe": {},  # SR dY, RHT Wgrad, 2-D weight tiles
+    "no_rht_1d": {"rht_wgrad": False, "weight_2d_scaling": False},
+    "four_over_six": {"scale_selection": "four_over_six"},
+}
+
+
+def _layer_run(policy, fuse, x0, w0, dy, xdtype, autocast):
+    from rayfp4.precision import NVFP4Linear, PrecisionPolicy, PrecisionRuntime
+
+    pol = PrecisionPolicy(**POLICIES[policy])
+    torch.manual_seed(0)
+    layer = NVFP4Linear(x0.shape[-1], dy.shape[-1], bias=True, policy=pol, runtime=PrecisionRuntime(pol, seed=5),
+                        layer_index=1)
+    layer.backend = T.TritonBackend()  # the registry offers it on CUDA only
+    layer.fuse_rmsnorm = fuse
+    layer.capture = {}
+    norm = RMSNorm(x0.shape[-1], 1e-5)
+    norm.weight.data = w0.clone()
+    x = x0.to(xdtype).clone().requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        assert layer.fuses_rmsnorm(x, norm) == fuse
+        y = layer(x, norm=norm)
+    y.backward(dy)
+    return y.detach(), x.grad, norm.weight.grad, layer.weight.grad, layer.bias.grad, layer.capture
+
+
+@pytest.mark.parametrize("policy", list(POLICIES))
+def test_projection_with_fused_rmsnorm_equals_the_unfused_layer(policy, gen, monkeypatch):
+    """NVFP4Linear(x, norm=norm) on the Triton backend (an FP32 residual under BF16 autocast, as
+    training on a GPU runs): output, the gradients of x, the norm's weight, W, b and every
+    quantized operand equal the layer of ``norm(x)`` computed by torch."""
+    count = _Count(monkeypatch)
+    x0 = (torch.randn(2, 20, 48, generator=gen) * 3).float()  # 40 tokens: y^T is padded to 48
+    w0 = 1 + 0.2 * torch.randn(48, generator=gen)
+    dy = torch.randn(2, 20, 32, generator=gen).to(torch.bfloat16)
+    plain = _layer_run(policy, False, x0, w0, dy, torch.float32, True)
+    fused = _layer_run(policy, True, x0, w0, dy, torch.float32, True)
+    assert count.n == 1
+    for a, b in zip(plain[:5], fused[:5]):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+    assert set(plain[5]) == set(fused[5]) == {"fprop.x", "fprop.w", "dgrad.dy", "dgrad.w", "wgrad.dy", "wgrad.x"}
+    for key, q in plain[5].items():
+        g = fused[5][key]
+        assert torch.equal(g.data, q.data) and torch.equal(g.scale.view(torch.uint8), q.scale.view(torch.uint8)), key
+        assert torch.equal(g.amax, q.amax), key
+
+
+def test_a_bf16_residual_without_autocast_is_fused_too(gen, monkeypatch):
+    """BF16 x and BF16 weight (FSDP2 with BF16 parameters casts the block's input and the norm's
+    weight), no autocast: the same bits as torch, the gradients returned in BF16."""
+    count = _Count(monkeypatch)
+    x0 = torch.randn(1, 32, 64, generator=gen) * 2
+    w0 = (1 + 0.2 * torch.randn(64, generator=gen)).to(torch.bfloat16)
+    dy = torch.randn(1, 32, 16, generator=gen).to(torch.bfloat16)
+    plain = _layer_run("recipe", False, x0, w0, dy, torch.bfloat16, False)
+    fused = _layer_run("recipe", True, x0, w0, dy, torch.bfloat16, False)
+    assert count.n == 1
+    for a, b in zip(plain[:5], fused[:5]):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+    assert fused[1].dtype == torch.bfloat16 and fused[2].dtype == torch.bfloat16
+
+
+def test_rmsnorm_is_not_fused_where_it_would_not_be_exact(gen, monkeypatch):
+    """An FP32 layer input (no autocast), MS-EDEN, MXFP4, the reference backend and no backward to
+    come take the norm from torch: same results, no fused launch."""
+    from rayfp4.precision import NVFP4Linear, PrecisionPolicy
+    from rayfp4.precision.linear import MXFP4Linear
+
+    count = _Count(monkeypatch)
+    x = torch.randn(2, 16, 64, generator=gen) * 2
+    norm = RMSNorm(64, 1e-5)
+    cases = [  # layer, policy, autocast, Triton backend, grad enabled
+        (NVFP4Linear, {}, False, True, True),
+        (NVFP4Linear, {"backward_rounding": "ms_eden", "ms_eden_hadamard": 16}, True, True, True),
+        (MXFP4Linear, {"format": "mxfp4"}, True, True, True),
+        (NVFP4Linear, {}, True, False, True),
+        (NVFP4Linear, {}, True, True, False),
+    ]
+    for cls, kw, autocast, triton_backend, grad in cases:
+        torch.manual_seed(0)
+        pol = PrecisionPolicy(stochastic_rounding_grads=False, **kw)
+        layer = cls(64, 32, bias=False, policy=pol)
+        if triton_backend:
+            layer.backend = T.TritonBackend()
+        with torch.set_grad_enabled(grad), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            assert not layer.fuses_rmsnorm(x, norm)
+            assert torch.equal(layer(x, norm=norm), layer(norm(x))), (cls.__name__, kw, autocast)
+    assert count.n == 0
+
+
+def test_a_tiny_model_trains_the_same_with_the_norms_fused(monkeypatch):
+    """A one-block NVFP4 model (Triton backend, BF16 autocast, the recipe with SR and RHT) trained
+    two AdamW steps with and without the norms fused (the SwiGLU fused in both): the same losses
+    and weights, bit for bit, the norms' weights included."""
+    from rayfp4.model import ModelConfig, build_model
+    from rayfp4.precision import QuantizedLinear, apply_precision_policy
+
+    count = _Count(monkeypatch)
+    cfg = ModelConfig(vocab_size=64, seq_len=16, n_layers=1, d_model=32, n_heads=2, d_ff=64)
+    tokens = torch.randint(0, 64, (2, 2, 16))  # 2 x 15 = 30 tokens a step: y^T padded to 32
+    result = {}
+    for fuse in (False, True):
+        torch.manual_seed(0)
+        model = build_model(cfg)
+        summary = apply_precision_policy(model, {"format": "nvfp4", "bf16_last_blocks": 0}, seed=3)
+        for m in model.modules():
+            if isinstance(m, QuantizedLinear):
+                m.backend = T.TritonBackend()  # the registry offers it on CUDA only
+                m.fuse_rmsnorm = fuse
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        losses = []
+        for step in range(2):
+            summary.runtime.set_step(step)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = model(tokens[step, :, :-1], tokens[step, :, 1:])
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            losses.append(loss.detach())
+        result[fuse] = (torch.stack(losses), {n: p.detach().clone() for n, p in model.named_parameters()})
+    assert count.n == 2 * 2 * cfg.n_layers  # each block's qkv and gate_up, each step
+    assert torch.equal(result[False][0], result[True][0]), (result[False][0], result[True][0])
+    for name, p in result[False][1].items():
+        assert torch.equal(p, result[True][1][name]), name

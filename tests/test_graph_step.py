@@ -41,6 +41,38 @@ def test_the_graphs_leave_the_fingerprint_alone():
     assert load_config(TINY, ["train.compile=graph", *ONE_GPU, "precision.format=bf16"])
 
 
+@pytest.mark.parametrize("sets, mode", [
+    ([], "none"),  # the CPU
+    (ONE_GPU, "graph"),
+    ([*ONE_GPU, "precision.format=bf16"], "graph"),
+    (["scaling.use_gpu=true", "scaling.num_workers=2"], "none"),
+    (["scaling.use_gpu=true", "scaling.num_workers=2", "scaling.strategy=fsdp2"], "none"),
+    ([*ONE_GPU, "scaling.strategy=fsdp2"], "none"),
+    ([*ONE_GPU, "precision.format=mxfp4"], "none"),
+    ([*ONE_GPU, "precision.backward_rounding=ms_eden"], "none"),
+    ([*ONE_GPU, "precision.backend=reference"], "none"),
+    ([*ONE_GPU, "train.compile=none"], "none"),
+    (["train.compile=aot_eager"], "aot_eager"),
+])
+def test_auto_replays_graphs_where_a_run_allows_them_and_runs_eagerly_elsewhere(sets, mode):
+    cfg = load_config(TINY, sets)
+    assert cfg.compile_mode() == mode
+
+
+def test_auto_falls_back_to_eager_steps_where_the_loop_finds_graphs_impossible():
+    """What the config cannot know (the device a worker gets): with auto the loop says why and
+    runs the model eagerly; with graph asked for explicitly it stops with the reason."""
+    from rayfp4.model import ModelConfig, build_model
+    from rayfp4.train.loop import compiled_forward
+
+    model = build_model(ModelConfig(vocab_size=64, seq_len=32, n_layers=1, d_model=64, n_heads=2, d_ff=128))
+    said = []
+    assert compiled_forward(model, "graph", None, torch.device("cpu"), 1, said.append, fallback=True) is model
+    assert len(said) == 1 and said[0].startswith("train.compile: auto: eager steps (train.compile: graph replays")
+    with pytest.raises(ConfigError, match="train.compile: graph replays CUDA graphs"):
+        compiled_forward(model, "graph", None, torch.device("cpu"), 1, said.append)
+
+
 def test_the_cli_refuses_it_before_ray_starts(tmp_path, capsys):
     from rayfp4.run import main
 

@@ -156,3 +156,50 @@ def test_a_graphed_bf16_run_trains_bit_for_bit_as_the_eager_run():
     assert [a[:2] for a in eager] == [b[:2] for b in graphed]
     assert all(torch.equal(x, y) for x, y in zip(w_eager, w_graph))
     assert fwd.replays == 3 and fwd.captures == 1
+
+
+@gpu
+@pytest.mark.gpu
+def test_a_capture_that_fails_falls_back_to_eager_steps_under_auto():
+    """A model whose forward stops the host (a .item()) cannot be captured: with auto's fallback
+    the loop says why once and trains eagerly, as an eager run; asked for explicitly it stops."""
+    from rayfp4.model import ModelConfig, build_model
+    from rayfp4.train.graphs import GraphedLoss
+
+    class Syncing(torch.nn.Module):
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+        def forward(self, inputs, targets):
+            loss = self.model(inputs, targets)
+            self.seen = loss.item()  # a host sync: not capturable
+            return loss
+
+    dev = torch.device("cuda")
+    tokens = torch.randint(0, 320, (3, 2, 129), device=dev)
+    cfg = ModelConfig(vocab_size=320, seq_len=128, n_layers=1, d_model=128, n_heads=2, d_ff=256)
+    out = []
+    for graph in (False, True):
+        torch.manual_seed(0)
+        model = Syncing(build_model(cfg, device=dev))
+        opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+        said = []
+        fwd = GraphedLoss(model, None, dev, said.append, fallback=True) if graph else model
+        losses = []
+        for step in range(3):
+            with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False):
+                loss = fwd(tokens[step, :, :-1], tokens[step, :, 1:])
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            losses.append(loss.item())
+        out.append((losses, [p.detach().clone() for p in model.parameters()]))
+    assert out[0][0] == out[1][0]
+    assert all(torch.equal(a, b) for a, b in zip(out[0][1], out[1][1]))
+    assert fwd.disabled and fwd.eager_calls == 3 and fwd.replays == 0
+    assert len(said) == 1 and "capturing the step failed" in said[0]
+    strict = GraphedLoss(model, None, dev)
+    with pytest.raises(RuntimeError):
+        with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False):
+            strict(tokens[0, :, :-1], tokens[0, :, 1:])

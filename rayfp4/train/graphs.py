@@ -55,7 +55,8 @@ class GraphedLoss:
     (None for a model without quantized layers).
     """
 
-    def __init__(self, model: torch.nn.Module, runtime, device: torch.device, notice=lambda msg: None):
+    def __init__(self, model: torch.nn.Module, runtime, device: torch.device, notice=lambda msg: None,
+                 fallback: bool = False):
         device = torch.device(device)
         if device.type != "cuda":
             raise ConfigError(f"train.compile: graph replays CUDA graphs; this worker's device is {device} "
@@ -71,7 +72,9 @@ class GraphedLoss:
                     f"seeds (NVFP4 on the triton or cutlass backend); layer {name} is {m.format} on the "
                     f"{m.backend.name} backend{' with MS-EDEN backward' if m.roles.dgrad_dy.ms_eden else ''}. "
                     f"Use train.compile: none for it")
-        self.model, self.runtime, self.notice = model, runtime, notice
+        self.model, self.runtime, self.notice, self.fallback = model, runtime, notice, fallback
+        #: Why the step runs eagerly for good (``fallback``: a capture failed), else None.
+        self.disabled: str | None = None
         if runtime is not None:
             runtime.enable_device_seeds(device)
         self.graphed = None
@@ -86,13 +89,22 @@ class GraphedLoss:
             return self.model(inputs, targets)
         key = self._key(inputs, targets)
         if key != self.key:
-            self._capture(inputs, targets, key)
+            try:
+                self._capture(inputs, targets, key)
+            except Exception as e:  # noqa: BLE001 - with fallback, any failure to capture means eager steps
+                if not self.fallback:
+                    raise
+                self.graphed, self.disabled = None, (str(e).strip().splitlines() or [type(e).__name__])[0]
+                self.notice(f"train.compile: auto: capturing the step failed ({self.disabled}); eager steps "
+                            f"from now on")
+                self.eager_calls += 1
+                return self.model(inputs, targets)
         self.replays += 1
         return self.graphed(inputs, targets)
 
     def _replayable(self, inputs: torch.Tensor) -> bool:
         rt = self.runtime
-        return (self.model.training and torch.is_grad_enabled() and inputs.is_cuda
+        return (self.disabled is None and self.model.training and torch.is_grad_enabled() and inputs.is_cuda
                 and not (rt is not None and rt.telemetry_due)
                 and not (rt is not None and rt.forced_high_precision))
 

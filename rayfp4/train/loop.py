@@ -401,7 +401,7 @@ def compiled_forward(model, mode: str, runtime=None, device=None, world: int = 1
     precision runtime, whose device seeds it enables). Checkpoints, validation and the probes use
     the model itself, so its parameters and state dict are unchanged. ``fallback`` (train.compile:
     auto): where graphs cannot run after all (what the config cannot know: the backend a GPU
-    resolves to), say why and run eagerly instead of stopping."""
+    resolves to, a capture that fails), say why and run eagerly instead of stopping."""
     if mode == "none":
         return model
     if mode == "graph":
@@ -410,7 +410,7 @@ def compiled_forward(model, mode: str, runtime=None, device=None, world: int = 1
         try:
             if world > 1:
                 raise ConfigError(f"train.compile: graph runs one worker for now; this run has {world}")
-            return GraphedLoss(_unwrap(model), runtime, device, notice)
+            return GraphedLoss(_unwrap(model), runtime, device, notice, fallback=fallback)
         except ConfigError as e:
             if not fallback:
                 raise

@@ -79,11 +79,20 @@ class GraphedLoss:
             runtime.enable_device_seeds(device)
         self.graphed = None
         self.key = None
+        # A replayed backward hands back the graph's own gradient buffers, which the next replay
+        # overwrites; autograd would keep the first micro-batch's buffer as a parameter's .grad and
+        # add the next one to itself. Each replayed gradient is copied before it is accumulated.
+        self._replayed = False
+        self._hooks = [p.register_hook(self._own_gradient) for p in model.parameters() if p.requires_grad]
         self.captures = 0
         self.eager_calls = 0
         self.replays = 0
 
+    def _own_gradient(self, grad: torch.Tensor):
+        return grad.clone() if self._replayed else None
+
     def __call__(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        self._replayed = False
         if not self._replayable(inputs):
             self.eager_calls += 1
             return self.model(inputs, targets)
@@ -100,6 +109,7 @@ class GraphedLoss:
                 self.eager_calls += 1
                 return self.model(inputs, targets)
         self.replays += 1
+        self._replayed = True
         return self.graphed(inputs, targets)
 
     def _replayable(self, inputs: torch.Tensor) -> bool:

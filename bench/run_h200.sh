@@ -100,15 +100,15 @@ for c, rows in runs.items():
 PY
     ;;
   fusion)  # the SwiGLU product and the RMSNorms fused into the next projection's amax pass
-    # (QuantizedLinear.fuses_swiglu, fuses_rmsnorm) against the recipe without them (--variants
-    # unfused) and without the norms' (unfused-norm), each against BF16 in the same process;
+    # (QuantizedLinear.fuse_swiglu, fuse_rmsnorm; off by default) against the recipe without them:
+    # --variants fused (both), fused-swiglu, fused-norm, each against BF16 in the same process;
     # FUSION_TESTS=1: the fused kernels' GPU tests first. The 25M model's device time per kernel
     # category (--profile, eager: a CUDA graph replays the same kernels) says what is left to fuse.
     [ "${FUSION_TESTS:-0}" = 1 ] && python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_kernels_triton_gpu.py \
       -k "swiglu or rmsnorm or norms" 2>&1 | tail -6 | tee "$out/fusion_gpu_tests.txt"
     python3 -m bench.step --layers 8 --d-model 512 --d-ff 1536 --kv-heads 4 --vocab 320 --batch 32 --seq 1024 \
-      --steps 8 --variants unfused,unfused-norm --profile 2>&1 | grep -v Warn | tee "$out/step_fusion_25m.txt"
-    python3 -m bench.step --steps 6 --variants unfused,unfused-norm 2>&1 | grep -v Warn | tee "$out/step_fusion_337m.txt"
+      --steps 8 --variants fused,fused-swiglu,fused-norm --profile 2>&1 | grep -v Warn | tee "$out/step_fusion_25m.txt"
+    python3 -m bench.step --steps 6 --variants fused,fused-swiglu,fused-norm 2>&1 | grep -v Warn | tee "$out/step_fusion_337m.txt"
     ;;
   packing)  # the recipe-lab study's 25M step alone per method, then N copies sharing the GPU
     pk() {  # pk WAIT SECONDS LABEL:override,override ... (all start together, one window)

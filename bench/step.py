@@ -12,9 +12,9 @@ memory of each. ``--variants`` also times the recipe-lab variants on the same ba
 the forward operands x and W only), ``mxfp4`` (MXFP4, Triton quantizers) and ``mxfp4-ref`` (MXFP4
 quantized by the torch reference, as before), ``ms_eden`` (NVFP4 with ``backward_rounding:
 ms_eden``: MS-EDEN backward operands) and ``ms_eden-4over6-fwd`` (both: the recipe lab's
-combination), ``unfused`` (the recipe with the SwiGLU product and the RMSNorms left to torch
-instead of fused into the next projection's amax pass, ``QuantizedLinear.fuse_swiglu`` and
-``fuse_rmsnorm`` False: what the fusions buy), ``unfused-norm`` (only the norms left to torch). ``--compile aot_eager|inductor`` runs every variant's forward and backward, the BF16
+combination), ``fused`` (the recipe with the SwiGLU product and the RMSNorms fused into the next
+projection's amax pass, ``QuantizedLinear.fuse_swiglu`` and ``fuse_rmsnorm`` on; off by default),
+``fused-swiglu`` and ``fused-norm`` (one of them). ``--compile aot_eager|inductor`` runs every variant's forward and backward, the BF16
 baseline's too, through ``torch.compile`` (``train.compile``; the 4-bit layers as custom ops);
 the warm-up steps take the compilation. ``--compile graph`` captures each variant's whole eager
 step (forward, backward, a capturable fused AdamW) in one CUDA graph and times its replay, with the
@@ -147,14 +147,14 @@ def main() -> None:
                    help="torch.compile every variant's step, BF16's too (as train.compile); graph: "
                         "replay each step captured in a CUDA graph (device seeds; recipe variants)")
     p.add_argument("--variants", default="", help="comma-separated: 4over6, 4over6-fwd, mxfp4, mxfp4-ref, ms_eden, "
-                                                  "ms_eden-4over6-fwd, unfused, unfused-norm (timed after the ablations)")
+                                                  "ms_eden-4over6-fwd, fused, fused-swiglu, fused-norm (timed after the ablations)")
     a = p.parse_args()
     fwd46 = {"scale_selection": {"fprop.x": "four_over_six", "fprop.w": "four_over_six"}}
     variants = {"4over6": ("nvfp4", {"scale_selection": "four_over_six"}), "4over6-fwd": ("nvfp4", fwd46),
                 "mxfp4": ("mxfp4", {}), "mxfp4-ref": ("mxfp4", {}),
                 "ms_eden": ("nvfp4", {"backward_rounding": "ms_eden"}),
                 "ms_eden-4over6-fwd": ("nvfp4", {"backward_rounding": "ms_eden", **fwd46}),
-                "unfused": ("nvfp4", {}), "unfused-norm": ("nvfp4", {})}
+                "fused": ("nvfp4", {}), "fused-swiglu": ("nvfp4", {}), "fused-norm": ("nvfp4", {})}
     for name in filter(None, a.variants.split(",")):  # before anything runs
         if name not in variants:
             p.error(f"--variants: unknown variant {name!r}; expected one of {', '.join(variants)}")
@@ -188,12 +188,13 @@ def main() -> None:
         backend = "cutlass" if a.cutlass and fmt == "nvfp4" else "triton"
         if name == "mxfp4-ref":
             backend = "triton+reference-mxfp4"
-        QuantizedLinear.fuse_swiglu = name != "unfused"
-        QuantizedLinear.fuse_rmsnorm = name not in ("unfused", "unfused-norm")
+        defaults = QuantizedLinear.fuse_swiglu, QuantizedLinear.fuse_rmsnorm
+        QuantizedLinear.fuse_swiglu = name in ("fused", "fused-swiglu") or defaults[0]
+        QuantizedLinear.fuse_rmsnorm = name in ("fused", "fused-norm") or defaults[1]
         try:
             t, m = run(fmt, cfg, a.batch, a.steps, extra, backend=backend, compile_mode=a.compile)
         finally:
-            QuantizedLinear.fuse_swiglu = QuantizedLinear.fuse_rmsnorm = True
+            QuantizedLinear.fuse_swiglu, QuantizedLinear.fuse_rmsnorm = defaults
         label = f"{name}[{backend}]"
         print(f"{label:22s} {t:8.1f} {ntok / t * 1e3:10.0f} {t_bf16 / t:7.2f} {m / 2**30:8.2f} {m / m_bf16:7.2f}")
     # The baseline again, last: how much the machine (clocks, host state) drifted during the run.

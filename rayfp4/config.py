@@ -71,11 +71,16 @@ class TrainSection(_Strict):
     val_every: int = Field(50, ge=0, description="validation every N steps and at the end (0: only at the end)")
     log_every: int = Field(5, gt=0)
     max_nonfinite_in_a_row: int = Field(5, gt=0, description="stop after this many consecutive skipped steps")
-    compile: Literal["none", "aot_eager", "inductor"] = Field(
-        "none", description="torch.compile the training forward and backward: the whole model is one graph "
+    compile: Literal["auto", "none", "aot_eager", "inductor", "graph"] = Field(
+        "auto", description="auto: graph where a run meets its requirements, else none. "
+        "torch.compile the training forward and backward: the whole model is one graph "
         "(the 4-bit layers enter as custom ops, rayfp4.precision.ops). aot_eager runs it with the eager "
         "kernels, bit for bit an eager step; inductor also fuses the model's other ops (norms, attention, "
-        "SwiGLU), whose last bits may then differ. Not with scaling.strategy: fsdp2 yet")
+        "SwiGLU), whose last bits may then differ. graph: no compiler; each micro-batch's forward and "
+        "backward are captured once in CUDA graphs and replayed (rayfp4.train.graphs), bit for bit an eager "
+        "step without its host time (after a late switch of one direction only, to the last bits of its FP32 "
+        "backward GEMMs); one GPU worker, NVFP4 with SR (not MXFP4 or MS-EDEN) or BF16. Not with "
+        "scaling.strategy: fsdp2 yet")
 
 
 class CheckpointSection(_Strict):
@@ -297,10 +302,12 @@ class RunConfig(_Strict):
         if self.precision.oscillation_reset is not None and self.scaling.strategy == "fsdp2":
             raise ValueError("precision.oscillation_reset: not available with scaling.strategy: fsdp2 yet (its "
                              "detection works on whole weights, which FSDP2 shards); use ddp")
-        if self.train.compile != "none" and self.scaling.strategy == "fsdp2":
+        if self.train.compile not in ("none", "auto") and self.scaling.strategy == "fsdp2":
             raise ValueError("train.compile: not available with scaling.strategy: fsdp2 yet (the 4-bit weight "
                              "gather and the sharded parameters are untried under torch.compile); use ddp or "
                              "train.compile: none")
+        if self.train.compile == "graph" and self.graph_refusal() is not None:
+            raise ValueError(f"train.compile: graph: {self.graph_refusal()}")
         if self.scaling.strategy == "fsdp2":
             ls = self.precision.late_switch
             if ls is not None and ls.auto is not None:
@@ -319,6 +326,39 @@ class RunConfig(_Strict):
                 raise ValueError(f"resume_changes: {change!r} is not a setting that defines a run; those are "
                                  f"{', '.join(DEFINING)} (and not {', '.join(NOT_DEFINING)})")
         return self
+
+    def compile_mode(self) -> str:
+        """What ``train.compile`` runs: the setting, or for ``auto`` ``graph`` where this run meets
+        its requirements (:meth:`graph_refusal`) and ``none`` elsewhere (the CPU, several workers,
+        FSDP2, MXFP4, MS-EDEN, the reference backend)."""
+        if self.train.compile != "auto":
+            return self.train.compile
+        ls = self.precision.late_switch
+        # After a late switch of one direction only, the replayed step was not bit for bit the eager
+        # one on the H200 (its FP32 backward GEMMs, cuBLAS on the capture's stream): auto stays eager.
+        partial_switch = self.precision.format == "nvfp4" and ls is not None and ls.scope != "both"
+        return ("graph" if self.scaling.strategy != "fsdp2" and not partial_switch and self.graph_refusal() is None
+                else "none")
+
+    def graph_refusal(self) -> str | None:
+        """Why ``train.compile: graph`` cannot run this config (rayfp4.train.graphs), naming the
+        field at fault; None where it can."""
+        why = None
+        if not self.scaling.use_gpu:
+            why = "it replays CUDA graphs: set scaling.use_gpu: true"
+        elif self.scaling.max_workers > 1:
+            why = (f"it runs one worker for now (scaling.num_workers={self.scaling.num_workers}: data-parallel "
+                   f"gradient hooks under graph replay are untried); use train.compile: none on several workers")
+        elif self.precision.format == "mxfp4":
+            why = ("precision.format: mxfp4 draws its stochastic rounding from CUDA generators, which a "
+                   "captured graph would replay with the same bits every step; use nvfp4 or bf16")
+        elif self.precision.format == "nvfp4" and self.precision.backward_rounding == "ms_eden":
+            why = ("precision.backward_rounding: ms_eden draws from CUDA generators, which a captured graph "
+                   "would replay with the same bits every step; use sr")
+        elif self.precision.format == "nvfp4" and self.precision.backend == "reference":
+            why = ("precision.backend: reference checks every operand for NaN/Inf on the host, which a graph "
+                   "cannot capture; use auto, triton or cutlass")
+        return why
 
     def fingerprint(self, data_identity: str | None = None) -> dict[str, str]:
         """The settings that define what a run computes, flattened (``optim.lr: '0.003'``).

@@ -161,6 +161,7 @@ def test_swiglu_is_not_fused_where_it_would_not_be_exact(gen, monkeypatch):
         torch.manual_seed(0)
         pol = PrecisionPolicy(stochastic_rounding_grads=False, **kw)
         layer = cls(64, 32, bias=False, policy=pol)
+        layer.fuse_swiglu = True  # asked for: the conditions alone must refuse
         if triton_backend:
             layer.backend = T.TritonBackend()
         with torch.set_grad_enabled(grad):

@@ -453,11 +453,13 @@ class QuantizedLinear(nn.Linear):
 
     format = "nvfp4"
     #: Whether the SwiGLU product may be fused into the layer's amax pass where that is bit for bit
-    #: the same (:meth:`fuses_swiglu`); False leaves it to torch (tests and benchmarks compare).
-    fuse_swiglu = True
+    #: the same (:meth:`fuses_swiglu`). Off by default: on the H200 the fused steps were slower than
+    #: torch's (BENCHMARKS.md, 2026-12-03), though they need less memory. Set on the class (or a
+    #: layer) to opt in; training is bit-identical either way.
+    fuse_swiglu = False
     #: Whether a preceding RMSNorm's products may be fused into the layer's amax pass where that is
-    #: bit for bit the same (:meth:`fuses_rmsnorm`); False leaves the norm to torch.
-    fuse_rmsnorm = True
+    #: bit for bit the same (:meth:`fuses_rmsnorm`). Off by default, as ``fuse_swiglu``.
+    fuse_rmsnorm = False
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, policy: PrecisionPolicy,
                  runtime: PrecisionRuntime | None = None, layer_index: int = 0, name: str = "",

@@ -65,8 +65,9 @@ def _train(loop_config: dict) -> None:
                else CheckpointStorage.for_run(None, run_dir))
 
     model, opt, summary = build(cfg, rank, world, device)
-    forward = compiled_forward(model, cfg.train.compile)
     log = _rank_zero_log(cfg, rank, run_dir, loop_config, summary)
+    forward = compiled_forward(model, cfg.compile_mode(), summary.runtime, device, world, log.notice,
+                               fallback=cfg.train.compile == "auto")
     progress = restore(model, opt, cfg, loop_config["fingerprint"], log.notice, run_dir, storage, rank)
     oscillation = None
     if cfg.precision.oscillation_reset is not None:
@@ -81,7 +82,7 @@ def _train(loop_config: dict) -> None:
     hooks = build_hooks(cfg.debug, rank, run_dir)
     checkpointer = Checkpointer(run_dir, rank, loop_config["fingerprint"], hooks)
     stop = StopRequest(run_dir, rank, world, device)
-    autocast = _autocast(cfg, device)
+    autocast = _autocast(cfg, device, graphed=forward is not model)
     timer = Throughput(cfg.data.global_batch_size * data.seq_len,
                        cfg.model.model_copy(update={"seq_len": data.seq_len}).flops_per_token(), device, world,
                        cfg.precision.format)
@@ -391,13 +392,30 @@ def train_step(model, opt, tokens: torch.Tensor, data: TrainData, cfg: RunConfig
     return train_loss, grad_norm
 
 
-def compiled_forward(model, mode: str):
+def compiled_forward(model, mode: str, runtime=None, device=None, world: int = 1, notice=lambda msg: None,
+                     fallback: bool = False):
     """What a training step runs the (wrapped) model through: the model itself, or with
     ``train.compile`` its ``torch.compile`` (a new graph only where Python state it reads changes,
-    e.g. once at a late BF16 switch). Checkpoints, validation and the probes use the model itself,
-    so its parameters and state dict are unchanged."""
+    e.g. once at a late BF16 switch), or for ``graph`` a :class:`rayfp4.train.graphs.GraphedLoss`
+    replaying each micro-batch's forward and backward from CUDA graphs (``runtime``: the model's
+    precision runtime, whose device seeds it enables). Checkpoints, validation and the probes use
+    the model itself, so its parameters and state dict are unchanged. ``fallback`` (train.compile:
+    auto): where graphs cannot run after all (what the config cannot know: the backend a GPU
+    resolves to, a capture that fails), say why and run eagerly instead of stopping."""
     if mode == "none":
         return model
+    if mode == "graph":
+        from .graphs import GraphedLoss
+
+        try:
+            if world > 1:
+                raise ConfigError(f"train.compile: graph runs one worker for now; this run has {world}")
+            return GraphedLoss(_unwrap(model), runtime, device, notice, fallback=fallback)
+        except ConfigError as e:
+            if not fallback:
+                raise
+            notice(f"train.compile: auto: eager steps ({e})")
+            return model
     return torch.compile(model, backend=mode)
 
 
@@ -536,9 +554,12 @@ def _gradient_sync(model, on: bool):
     return contextlib.nullcontext()
 
 
-def _autocast(cfg: RunConfig, device: torch.device):
+def _autocast(cfg: RunConfig, device: torch.device, graphed: bool = False):
     enabled = cfg.train.dtype == "bf16"
-    return lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
+    # A captured graph would keep autocast's cached BF16 copies of the weights from capture time
+    # (stale after the first update); casting afresh gives the same bits.
+    cache = not (graphed and cfg.compile_mode() == "graph")
+    return lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled, cache_enabled=cache)
 
 
 def _param_groups(model: torch.nn.Module, weight_decay: float):

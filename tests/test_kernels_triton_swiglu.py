@@ -20,6 +20,8 @@ import torch.nn.functional as F  # noqa: E402
 
 pytest.importorskip("triton")
 
+from fusion_checks import (POLICIES, CountCalls, assert_same_layer, assert_trained_the_same, same_bits,  # noqa: E402
+                           tiny_model_trained)
 from rayfp4.kernels import triton_nvfp4 as T  # noqa: E402
 
 EDGES = [0.0, -0.0, 1.0, -1.0, float("inf"), float("-inf"), float("nan"), 3.0e38, -3.0e38, 1.0e-38,
@@ -31,12 +33,6 @@ def gen():
     seed = int(torch.randint(0, 2**31 - 1, ()).item())
     print(f"seed={seed}")
     return torch.Generator().manual_seed(seed)
-
-
-def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """BF16 tensors equal bit for bit (-0.0 too), NaN where the other is NaN (payloads aside)."""
-    na, nb = torch.isnan(a), torch.isnan(b)
-    return torch.equal(na, nb) and torch.equal(a.view(torch.int16)[~na], b.view(torch.int16)[~nb])
 
 
 def gate_up(tokens: int, f: int, gen, every_gate: bool = False) -> torch.Tensor:
@@ -87,25 +83,6 @@ def test_swiglu_amax_is_the_unfused_pass_over_the_padded_product(tokens, rht, ge
     assert torch.isnan(T.swiglu_amax(gate, up, rht=rht)[1][: 1 + rht]).all()
 
 
-class _Count:
-    """Counts the fused kernel's launches (wraps ``triton_nvfp4.swiglu_amax``)."""
-
-    def __init__(self, monkeypatch):
-        self.n, self._f = 0, T.swiglu_amax
-        monkeypatch.setattr(T, "swiglu_amax", self)
-
-    def __call__(self, *a, **k):
-        self.n += 1
-        return self._f(*a, **k)
-
-
-POLICIES = {
-    "recipe": {},  # SR dY, RHT Wgrad, 2-D weight tiles
-    "no_rht_1d": {"rht_wgrad": False, "weight_2d_scaling": False},
-    "four_over_six": {"scale_selection": "four_over_six"},
-}
-
-
 @pytest.mark.parametrize("policy", [p if p == "recipe" else pytest.param(p, marks=pytest.mark.extended)
                                     for p in POLICIES])
 def test_down_projection_with_fused_swiglu_equals_the_unfused_layer(policy, gen, monkeypatch):
@@ -114,7 +91,7 @@ def test_down_projection_with_fused_swiglu_equals_the_unfused_layer(policy, gen,
     from rayfp4.precision import NVFP4Linear, PrecisionPolicy, PrecisionRuntime
 
     pol = PrecisionPolicy(**POLICIES[policy])
-    count = _Count(monkeypatch)
+    count = CountCalls(monkeypatch, T, "swiglu_amax")
     gu0 = gate_up(40, 64, gen)  # 40 tokens: x^T is padded to 48
     gu0 = torch.where(gu0.abs() < 1e4, gu0, 1.0).to(torch.bfloat16)  # finite, a usable scale range
     dy = torch.randn(2, 20, 48, generator=gen).to(torch.bfloat16)
@@ -131,14 +108,7 @@ def test_down_projection_with_fused_swiglu_equals_the_unfused_layer(policy, gen,
         y.backward(dy)
         out[fuse] = (y.detach(), gu.grad, layer.weight.grad, layer.bias.grad, layer.capture)
         assert count.n == int(fuse)
-    plain, fused = out[False], out[True]
-    for a, b in zip(plain[:4], fused[:4]):
-        assert a.dtype == b.dtype and torch.equal(a, b)
-    assert set(plain[4]) == set(fused[4]) == {"fprop.x", "fprop.w", "dgrad.dy", "dgrad.w", "wgrad.dy", "wgrad.x"}
-    for key, q in plain[4].items():
-        g = fused[4][key]
-        assert torch.equal(g.data, q.data) and torch.equal(g.scale.view(torch.uint8), q.scale.view(torch.uint8)), key
-        assert torch.equal(g.amax, q.amax), key
+    assert_same_layer(out[False], out[True])
 
 
 def test_swiglu_is_not_fused_where_it_would_not_be_exact(gen, monkeypatch):
@@ -148,7 +118,7 @@ def test_swiglu_is_not_fused_where_it_would_not_be_exact(gen, monkeypatch):
     from rayfp4.precision import NVFP4Linear, PrecisionPolicy
     from rayfp4.precision.linear import MXFP4Linear
 
-    count = _Count(monkeypatch)
+    count = CountCalls(monkeypatch, T, "swiglu_amax")
     gate, up = (torch.randn(32, 128, generator=gen) * 2).chunk(2, dim=-1)
     bf16 = torch.bfloat16
     cases = [  # layer, policy, dtype, Triton backend, grad enabled
@@ -171,37 +141,12 @@ def test_swiglu_is_not_fused_where_it_would_not_be_exact(gen, monkeypatch):
     assert count.n == 0
 
 
+@pytest.mark.extended  # CI: both fusions at once (test_kernels_triton_rmsnorm.py)
 def test_a_tiny_model_trains_the_same_with_the_swiglu_fused(monkeypatch):
-    """A one-block NVFP4 model (Triton backend, BF16 autocast, the recipe with SR and RHT) trained
-    two AdamW steps with and without the fusion: the same losses and weights, bit for bit (the
-    second step on updated weights). One block and two steps: the interpreter runs every kernel."""
-    from rayfp4.model import ModelConfig, build_model
-    from rayfp4.precision import QuantizedLinear, apply_precision_policy
-
-    count = _Count(monkeypatch)
-    cfg = ModelConfig(vocab_size=64, seq_len=16, n_layers=1, d_model=32, n_heads=2, d_ff=64)
-    tokens = torch.randint(0, 64, (2, 2, 16))  # 2 x 15 = 30 tokens a step: x^T padded to 32
-    result = {}
-    for fuse in (False, True):
-        torch.manual_seed(0)
-        model = build_model(cfg)
-        summary = apply_precision_policy(model, {"format": "nvfp4", "bf16_last_blocks": 0}, seed=3)
-        for m in model.modules():
-            if isinstance(m, QuantizedLinear):
-                m.backend = T.TritonBackend()  # the registry offers it on CUDA only
-                m.fuse_swiglu = fuse
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-        losses = []
-        for step in range(2):
-            summary.runtime.set_step(step)
-            with torch.autocast("cpu", dtype=torch.bfloat16):
-                loss = model(tokens[step, :, :-1], tokens[step, :, 1:])
-            loss.backward()
-            opt.step()
-            opt.zero_grad()
-            losses.append(loss.detach())
-        result[fuse] = (torch.stack(losses), {n: p.detach().clone() for n, p in model.named_parameters()})
-    assert count.n == 2 * cfg.n_layers  # each block's down projection, each step
-    assert torch.equal(result[False][0], result[True][0]), (result[False][0], result[True][0])
-    for name, p in result[False][1].items():
-        assert torch.equal(p, result[True][1][name]), name
+    """A one-block NVFP4 model trained two AdamW steps with and without the fusion
+    (``fusion_checks.tiny_model_trained``): the same losses and weights, bit for bit (the second
+    step on updated weights)."""
+    count = CountCalls(monkeypatch, T, "swiglu_amax")
+    result = tiny_model_trained("fuse_swiglu")
+    assert count.n == 2  # the block's down projection, each step
+    assert_trained_the_same(result)

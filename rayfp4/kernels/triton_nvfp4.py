@@ -156,16 +156,23 @@ def swiglu_amax(gate: torch.Tensor, up: torch.Tensor, rht: bool,
     if gate.dtype != torch.bfloat16 or up.dtype != torch.bfloat16 or gate.dim() != 2 or gate.shape != up.shape:
         raise ValueError(f"{what}: gate and up must be BF16 matrices of one shape, got {gate.dtype} "
                          f"{tuple(gate.shape)} and {up.dtype} {tuple(up.shape)}")
-    t, f = gate.shape
+    return _launch_producer("swiglu", (gate, up), gate.shape, (*gate.stride(), *up.stride()),
+                            RHT=bool(rht), SIGNS=signs, LIBDEVICE=gate.device.type == "cuda")
+
+
+def _launch_producer(name: str, inputs: tuple, shape: tuple, strides: tuple, **kw):
+    """Runs ``{name}_amax_kernel`` (a producer fused with the amax pass) over ``inputs`` of the
+    [T, W] ``shape``: it writes the BF16 output, padded with zero rows to T' (a multiple of 16),
+    and the two amaxes; returns ``(output, amaxes)``."""
+    t, w = shape
     tp = t + (-t % 16)
-    h = torch.empty(tp, f, dtype=torch.bfloat16, device=gate.device)
-    out = torch.zeros(2, dtype=torch.int32, device=gate.device)
-    cfg = LAUNCH["swiglu"]
-    grid = (_cdiv(f, cfg["BM"]), _cdiv(tp // 16, cfg["G"]))
-    _kernel_module().swiglu_amax_kernel[grid](
-        gate, up, h, out, t, tp, f, gate.stride(0), gate.stride(1), up.stride(0), up.stride(1),
-        RHT=bool(rht), SIGNS=signs, LIBDEVICE=gate.device.type == "cuda", **cfg)
-    return h, out.view(torch.float32)
+    dev = inputs[0].device
+    y = torch.empty(tp, w, dtype=torch.bfloat16, device=dev)
+    out = torch.zeros(2, dtype=torch.int32, device=dev)
+    cfg = LAUNCH[name]
+    grid = (_cdiv(w, cfg["BM"]), _cdiv(tp // 16, cfg["G"]))
+    getattr(_kernel_module(), f"{name}_amax_kernel")[grid](*inputs, y, out, t, tp, w, *strides, **kw, **cfg)
+    return y, out.view(torch.float32)
 
 
 def rmsnorm_amax(x: torch.Tensor, rstd: torch.Tensor, weight: torch.Tensor, rht: bool,
@@ -187,15 +194,8 @@ def rmsnorm_amax(x: torch.Tensor, rstd: torch.Tensor, weight: torch.Tensor, rht:
     if weight.shape != (d,) or weight.dtype not in (torch.float32, torch.bfloat16):
         raise ValueError(f"{what}: weight must be FP32 or BF16 of shape ({d},), got {weight.dtype} "
                          f"{tuple(weight.shape)}")
-    tp = t + (-t % 16)
-    y = torch.empty(tp, d, dtype=torch.bfloat16, device=x.device)
-    out = torch.zeros(2, dtype=torch.int32, device=x.device)
-    cfg = LAUNCH["rmsnorm"]
-    grid = (_cdiv(d, cfg["BM"]), _cdiv(tp // 16, cfg["G"]))
-    _kernel_module().rmsnorm_amax_kernel[grid](
-        x, rstd.contiguous(), weight.contiguous(), y, out, t, tp, d, x.stride(0), x.stride(1),
-        RHT=bool(rht), SIGNS=signs, **cfg)
-    return y, out.view(torch.float32)
+    return _launch_producer("rmsnorm", (x, rstd.contiguous(), weight.contiguous()), x.shape, x.stride(),
+                            RHT=bool(rht), SIGNS=signs)
 
 
 def _selection_args(selection: tuple[str, str, float] | None) -> dict:

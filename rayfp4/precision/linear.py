@@ -302,20 +302,30 @@ def _backward(layer, s: dict, dy: torch.Tensor, needs: tuple, *, quantize_bwd: b
     return dx, dw, db
 
 
+def _forward_saving(ctx, layer, x, weight, bias, backward_needed: bool, amaxes=None, extra: dict | None = None):
+    """:func:`_forward` inside an autograd Function's forward: saves what the backward needs
+    (with ``extra``, the tensors a fused producer's own backward needs) and returns y."""
+    y, saved, quantize_bwd, finite = _forward(layer, x, weight, bias, backward_needed, amaxes=amaxes)
+    _save(ctx, {**saved, **(extra or {})})
+    ctx.layer, ctx.quantize_bwd, ctx.has_bias = layer, quantize_bwd, bias is not None
+    ctx.x_dtype, ctx.tokens, ctx.finite = x.dtype, x.shape[0], finite
+    return y
+
+
+def _backward_saved(ctx, s: dict, dy: torch.Tensor, needs: tuple):
+    """:func:`_backward` of what :func:`_forward_saving` saved (``s``, loaded once by the caller)."""
+    return _backward(ctx.layer, s, dy, needs, quantize_bwd=ctx.quantize_bwd, finite=ctx.finite,
+                     x_dtype=ctx.x_dtype, tokens=ctx.tokens, has_bias=ctx.has_bias)
+
+
 class _QuantizedLinearFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, layer, backward_needed):
-        y, saved, quantize_bwd, finite = _forward(layer, x, weight, bias, backward_needed)
-        _save(ctx, saved)
-        ctx.layer, ctx.quantize_bwd, ctx.has_bias = layer, quantize_bwd, bias is not None
-        ctx.x_dtype, ctx.tokens, ctx.finite = x.dtype, x.shape[0], finite
-        return y
+        return _forward_saving(ctx, layer, x, weight, bias, backward_needed)
 
     @staticmethod
     def backward(ctx, dy):
-        dx, dw, db = _backward(ctx.layer, _load(ctx), dy, tuple(ctx.needs_input_grad[:3]),
-                               quantize_bwd=ctx.quantize_bwd, finite=ctx.finite, x_dtype=ctx.x_dtype,
-                               tokens=ctx.tokens, has_bias=ctx.has_bias)
+        dx, dw, db = _backward_saved(ctx, _load(ctx), dy, tuple(ctx.needs_input_grad[:3]))
         return dx, dw, db, None, None
 
 
@@ -329,20 +339,14 @@ class _SwiGLUQuantizedLinearFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, gate, up, weight, bias, layer, backward_needed):
         h, am_x, am_xt = layer.backend.swiglu_amaxes(gate, up, layer.roles.wgrad_x.rht)
-        x = h[:gate.shape[0]]
-        y, saved, quantize_bwd, finite = _forward(layer, x, weight, bias, backward_needed, amaxes=(h, am_x, am_xt))
-        _save(ctx, {**saved, "gate": gate, "up": up})
-        ctx.layer, ctx.quantize_bwd, ctx.has_bias = layer, quantize_bwd, bias is not None
-        ctx.x_dtype, ctx.tokens, ctx.finite = x.dtype, x.shape[0], finite
-        return y
+        return _forward_saving(ctx, layer, h[:gate.shape[0]], weight, bias, backward_needed, (h, am_x, am_xt),
+                               {"gate": gate, "up": up})
 
     @staticmethod
     def backward(ctx, dy):
         s = _load(ctx)
         needs = ctx.needs_input_grad
-        dh, dw, db = _backward(ctx.layer, s, dy, (needs[0] or needs[1], needs[2], needs[3]),
-                               quantize_bwd=ctx.quantize_bwd, finite=ctx.finite, x_dtype=ctx.x_dtype,
-                               tokens=ctx.tokens, has_bias=ctx.has_bias)
+        dh, dw, db = _backward_saved(ctx, s, dy, (needs[0] or needs[1], needs[2], needs[3]))
         gate, up = s["gate"], s["up"]
         dgate = torch.ops.aten.silu_backward(dh * up, gate) if needs[0] else None
         dup = dh * F.silu(gate) if needs[1] else None
@@ -368,21 +372,15 @@ class _RMSNormQuantizedLinearFn(torch.autograd.Function):
         d = x.shape[-1]
         y_pad, am_x, am_xt = layer.backend.rmsnorm_amaxes(x.reshape(-1, d), rstd.reshape(-1), norm_weight,
                                                            layer.roles.wgrad_x.rht)
-        y2 = y_pad[:x.numel() // d]
-        y, saved, quantize_bwd, finite = _forward(layer, y2, weight, bias, backward_needed, amaxes=(y_pad, am_x, am_xt))
-        _save(ctx, {**saved, "norm_x": x, "norm_rstd": rstd, "norm_weight": norm_weight})
-        ctx.layer, ctx.quantize_bwd, ctx.has_bias = layer, quantize_bwd, bias is not None
-        ctx.x_dtype, ctx.tokens, ctx.finite = y2.dtype, y2.shape[0], finite
-        return y
+        return _forward_saving(ctx, layer, y_pad[:x.numel() // d], weight, bias, backward_needed, (y_pad, am_x, am_xt),
+                               {"norm_x": x, "norm_rstd": rstd, "norm_weight": norm_weight})
 
     @staticmethod
     def backward(ctx, dy):
         s = _load(ctx)
         needs = ctx.needs_input_grad
         needs_x = needs[0] or needs[1]
-        dnorm, dw, db = _backward(ctx.layer, s, dy, (needs_x or needs[2], needs[3], needs[4]),
-                                  quantize_bwd=ctx.quantize_bwd, finite=ctx.finite, x_dtype=ctx.x_dtype,
-                                  tokens=ctx.tokens, has_bias=ctx.has_bias)
+        dnorm, dw, db = _backward_saved(ctx, s, dy, (needs_x or needs[2], needs[3], needs[4]))
         x = s["norm_x"]
         dx_prod, dx_sq, dnw = rmsnorm_backward(dnorm.reshape(x.shape), x, s["norm_rstd"], s["norm_weight"],
                                                (needs_x, needs[2]))
@@ -453,12 +451,12 @@ class QuantizedLinear(nn.Linear):
 
     format = "nvfp4"
     #: Whether the SwiGLU product may be fused into the layer's amax pass where that is bit for bit
-    #: the same (:meth:`fuses_swiglu`). Off by default: on the H200 the fused steps were slower than
-    #: torch's (BENCHMARKS.md, 2026-12-03), though they need less memory. Set on the class (or a
-    #: layer) to opt in; training is bit-identical either way.
+    #: the same (:meth:`fuses_swiglu`). Off unless asked: the training loop sets it per layer from
+    #: ``train.fusions`` (:func:`rayfp4.precision.set_producer_fusions`; on where the steps replay
+    #: CUDA graphs, where the H200 measured them faster, BENCHMARKS.md). Bit-identical either way.
     fuse_swiglu = False
     #: Whether a preceding RMSNorm's products may be fused into the layer's amax pass where that is
-    #: bit for bit the same (:meth:`fuses_rmsnorm`). Off by default, as ``fuse_swiglu``.
+    #: bit for bit the same (:meth:`fuses_rmsnorm`). Set as ``fuse_swiglu``.
     fuse_rmsnorm = False
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, policy: PrecisionPolicy,
@@ -565,6 +563,20 @@ class QuantizedLinear(nn.Linear):
             self.backend = resolve(self.policy.backend, self.weight.device)
         return out
 
+    def _fusable(self, enabled: bool, backend_method: str, *inputs: torch.Tensor) -> bool:
+        """What both producer fusions need: switched on; eager (checked first: a traced step must
+        not read the runtime's step); an NVFP4 layer on a backend with ``backend_method``; both
+        directions quantized with the recipe's operands (not MS-EDEN, not in BF16 after the late
+        switch); a backward to come (``inputs``: the producer's tensors that may need gradients)."""
+        if not enabled or torch.compiler.is_compiling():
+            return False
+        rt = self.runtime
+        backward_needed = torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (*inputs, self.weight, self.bias))
+        return (self.format == "nvfp4" and hasattr(self.backend, backend_method)
+                and self.policy.backward_rounding != "ms_eden" and not rt.forward_bf16 and not rt.backward_bf16
+                and backward_needed)
+
     def fuses_swiglu(self, gate: torch.Tensor, up: torch.Tensor) -> bool:
         """Whether ``self(gate, up)`` computes its input h = ``F.silu(gate) * up`` itself, in the
         pass that measures h's amax (``_SwiGLUQuantizedLinearFn``: one read of gate and up, one
@@ -574,18 +586,12 @@ class QuantizedLinear(nn.Linear):
         autocast afterwards (the kernel matches torch's silu after its rounding to BF16, not in
         FP32); both directions quantized with the recipe's operands (not MS-EDEN, not in BF16
         after the late switch, a backward to come); eagerly (the compiled path has its own op)."""
-        if torch.compiler.is_compiling():  # first: a traced step must not read the runtime's step
-            return False
-        rt, bf16 = self.runtime, torch.bfloat16
-        backward_needed = torch.is_grad_enabled() and any(
-            t is not None and t.requires_grad for t in (gate, up, self.weight, self.bias))
-        return (self.fuse_swiglu and self.format == "nvfp4" and hasattr(self.backend, "swiglu_amaxes")
+        bf16 = torch.bfloat16
+        return (self._fusable(self.fuse_swiglu, "swiglu_amaxes", gate, up)
                 and gate.dtype == bf16 and up.dtype == bf16 and gate.shape == up.shape
                 and gate.shape[-1] == self.in_features
                 and (not torch.is_autocast_enabled(gate.device.type)
-                     or torch.get_autocast_dtype(gate.device.type) == bf16)
-                and self.policy.backward_rounding != "ms_eden" and not rt.forward_bf16 and not rt.backward_bf16
-                and backward_needed)
+                     or torch.get_autocast_dtype(gate.device.type) == bf16))
 
     def fuses_rmsnorm(self, x: torch.Tensor, norm: nn.Module) -> bool:
         """Whether ``self(x, norm=norm)`` computes its input y = ``norm(x)`` itself (the model's
@@ -597,20 +603,14 @@ class QuantizedLinear(nn.Linear):
         input in BF16 (autocast to BF16, or BF16 x without autocast); both directions quantized
         with the recipe's operands (not MS-EDEN, not in BF16 after the late switch, a backward to
         come); eagerly (the compiled path traces the norm as torch ops)."""
-        if torch.compiler.is_compiling():  # first: a traced step must not read the runtime's step
-            return False
-        rt, bf16, fp = self.runtime, torch.bfloat16, (torch.float32, torch.bfloat16)
+        bf16, fp = torch.bfloat16, (torch.float32, torch.bfloat16)
         w = getattr(norm, "weight", None)
-        if not (self.fuse_rmsnorm and callable(getattr(norm, "rstd", None)) and isinstance(w, torch.Tensor)):
+        if not (callable(getattr(norm, "rstd", None)) and isinstance(w, torch.Tensor)):
             return False
-        backward_needed = torch.is_grad_enabled() and any(
-            t is not None and t.requires_grad for t in (x, w, self.weight, self.bias))
         autocast = torch.is_autocast_enabled(x.device.type)
-        return (self.format == "nvfp4" and hasattr(self.backend, "rmsnorm_amaxes")
+        return (self._fusable(self.fuse_rmsnorm, "rmsnorm_amaxes", x, w)
                 and x.dtype in fp and w.dtype in fp and x.shape[-1] == self.in_features and w.shape == (self.in_features,)
-                and (torch.get_autocast_dtype(x.device.type) == bf16 if autocast else x.dtype == bf16)
-                and self.policy.backward_rounding != "ms_eden" and not rt.forward_bf16 and not rt.backward_bf16
-                and backward_needed)
+                and (torch.get_autocast_dtype(x.device.type) == bf16 if autocast else x.dtype == bf16))
 
     def forward(self, x: torch.Tensor, up: torch.Tensor | None = None, *, norm: nn.Module | None = None) -> torch.Tensor:
         """The layer of x or, with ``up``, of ``F.silu(x) * up`` (x the SwiGLU gate), the product

@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from bench import scaling
 
 
+# Four gloo process groups and a fifth run (~50 s): the full suite's, run when bench/scaling.py or
+# the FSDP2 gather changes (a multi-GPU session runs `bash bench/run_multigpu.sh check` first too).
+@pytest.mark.extended
 def test_scaling_reports_each_world_size_and_the_4bit_gather_moves_fewer_bytes(tmp_path, capsys):
     out = tmp_path / "r.json"
     args = ["--device", "cpu", "--sizes", "tiny", "--formats", "nvfp4", "--strategies", "fsdp2,ddp",

@@ -141,6 +141,9 @@ def _toolchain_reason() -> str | None:
 
 
 @pytest.mark.slow
+# A real nvcc compile (~95 s on the 2-core machine): the full suite's, run when cutlass_kernels/
+# changes; CI checks the generated sources and the build commands (the tests above).
+@pytest.mark.extended
 def test_real_build_of_one_sm90a_kernel():
     """Compile sm90a_bf16_kk for real (no GPU needed) into the cache; a second build is a hit."""
     reason = _toolchain_reason()

@@ -113,6 +113,9 @@ def submit(cmd, env, attempts: int = 10):
 
 
 @pytest.mark.slow
+# CI submits both jobs through tests/test_multinode.py's two-node cluster; this head of its own
+# (a second Ray instance, ~110 s) is the full suite's.
+@pytest.mark.extended
 def test_ray_job_submit_runs_the_default_config(ray_head, tmp_path):
     address, env = ray_head
     cmd = [str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", ".", "--",

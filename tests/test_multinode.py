@@ -425,3 +425,17 @@ def test_two_node_job_loses_a_node_continues_on_fewer_workers_and_grows_back(two
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlruns.db")
     runs = client.search_runs([client.get_experiment_by_name("rayfp4").experiment_id])
     assert [r.info.status for r in runs] == ["FINISHED"]  # one MLflow run, resumed across the restarts
+
+    # The tokenizing pipeline is a job entrypoint too (CI's check of it; tests/test_job_submit.py,
+    # in the full suite, submits both to a head of its own).
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(3):
+        (corpus / f"doc{i}.txt").write_text(f"document {i}: " + "to be or not to be " * 40)
+    r = subprocess.run([str(BIN / "ray"), "job", "submit", "--address", head.dashboard, "--working-dir", ".", "--",
+                        "python", "-m", "pipelines.tokenize", str(corpus), "--out", str(tmp_path / "shards"),
+                        "--tokenizer", "byte", "--seq-len", "32", "--val-fraction", "0.1"],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    tokenized = open_shards(tmp_path / "shards")
+    assert tokenized.num_sequences("train") > 0 and tokenized.num_sequences("val") > 0

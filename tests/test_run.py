@@ -170,6 +170,9 @@ def test_killed_run_resumes_where_it_stopped(ray_session, tmp_path):
 
 
 @pytest.mark.slow
+# The full suite's: the probe's count across a resume is checked in process
+# (tests/test_grad_noise_probe.py), a retry inside the driver by test_faults.py's worker kill.
+@pytest.mark.extended
 def test_auto_late_switch_fires_on_both_workers_and_survives_a_restart(ray_session, tmp_path, capsys):
     """2 DDP workers, probes every 3 steps, patience 2 and a threshold every ratio is below: the
     probes of steps 3 and 6 switch both passes to BF16 from step 7 on. The run fails after step 6

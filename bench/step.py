@@ -148,7 +148,16 @@ def main() -> None:
                         "replay each step captured in a CUDA graph (device seeds; recipe variants)")
     p.add_argument("--variants", default="", help="comma-separated: 4over6, 4over6-fwd, mxfp4, mxfp4-ref, ms_eden, "
                                                   "ms_eden-4over6-fwd, fused, fused-swiglu, fused-norm (timed after the ablations)")
+    p.add_argument("--launch", help="a JSON file of Triton launch settings to use instead of the defaults "
+                                    "(rayfp4.kernels.triton_nvfp4.LAUNCH entries; bench.fusion_kernels --json writes one)")
     a = p.parse_args()
+    if a.launch:
+        import json
+
+        from rayfp4.kernels import triton_nvfp4
+
+        with open(a.launch) as fh:
+            triton_nvfp4.LAUNCH.update(json.load(fh))
     fwd46 = {"scale_selection": {"fprop.x": "four_over_six", "fprop.w": "four_over_six"}}
     variants = {"4over6": ("nvfp4", {"scale_selection": "four_over_six"}), "4over6-fwd": ("nvfp4", fwd46),
                 "mxfp4": ("mxfp4", {}), "mxfp4-ref": ("mxfp4", {}),
@@ -164,7 +173,8 @@ def main() -> None:
     ntok = a.batch * a.seq
     print(header())
     print(f"# model: {cfg.num_params() / 1e6:.0f}M parameters, {a.layers} layers, d_model {a.d_model}, "
-          f"d_ff {cfg.ffn_dim}; {ntok} tokens/step; torch.compile: {a.compile}")
+          f"d_ff {cfg.ffn_dim}; {ntok} tokens/step; torch.compile: {a.compile}"
+          + (f"; launch settings from {a.launch}" if a.launch else ""))
     t_bf16, m_bf16 = run("bf16", cfg, a.batch, a.steps, {}, compile_mode=a.compile)
     print(f"{'variant':22s} {'ms/step':>8s} {'tok/s':>10s} {'x bf16':>7s} {'peak GB':>8s} {'x bf16':>7s}")
     print(f"{'bf16':22s} {t_bf16:8.1f} {ntok / t_bf16 * 1e3:10.0f} {1.0:7.2f} {m_bf16 / 2**30:8.2f} {1.0:7.2f}")

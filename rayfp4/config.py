@@ -81,6 +81,20 @@ class TrainSection(_Strict):
         "step without its host time (after a late switch of one direction only, to the last bits of its FP32 "
         "backward GEMMs); one GPU worker, NVFP4 with SR (not MXFP4 or MS-EDEN) or BF16. Not with "
         "scaling.strategy: fsdp2 yet")
+    fusions: Literal["auto", "on", "off"] = Field(
+        "auto", description="the 4-bit layers after an RMSNorm (attention's qkv, the MLP's gate_up) and after "
+        "the SwiGLU (down) compute the norm's output and the SwiGLU product themselves, in the pass that "
+        "measures their input's amax: bit for bit the same training, less activation memory. auto: on where "
+        "the steps are replayed from CUDA graphs (train.compile resolves to graph; measured faster there on "
+        "an H200), off elsewhere (eager steps on a GPU were not measurably faster); on, off: always, never. "
+        "Only NVFP4 layers on the triton or cutlass backend with the recipe's backward (not MS-EDEN) fuse; "
+        "others compute their input as usual")
+
+    @field_validator("fusions", mode="before")
+    @classmethod
+    def _yaml_booleans(cls, v):
+        # YAML reads an unquoted on/off as a boolean
+        return {True: "on", False: "off"}.get(v, v) if isinstance(v, bool) else v
 
 
 class CheckpointSection(_Strict):
@@ -339,6 +353,13 @@ class RunConfig(_Strict):
         partial_switch = self.precision.format == "nvfp4" and ls is not None and ls.scope != "both"
         return ("graph" if self.scaling.strategy != "fsdp2" and not partial_switch and self.graph_refusal() is None
                 else "none")
+
+    def fusions_on(self) -> bool:
+        """Whether the 4-bit layers fuse their producers (``train.fusions`` resolved: auto follows
+        :meth:`compile_mode`)."""
+        if self.train.fusions != "auto":
+            return self.train.fusions == "on"
+        return self.compile_mode() == "graph"
 
     def graph_refusal(self) -> str | None:
         """Why ``train.compile: graph`` cannot run this config (rayfp4.train.graphs), naming the

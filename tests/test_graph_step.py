@@ -61,6 +61,42 @@ def test_auto_replays_graphs_where_a_run_allows_them_and_runs_eagerly_elsewhere(
     assert cfg.compile_mode() == mode
 
 
+@pytest.mark.parametrize("sets, on", [
+    ([], False),  # the CPU: eager steps
+    (ONE_GPU, True),  # graph-replayed steps
+    ([*ONE_GPU, "train.compile=none"], False),
+    ([*ONE_GPU, "train.fusions=off"], False),  # YAML reads off as false: taken as the word
+    (["train.fusions=on"], True),
+    (["train.fusions='on'"], True),
+])
+def test_fusions_follow_the_graphs_unless_set_and_leave_the_fingerprint_alone(sets, on):
+    cfg = load_config(TINY, sets)
+    assert cfg.fusions_on() is on
+    assert cfg.fingerprint() == load_config(TINY, [s for s in sets if "fusions" not in s]).fingerprint()
+
+
+def test_a_bad_fusions_value_names_the_field():
+    with pytest.raises(ConfigError, match="train.fusions"):
+        load_config(TINY, ["train.fusions=sometimes"])
+
+
+def test_the_switch_reaches_every_nvfp4_layer_and_the_summary():
+    from rayfp4.model import ModelConfig, build_model
+    from rayfp4.precision import QuantizedLinear, apply_precision_policy, set_producer_fusions
+
+    model = build_model(ModelConfig(vocab_size=64, seq_len=32, n_layers=2, d_model=64, n_heads=2, d_ff=128))
+    summary = apply_precision_policy(model, {"format": "nvfp4", "bf16_last_blocks": 1})
+    layers = [m for m in model.modules() if isinstance(m, QuantizedLinear)]
+    assert set_producer_fusions(model, True) == f"on ({len(layers)} NVFP4 layers)" and len(layers) == 4
+    assert all(m.fuse_rmsnorm and m.fuse_swiglu for m in layers)
+    summary.fusions = set_producer_fusions(model, False)
+    assert not any(m.fuse_rmsnorm or m.fuse_swiglu for m in layers)
+    assert summary.to_params()["precision.summary.fusions"] == "off"
+    bf16 = build_model(ModelConfig(vocab_size=64, seq_len=32, n_layers=1, d_model=64, n_heads=2, d_ff=128))
+    apply_precision_policy(bf16, {"format": "bf16"})
+    assert set_producer_fusions(bf16, True) == "off (no NVFP4 layers)"
+
+
 def test_auto_falls_back_to_eager_steps_where_the_loop_finds_graphs_impossible():
     """What the config cannot know (the device a worker gets): with auto the loop says why and
     runs the model eagerly; with graph asked for explicitly it stops with the reason."""
@@ -156,6 +192,23 @@ def test_a_graphed_run_trains_bit_for_bit_as_the_eager_run(scope):
     # steps 2 and 5 ran eagerly (telemetry), the others were replayed; the switch re-captured
     assert fwd.eager_calls == 4 and fwd.replays == 8 and fwd.captures == 2, vars(fwd)
     assert "late switch" in notices[-1]
+
+
+@gpu
+@pytest.mark.gpu
+def test_fifty_graphed_steps_of_the_recipe_give_the_eager_loss_curve():
+    """The issue's bar: a run whose steps are replayed from CUDA graphs has the eager run's loss
+    curve for 50 steps (the recipe with SR on device seeds, two micro-batches a step, the loop's
+    train_step), and ends on the same weights."""
+    pytest.importorskip("triton")
+    policy = {"format": "nvfp4", "backend": "triton", "bf16_last_blocks": 0}
+    tokens = torch.randint(0, 320, (50, 4, 257), device="cuda")
+    eager, w_eager, _, _ = _train(False, policy, 50, tokens, micro=2)
+    graphed, w_graph, fwd, _ = _train(True, policy, 50, tokens, micro=2)
+    assert [a[:2] for a in eager] == [b[:2] for b in graphed]
+    assert eager[-1][0] < eager[0][0]  # it trained
+    assert all(torch.equal(x, y) for x, y in zip(w_eager, w_graph))
+    assert fwd.replays == 100 and fwd.captures == 1 and fwd.eager_calls == 0, vars(fwd)
 
 
 @gpu

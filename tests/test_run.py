@@ -87,6 +87,7 @@ def test_default_config_end_to_end_with_mlflow(ray_session, tmp_path, capsys):
     assert not any(k.startswith("quant/") for k in fp.data.metrics)
     assert nv.data.params["precision.summary.quantized_layers"] == "4"
     assert nv.data.params["precision.summary.bf16_layer_names"].startswith("layers.1.attn.qkv")
+    assert nv.data.params["precision.summary.fusions"] == "off"  # train.fusions: auto, eager steps on the CPU
     hist = client.get_metric_history(nv.info.run_id, "train/loss")
     assert sorted(m.step for m in hist) == [2, 4, 6, 8]
     val = client.get_metric_history(nv.info.run_id, "val/loss")

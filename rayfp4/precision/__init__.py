@@ -4,7 +4,7 @@
 >>> summary.runtime.set_step(step, total_steps)   # each step, from the training loop
 """
 
-from .apply import LayerDecision, PrecisionSummary, apply_precision_policy
+from .apply import LayerDecision, PrecisionSummary, apply_precision_policy, set_producer_fusions
 from .linear import MXFP4Linear, NVFP4Linear, QuantizedLinear
 from .noise_probe import GradNoiseProbe, grad_noise_ratio
 from .oscillation import OscillationTracker
@@ -31,4 +31,5 @@ __all__ = [
     "format_validation_error",
     "grad_noise_ratio",
     "operand_stats",
+    "set_producer_fusions",
 ]

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ..kernels import BackendUnavailable, resolve
-from .linear import MXFP4Linear, NVFP4Linear
+from .linear import MXFP4Linear, NVFP4Linear, QuantizedLinear
 from .policy import PolicyError, PrecisionPolicy
 from .runtime import PrecisionRuntime
 
@@ -40,6 +40,8 @@ class PrecisionSummary:
     backend: str = "none"
     #: How FSDP2 gathers the quantized layers' weights (set by the training loop; "" without FSDP2).
     weight_gather: str = ""
+    #: Whether the layers fuse their producers (:func:`set_producer_fusions`; "" where not asked).
+    fusions: str = ""
 
     @property
     def quantized(self) -> list[str]:
@@ -64,6 +66,7 @@ class PrecisionSummary:
             "precision.summary.quantized_weight_fraction": f"{self.quantized_fraction():.4f}",
             "precision.summary.bf16_layer_names": ",".join(self.high_precision)[:6000],
             **({"precision.summary.weight_gather": self.weight_gather} if self.weight_gather else {}),
+            **({"precision.summary.fusions": self.fusions} if self.fusions else {}),
         }
 
     def table(self) -> str:
@@ -74,6 +77,18 @@ class PrecisionSummary:
         lines.append(f"{len(self.quantized)} of {len(self.layers)} linear layers in {self.policy.format} "
                      f"({100 * self.quantized_fraction():.1f}% of linear weights), backend {self.backend}")
         return "\n".join(lines)
+
+
+def set_producer_fusions(model: nn.Module, on: bool) -> str:
+    """Switches every NVFP4 layer's producer fusions (``QuantizedLinear.fuse_rmsnorm``: an RMSNorm
+    computed in the next layer's amax pass; ``fuse_swiglu``: the SwiGLU product, likewise) on or
+    off; bit for bit the same training either way. Returns what a run's summary says of it."""
+    layers = [m for m in model.modules() if isinstance(m, QuantizedLinear) and m.format == "nvfp4"]
+    for m in layers:
+        m.fuse_rmsnorm = m.fuse_swiglu = on
+    if not on:
+        return "off"
+    return f"on ({len(layers)} NVFP4 layers)" if layers else "off (no NVFP4 layers)"
 
 
 def _decide(name: str, block_index: int | None, n_blocks: int, policy: PrecisionPolicy,

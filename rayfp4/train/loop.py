@@ -21,7 +21,8 @@ import torch.distributed as dist
 
 from ..config import ConfigError, RunConfig, fingerprint_changes
 from ..model import build_model
-from ..precision import GradNoiseProbe, OscillationTracker, apply_precision_policy, collect_telemetry
+from ..precision import (GradNoiseProbe, OscillationTracker, apply_precision_policy, collect_telemetry,
+                         set_producer_fusions)
 from .checkpoint import file_digests, read_info, save_state
 from .errors import CheckpointError, NonFiniteTrainingError, RunMismatchError, StorageError
 from .hooks import build_hooks
@@ -68,6 +69,8 @@ def _train(loop_config: dict) -> None:
     log = _rank_zero_log(cfg, rank, run_dir, loop_config, summary)
     forward = compiled_forward(model, cfg.compile_mode(), summary.runtime, device, world, log.notice,
                                fallback=cfg.train.compile == "auto")
+    if summary.fusions.startswith("on"):
+        log.notice(f"train.fusions: {summary.fusions} compute the RMSNorm or SwiGLU before them in their amax pass")
     progress = restore(model, opt, cfg, loop_config["fingerprint"], log.notice, run_dir, storage, rank)
     oscillation = None
     if cfg.precision.oscillation_reset is not None:
@@ -152,6 +155,7 @@ def build(cfg: RunConfig, rank: int, world: int, device: torch.device):
     model = build_model(cfg.model).to(device)  # on its device first: the policy picks kernels for it
     summary = apply_precision_policy(model, cfg.precision, seed=cfg.train.seed, rank=rank,
                                      total_steps=cfg.train.steps)
+    summary.fusions = set_producer_fusions(model, cfg.fusions_on())
     model = data_parallel(model, cfg, world, summary,
                           ddp=lambda m: ray.train.torch.prepare_model(m, move_to_device=False))
     opt = torch.optim.AdamW(_param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr,

@@ -14,6 +14,31 @@ prof=$(mktemp -d)
 bash .whl/install.sh && export PYTHONPATH=/tmp/site:$PWD:${PYTHONPATH:-}
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 RAYFP4_CACHE=$PWD/build/h200min
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$out/gpu.txt"
+# loop_pair NAME KEY V1 V2: configs/gpu-25m.yaml through Ray Train (100 steps, LOOP_STEPS=n to
+# change), once with KEY=V1 and once with KEY=V2; their loss curves compared value for value and
+# their tokens/s (medians of the second half) side by side, in $out/NAME.txt
+loop_pair() {
+  local name=$1 key=$2 v; shift 2
+  for v in "$@"; do
+    python3 -m rayfp4.run configs/gpu-25m.yaml --set 'variants=[]' --set train.steps=${LOOP_STEPS:-100} \
+      --set train.val_every=50 --set train.log_every=10 --set checkpoint.every=0 --set "$key=$v" \
+      --set output_dir="$prof/runs" --set tracking.uri="sqlite:///$prof/mlruns.db" --set "name=$name-$v" \
+      > "$out/$name-$v.txt" 2>&1
+    echo "$name-$v rc=$?"; grep -E "train.compile|train.fusions|step [0-9]+/" "$out/$name-$v.txt" | tail -4
+  done 2>&1 | tee "$out/$name.txt"
+  python3 - "$prof/runs" "$name" "$@" <<'PY' 2>&1 | tee -a "$out/$name.txt"
+import json, pathlib, sys
+root, name, values = sys.argv[1], sys.argv[2], sys.argv[3:]
+runs = {v: [json.loads(l) for l in next(pathlib.Path(root, f"{name}-{v}").rglob("metrics.jsonl")).open()]
+        for v in values}
+keys = ("train_loss", "grad_norm", "val_loss")
+same = all(a.get(k) == b.get(k) for a, b in zip(*runs.values()) for k in keys)
+print(f"loss curves identical over {len(runs[values[0]])} logged steps: {same}")
+for v, rows in runs.items():
+    rates = sorted(r["tokens_per_s"] for r in rows[len(rows) // 2:])
+    print(f"{name} {v}: median tokens/s over the second half {rates[len(rates) // 2]:,.0f}")
+PY
+}
 case "${1:-checks}" in
   checks)
     python3 -m pytest -q -p no:cacheprovider tests/test_kernels_triton_gpu.py 2>&1 | tail -15 | tee "$out/triton_gpu_tests.txt"
@@ -80,45 +105,14 @@ case "${1:-checks}" in
   graphstep)  # train.compile: graph in the real loop: bit for bit first, then the same 25M run with and
     # without it (the embedded corpus; the loss curves compared value for value, tokens/s side by side)
     python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_graph_step.py 2>&1 | tail -6 | tee "$out/graph_gpu_tests.txt"
-    for c in none graph; do
-      python3 -m rayfp4.run configs/gpu-25m.yaml --set 'variants=[]' --set train.steps=${GRAPH_STEPS:-100} \
-        --set train.val_every=50 --set train.log_every=10 --set checkpoint.every=0 --set train.compile=$c \
-        --set output_dir="$prof/runs" --set tracking.uri="sqlite:///$prof/mlruns.db" --set name=graphstep-$c \
-        > "$out/graphstep-$c.txt" 2>&1
-      echo "graphstep-$c rc=$?"; grep -E "train.compile|step [0-9]+/" "$out/graphstep-$c.txt" | tail -4
-    done 2>&1 | tee "$out/graphstep.txt"
-    python3 - "$prof/runs" <<'PY' 2>&1 | tee -a "$out/graphstep.txt"
-import json, pathlib, sys
-runs = {c: [json.loads(l) for l in next(pathlib.Path(sys.argv[1], f"graphstep-{c}").rglob("metrics.jsonl")).open()]
-        for c in ("none", "graph")}
-keys = ("train_loss", "grad_norm", "val_loss")
-same = all(a.get(k) == b.get(k) for a, b in zip(*runs.values()) for k in keys)
-print(f"loss curves identical over {len(runs['none'])} logged steps: {same}")
-for c, rows in runs.items():
-    rates = sorted(r["tokens_per_s"] for r in rows[len(rows) // 2:])
-    print(f"{c}: median tokens/s over the second half {rates[len(rates) // 2]:,.0f}")
-PY
+    loop_pair graphstep train.compile none graph
     ;;
   fusedloop)  # train.fusions in the real loop: the 25M run replayed from graphs (train.compile: auto)
     # with the fusions off, then on (auto); tokens/s side by side
-    for f in off auto; do
-      python3 -m rayfp4.run configs/gpu-25m.yaml --set 'variants=[]' --set train.steps=${FUSED_STEPS:-100} \
-        --set train.val_every=50 --set train.log_every=10 --set checkpoint.every=0 --set train.fusions=$f \
-        --set output_dir="$prof/runs" --set tracking.uri="sqlite:///$prof/mlruns.db" --set name=fusedloop-$f \
-        > "$out/fusedloop-$f.txt" 2>&1
-      echo "fusedloop-$f rc=$?"; grep -E "train.compile|train.fusions|step [0-9]+/" "$out/fusedloop-$f.txt" | tail -4
-    done 2>&1 | tee "$out/fusedloop.txt"
-    python3 - "$prof/runs" <<'PY' 2>&1 | tee -a "$out/fusedloop.txt"
-import json, pathlib, sys
-for f in ("off", "auto"):
-    rows = [json.loads(l) for l in next(pathlib.Path(sys.argv[1], f"fusedloop-{f}").rglob("metrics.jsonl")).open()]
-    rates = sorted(r["tokens_per_s"] for r in rows[len(rows) // 2:])
-    print(f"fusions {f}: median tokens/s over the second half {rates[len(rates) // 2]:,.0f}; "
-          f"last logged train loss {rows[-1].get('train_loss')}")
-PY
+    loop_pair fusedloop train.fusions off auto
     ;;
   fusion)  # the SwiGLU product and the RMSNorms fused into the next projection's amax pass
-    # (QuantizedLinear.fuse_swiglu, fuse_rmsnorm; off by default) against the recipe without them:
+    # (QuantizedLinear.fuse_swiglu, fuse_rmsnorm; bench.step leaves them off) against the recipe without them:
     # --variants fused (both), fused-swiglu, fused-norm, each against BF16 in the same process;
     # FUSION_TESTS=1: the fused kernels' GPU tests first. The 25M model's device time per kernel
     # category (--profile, eager: a CUDA graph replays the same kernels) says what is left to fuse.

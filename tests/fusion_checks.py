@@ -36,6 +36,33 @@ class CountCalls:
         return self._f(*a, **k)
 
 
+def refused_cases(flag: str, own_case: str) -> list:
+    """``(layer, grad enabled, usable inputs, case)`` for each layer a fusion must refuse, its
+    ``flag`` set (asked for: the conditions alone must refuse): first the recipe's layer given
+    inputs the fusion cannot reproduce (``own_case`` says which; ``usable`` False), then, given
+    usable inputs, MS-EDEN, MXFP4, the reference backend and no backward to come."""
+    from rayfp4.kernels import triton_nvfp4 as T
+    from rayfp4.precision import NVFP4Linear, PrecisionPolicy
+    from rayfp4.precision.linear import MXFP4Linear
+
+    specs = [  # layer, policy, Triton backend, grad enabled, usable inputs, case
+        (NVFP4Linear, {}, True, True, False, own_case),
+        (NVFP4Linear, {"backward_rounding": "ms_eden", "ms_eden_hadamard": 16}, True, True, True, "MS-EDEN"),
+        (MXFP4Linear, {"format": "mxfp4"}, True, True, True, "MXFP4"),
+        (NVFP4Linear, {}, False, True, True, "the reference backend"),
+        (NVFP4Linear, {}, True, False, True, "no backward to come"),
+    ]
+    out = []
+    for cls, kw, triton_backend, grad, usable, case in specs:
+        torch.manual_seed(0)
+        layer = cls(64, 32, bias=False, policy=PrecisionPolicy(stochastic_rounding_grads=False, **kw))
+        setattr(layer, flag, True)
+        if triton_backend:
+            layer.backend = T.TritonBackend()  # the registry offers it on CUDA only
+        out.append((layer, grad, usable, case))
+    return out
+
+
 def assert_same_layer(plain: tuple, fused: tuple) -> None:
     """Two runs of a layer, ``(*tensors, capture)``: every tensor equal in dtype and bits, and every
     quantized operand (codes, scales, amax) the same."""

@@ -20,8 +20,8 @@ import torch  # noqa: E402
 
 pytest.importorskip("triton")
 
-from fusion_checks import (POLICIES, CountCalls, assert_same_layer, assert_trained_the_same, same_bits,  # noqa: E402
-                           tiny_model_trained)
+from fusion_checks import (POLICIES, CountCalls, assert_same_layer, assert_trained_the_same, refused_cases,  # noqa: E402
+                           same_bits, tiny_model_trained)
 from rayfp4.kernels import triton_nvfp4 as T  # noqa: E402
 from rayfp4.model import RMSNorm  # noqa: E402
 
@@ -152,29 +152,14 @@ def test_a_bf16_residual_without_autocast_is_fused_too(gen, monkeypatch):
 def test_rmsnorm_is_not_fused_where_it_would_not_be_exact(gen, monkeypatch):
     """An FP32 layer input (no autocast), MS-EDEN, MXFP4, the reference backend and no backward to
     come take the norm from torch: same results, no fused launch."""
-    from rayfp4.precision import NVFP4Linear, PrecisionPolicy
-    from rayfp4.precision.linear import MXFP4Linear
-
     count = CountCalls(monkeypatch, T, "rmsnorm_amax")
     x = torch.randn(2, 16, 64, generator=gen) * 2
     norm = RMSNorm(64, 1e-5)
-    cases = [  # layer, policy, autocast, Triton backend, grad enabled
-        (NVFP4Linear, {}, False, True, True),
-        (NVFP4Linear, {"backward_rounding": "ms_eden", "ms_eden_hadamard": 16}, True, True, True),
-        (MXFP4Linear, {"format": "mxfp4"}, True, True, True),
-        (NVFP4Linear, {}, True, False, True),
-        (NVFP4Linear, {}, True, True, False),
-    ]
-    for cls, kw, autocast, triton_backend, grad in cases:
-        torch.manual_seed(0)
-        pol = PrecisionPolicy(stochastic_rounding_grads=False, **kw)
-        layer = cls(64, 32, bias=False, policy=pol)
-        layer.fuse_rmsnorm = True  # asked for: the conditions alone must refuse
-        if triton_backend:
-            layer.backend = T.TritonBackend()
+    for layer, grad, usable, case in refused_cases("fuse_rmsnorm", "FP32 input, no autocast"):
+        autocast = usable  # without autocast the layer's input stays FP32
         with torch.set_grad_enabled(grad), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-            assert not layer.fuses_rmsnorm(x, norm)
-            assert torch.equal(layer(x, norm=norm), layer(norm(x))), (cls.__name__, kw, autocast)
+            assert not layer.fuses_rmsnorm(x, norm), case
+            assert torch.equal(layer(x, norm=norm), layer(norm(x))), case
     assert count.n == 0
 
 

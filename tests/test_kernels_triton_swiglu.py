@@ -20,8 +20,8 @@ import torch.nn.functional as F  # noqa: E402
 
 pytest.importorskip("triton")
 
-from fusion_checks import (POLICIES, CountCalls, assert_same_layer, assert_trained_the_same, same_bits,  # noqa: E402
-                           tiny_model_trained)
+from fusion_checks import (POLICIES, CountCalls, assert_same_layer, assert_trained_the_same, refused_cases,  # noqa: E402
+                           same_bits, tiny_model_trained)
 from rayfp4.kernels import triton_nvfp4 as T  # noqa: E402
 
 EDGES = [0.0, -0.0, 1.0, -1.0, float("inf"), float("-inf"), float("nan"), 3.0e38, -3.0e38, 1.0e-38,
@@ -115,29 +115,14 @@ def test_swiglu_is_not_fused_where_it_would_not_be_exact(gen, monkeypatch):
     """FP32 activations (the kernel matches torch's silu only after the rounding to BF16), MS-EDEN,
     MXFP4, the reference backend and no backward to come take the product from torch: same results,
     no fused launch."""
-    from rayfp4.precision import NVFP4Linear, PrecisionPolicy
-    from rayfp4.precision.linear import MXFP4Linear
-
     count = CountCalls(monkeypatch, T, "swiglu_amax")
     gate, up = (torch.randn(32, 128, generator=gen) * 2).chunk(2, dim=-1)
-    bf16 = torch.bfloat16
-    cases = [  # layer, policy, dtype, Triton backend, grad enabled
-        (NVFP4Linear, {}, torch.float32, True, True),
-        (NVFP4Linear, {"backward_rounding": "ms_eden", "ms_eden_hadamard": 16}, bf16, True, True),
-        (MXFP4Linear, {"format": "mxfp4"}, bf16, True, True),
-        (NVFP4Linear, {}, bf16, False, True),
-        (NVFP4Linear, {}, bf16, True, False),
-    ]
-    for cls, kw, dtype, triton_backend, grad in cases:
-        torch.manual_seed(0)
-        pol = PrecisionPolicy(stochastic_rounding_grads=False, **kw)
-        layer = cls(64, 32, bias=False, policy=pol)
-        layer.fuse_swiglu = True  # asked for: the conditions alone must refuse
-        if triton_backend:
-            layer.backend = T.TritonBackend()
+    for layer, grad, usable, case in refused_cases("fuse_swiglu", "FP32 activations"):
+        dtype = torch.bfloat16 if usable else torch.float32
         with torch.set_grad_enabled(grad):
             g, u = gate.to(dtype), up.to(dtype)
-            assert torch.equal(layer(g, u), layer(F.silu(g) * u)), (cls.__name__, kw, dtype)
+            assert not layer.fuses_swiglu(g, u), case
+            assert torch.equal(layer(g, u), layer(F.silu(g) * u)), case
     assert count.n == 0
 
 

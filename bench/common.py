@@ -50,6 +50,22 @@ def time_ms(fn, reps: int, warmup: int = 5) -> float:
         times.append(start.elapsed_time(end))
     return statistics.median(times)
 
+def median_ms(fn, warmup: int = 50, rep: int = 200) -> float:
+    """Median time of ``fn()`` in ms by ``triton.testing.do_bench`` (``warmup`` and ``rep``: ms of
+    calls before and during the measurement): the kernel benchmarks' timer."""
+    from triton.testing import do_bench
+
+    return do_bench(fn, warmup=warmup, rep=rep, return_mode="median")
+
+
+def copy_ms(nbytes: int, warmup: int = 50, rep: int = 200) -> float:
+    """:func:`median_ms` of a device-to-device copy moving ``nbytes`` in total (half read, half
+    written): the bandwidth a memory-bound kernel is compared with."""
+    src = torch.empty(nbytes // 2, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    return median_ms(lambda: dst.copy_(src), warmup, rep)
+
+
 CATEGORIES = [
     ("dequantize", r"dequant_rows_kernel"),
     ("quantize rows (x, dy, W)", r"quant_rows_kernel"),

@@ -20,9 +20,8 @@ import json
 
 import torch
 import torch.nn.functional as F
-from triton.testing import do_bench
 
-from bench.common import header
+from bench.common import copy_ms, header, median_ms
 from rayfp4.kernels import triton_nvfp4 as T
 from rayfp4.model import RMSNorm
 
@@ -31,13 +30,7 @@ CANDIDATES = [dict(BM=bm, G=g, num_warps=w) for bm, g, w in itertools.product((3
 
 
 def ms(fn) -> float:
-    return do_bench(fn, warmup=25, rep=100, return_mode="median")
-
-
-def copy_ms(nbytes: int) -> float:
-    src = torch.empty(nbytes // 2, dtype=torch.uint8, device="cuda")
-    dst = torch.empty_like(src)
-    return ms(lambda: dst.copy_(src))
+    return median_ms(fn, warmup=25, rep=100)
 
 
 def same(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -48,7 +41,7 @@ def sweep(name: str, fused, unfused, nbytes: int) -> dict:
     """Times ``unfused()`` and ``fused()`` under each launch candidate; prints the table and
     returns the fastest exact candidate (the current setting if none is exact)."""
     want_y, want_amax = unfused()
-    base, copy = ms(unfused), copy_ms(nbytes)
+    base, copy = ms(unfused), copy_ms(nbytes, 25, 100)
     current = dict(T.LAUNCH[name])
     print(f"\n{name}: {nbytes / 1e6:.0f} MB moved by the fused kernel; copy of those bytes {copy:.3f} ms; "
           f"unfused {base:.3f} ms; current launch {current}")

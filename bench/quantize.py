@@ -20,23 +20,12 @@ from __future__ import annotations
 import argparse
 
 import torch
-from triton.testing import do_bench
 
-from bench.common import header
+from bench.common import copy_ms, header
+from bench.common import median_ms as ms
 from rayfp4.formats import mxfp4, nvfp4
 from rayfp4.kernels import triton_mxfp4 as X
 from rayfp4.kernels import triton_nvfp4 as T
-
-
-def ms(fn) -> float:
-    return do_bench(fn, warmup=50, rep=200, return_mode="median")
-
-
-def copy_ms(nbytes: int) -> float:
-    """A copy moving ``nbytes`` in total (half read, half written)."""
-    src = torch.empty(nbytes // 2, dtype=torch.uint8, device="cuda")
-    dst = torch.empty_like(src)
-    return ms(lambda: dst.copy_(src))
 
 
 def main() -> None:

@@ -13,7 +13,8 @@ the forward operands x and W only), ``mxfp4`` (MXFP4, Triton quantizers) and ``m
 quantized by the torch reference, as before), ``ms_eden`` (NVFP4 with ``backward_rounding:
 ms_eden``: MS-EDEN backward operands) and ``ms_eden-4over6-fwd`` (both: the recipe lab's
 combination), ``fused`` (the recipe with the SwiGLU product and the RMSNorms fused into the next
-projection's amax pass, ``QuantizedLinear.fuse_swiglu`` and ``fuse_rmsnorm`` on; off by default),
+projection's amax pass, ``QuantizedLinear.fuse_swiglu`` and ``fuse_rmsnorm`` on; the ``nvfp4`` rows
+leave them off, while a training run turns them on for graph-replayed steps, ``train.fusions``),
 ``fused-swiglu`` and ``fused-norm`` (one of them). ``--compile aot_eager|inductor`` runs every variant's forward and backward, the BF16
 baseline's too, through ``torch.compile`` (``train.compile``; the 4-bit layers as custom ops);
 the warm-up steps take the compilation. ``--compile graph`` captures each variant's whole eager

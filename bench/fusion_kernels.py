@@ -2,7 +2,8 @@
 
     python -m bench.fusion_kernels [--tokens 16384] [--d-model 1024] [--d-ff 2752] [--json best.json]
 
-``swiglu_amax`` (h = silu(gate) * up with the down projection's amax pass) and ``rmsnorm_amax``
+``swiglu_amax`` (h = silu(gate) * up with the down projection's amax pass), ``swiglu_backward_amax``
+(gate_up's gradient from h's with the gate_up projection's dY amax pass) and ``rmsnorm_amax``
 (an RMSNorm's products with the next projection's amax pass) at the 337M step's shapes (16,384
 tokens; gate and up the two halves of the gate_up output, x the FP32 residual). For each launch
 candidate (BM features x G blocks of 16 tokens, warps): its median time, whether its output and
@@ -70,6 +71,8 @@ def main() -> None:
     p.add_argument("--d-model", type=int, default=1024)
     p.add_argument("--d-ff", type=int, default=2752)
     p.add_argument("--json", help="write the fastest exact launch settings here")
+    p.add_argument("--kernels", default="swiglu,swiglu_backward,rmsnorm",
+                   help="comma-separated: which of swiglu, swiglu_backward, rmsnorm to sweep")
     a = p.parse_args()
     print(header())
     t, d, f = a.tokens, a.d_model, a.d_ff
@@ -81,7 +84,24 @@ def main() -> None:
         h = F.pad(F.silu(gate) * up, (0, 0, 0, tp - t))
         return h, T.tensor_amax(h.t(), rht=True)
 
-    best = {"swiglu": sweep("swiglu", lambda: T.swiglu_amax(gate, up, rht=True), swiglu_unfused, 3 * t * f * 2)}
+    kernels = a.kernels.split(",")
+    best = {}
+    if "swiglu" in kernels:
+        best["swiglu"] = sweep("swiglu", lambda: T.swiglu_amax(gate, up, rht=True), swiglu_unfused, 3 * t * f * 2)
+
+    dh = torch.randn(t, f, device="cuda").to(torch.bfloat16)
+
+    def swiglu_backward_unfused():
+        # What autograd runs for gate_up's gradient (the fused layer's backward before this
+        # kernel: silu's and the product's backward, the split's concatenation), then the
+        # gate_up projection's padding and dY amax pass.
+        dgu = F.pad(torch.cat([torch.ops.aten.silu_backward(dh * up, gate), dh * F.silu(gate)], dim=1),
+                    (0, 0, 0, tp - t))
+        return dgu, T.tensor_amax(dgu.t(), rht=True)
+
+    if "swiglu_backward" in kernels:
+        best["swiglu_backward"] = sweep("swiglu_backward", lambda: T.swiglu_backward_amax(gate, up, dh, rht=True),
+                                        swiglu_backward_unfused, 5 * t * f * 2)
 
     x = torch.randn(t, d, device="cuda") * 4
     norm = RMSNorm(d, 1e-5).to("cuda")
@@ -94,9 +114,9 @@ def main() -> None:
         return y, T.tensor_amax(y.t(), rht=True)
 
     # torch's rstd reduction is part of both (the fused layer computes it before the kernel)
-    best["rmsnorm"] = sweep("rmsnorm", lambda: T.rmsnorm_amax(x, norm.rstd(x).reshape(-1), norm.weight, rht=True),
-                            norm_unfused,
-                            t * d * (4 + 2))
+    if "rmsnorm" in kernels:
+        best["rmsnorm"] = sweep("rmsnorm", lambda: T.rmsnorm_amax(x, norm.rstd(x).reshape(-1), norm.weight, rht=True),
+                                norm_unfused, t * d * (4 + 2))
     if a.json:
         with open(a.json, "w") as fh:
             json.dump(best, fh)

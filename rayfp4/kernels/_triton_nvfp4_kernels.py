@@ -598,6 +598,101 @@ def swiglu_amax_kernel(g_ptr, u_ptr, h_ptr, out_ptr, T, TP, F, sgt, sgf, sut, su
     _fold_amaxes(x0, x1, x2, x3, x4, x5, x6, x7, x8, x9, x10, x11, x12, x13, x14, x15, out_ptr, RHT, SIGNS, 1)
 
 
+@triton.jit
+def _silu_grads(g, u, dh, LIBDEVICE: tl.constexpr):
+    """(d gate, d up) of h = ``F.silu(gate) * up`` for the gradient dh of h (g, u, dh: the FP32
+    values of BF16 tensors), as autograd computes them with torch's ops: d up = bf16(dh *
+    bf16(silu(g))) (the product's backward, silu recomputed as in ``_silu_mul``), d gate =
+    ``silu_backward(bf16(dh * u), g)``: in FP32, with sig = 1 / (1 + exp(-g)), (ds * sig) *
+    (1 + g * (1 - sig)), the last sum one FMA (torch's CUDA kernel, compiled with contraction;
+    its CPU kernel agrees after the rounding), then rounded to BF16. exp as in ``_silu_mul``."""
+    if LIBDEVICE:
+        e = libdevice.exp(-g)
+    else:
+        e = tl.exp(-g)
+    sig = tl.div_rn(1.0, 1.0 + e)
+    ds = _bf16_rne(dh * u)
+    dg = _bf16_rne((ds * sig) * tl.fma(g, 1.0 - sig, 1.0))
+    du = _bf16_rne(dh * _bf16_rne(tl.div_rn(g, 1.0 + e)))
+    return dg, du
+
+
+@triton.jit
+def _bf16_bits(v):
+    """A BF16 value held in FP32 as the BF16 tensor element (its upper 16 bits: the interpreter's
+    cast garbles BF16 subnormals)."""
+    return (v.to(tl.int32, bitcast=True) >> 16).to(tl.int16).to(tl.bfloat16, bitcast=True)
+
+
+@triton.jit
+def _swiglu_bwd_at(g_ptr, u_ptr, d_ptr, o_ptr, feat, tok, T, TP, F, sgt, sgf, sut, suf, sdt, sdf,
+                   LIBDEVICE: tl.constexpr):
+    """(d gate, d up) at [feat, tok] ([BM, G] tensors) from gate, up and dh, stored into the
+    [TP, 2F] row-major BF16 gradient of gate_up (d gate in columns 0..F-1, d up in F..2F-1; the
+    rows T..TP-1 of padding get +0.0), returned as FP32."""
+    m = (feat < F) & (tok < T)
+    t64, f64 = tok.to(tl.int64), feat.to(tl.int64)
+    g = _to_f32(tl.load(g_ptr + t64 * sgt + f64 * sgf, mask=m, other=0.0))
+    u = _to_f32(tl.load(u_ptr + t64 * sut + f64 * suf, mask=m, other=0.0))
+    dh = _to_f32(tl.load(d_ptr + t64 * sdt + f64 * sdf, mask=m, other=0.0))
+    dg, du = _silu_grads(g, u, dh, LIBDEVICE)
+    o = o_ptr + t64 * (2 * F) + f64
+    sm = (feat < F) & (tok < TP)
+    tl.store(o, _bf16_bits(dg), mask=sm)
+    tl.store(o + F, _bf16_bits(du), mask=sm)
+    return dg, du
+
+
+@triton.jit
+def swiglu_backward_amax_kernel(g_ptr, u_ptr, d_ptr, o_ptr, out_ptr, T, TP, F, sgt, sgf, sut, suf, sdt, sdf,
+                                RHT: tl.constexpr, SIGNS: tl.constexpr, LIBDEVICE: tl.constexpr,
+                                BM: tl.constexpr, G: tl.constexpr):
+    """The SwiGLU's backward where the gate_up projection's dY amax pass reads its output: from
+    gate and up ([T, F], any strides) and dh (the gradient of h = silu(gate) * up, [T, F], any
+    strides), the gradient of gate_up = [d gate | d up] into the row-major [TP, 2F] o, rows padded
+    with zeros to TP = a multiple of 16, and ``amax_groups_kernel`` of its transpose [2F, TP] from
+    the same registers (out_ptr[0]: max |dY|; out_ptr[1]: max |RHT(dY^T)| along the tokens when
+    RHT). The tile is as in ``swiglu_amax_kernel`` (BM features by G blocks of 16 tokens), once
+    for the gate's half and once for the up's."""
+    feat = (tl.program_id(0) * BM + tl.arange(0, BM))[:, None]
+    tok = (tl.program_id(1) * G + tl.arange(0, G))[None, :] * 16
+    g0, u0 = _swiglu_bwd_at(g_ptr, u_ptr, d_ptr, o_ptr, feat, tok + 0, T, TP, F, sgt, sgf, sut, suf, sdt, sdf,
+                            LIBDEVICE)
+    g1, u1 = _swiglu_bwd_at(g_ptr, u_ptr, d_ptr, o_ptr, feat, tok + 1, T, TP, F, sgt, sgf, sut, suf, sdt, sdf,
+                            LIBDEVICE)
+    g2, u2 = _swiglu_bwd_at(g_ptr, u_ptr, d_ptr, o_ptr, feat, tok + 2, T, TP, F, sgt, sgf, sut, suf, sdt, sdf,
+                            LIBDEVICE)
+    g3, u3 = _swiglu_bwd_at(g_ptr, u_ptr, d_ptr, o_ptr, feat, tok + 3, T, TP, F, sgt, sgf, sut, suf, sdt, sdf,
+                            LIBDEVICE)
+    g4, u4 = _swiglu_bwd_at(g_ptr, u_ptr, d_ptr, o_ptr, feat, tok + 4, T, TP, F, sgt, sgf, sut, suf, sdt, sdf,
+                            LIBDEVICE)
+    g5, u5 = _swiglu_bwd_at(g_ptr, u_ptr, d_ptr, o_ptr, feat, tok + 5, T, TP, F, sgt, sgf, sut, suf, sdt, sdf,
+                            LIBDEVICE)
+    g6, u6 = _swiglu_bwd_at(g_ptr, u_ptr, d_ptr, o_ptr, feat, tok + 6, T, TP, F, sgt, sgf, sut, suf, sdt, sdf,
+                            LIBDEVICE)
+    g7, u7 = _swiglu_bwd_at(g_ptr, u_ptr, d_ptr, o_ptr, feat, tok + 7, T, TP, F, sgt, sgf, sut, suf, sdt, sdf,
+                            LIBDEVICE)
+    g8, u8 = _swiglu_bwd_at(g_ptr, u_ptr, d_ptr, o_ptr, feat, tok + 8, T, TP, F, sgt, sgf, sut, suf, sdt, sdf,
+                            LIBDEVICE)
+    g9, u9 = _swiglu_bwd_at(g_ptr, u_ptr, d_ptr, o_ptr, feat, tok + 9, T, TP, F, sgt, sgf, sut, suf, sdt, sdf,
+                            LIBDEVICE)
+    g10, u10 = _swiglu_bwd_at(g_ptr, u_ptr, d_ptr, o_ptr, feat, tok + 10, T, TP, F, sgt, sgf, sut, suf, sdt, sdf,
+                              LIBDEVICE)
+    g11, u11 = _swiglu_bwd_at(g_ptr, u_ptr, d_ptr, o_ptr, feat, tok + 11, T, TP, F, sgt, sgf, sut, suf, sdt, sdf,
+                              LIBDEVICE)
+    g12, u12 = _swiglu_bwd_at(g_ptr, u_ptr, d_ptr, o_ptr, feat, tok + 12, T, TP, F, sgt, sgf, sut, suf, sdt, sdf,
+                              LIBDEVICE)
+    g13, u13 = _swiglu_bwd_at(g_ptr, u_ptr, d_ptr, o_ptr, feat, tok + 13, T, TP, F, sgt, sgf, sut, suf, sdt, sdf,
+                              LIBDEVICE)
+    g14, u14 = _swiglu_bwd_at(g_ptr, u_ptr, d_ptr, o_ptr, feat, tok + 14, T, TP, F, sgt, sgf, sut, suf, sdt, sdf,
+                              LIBDEVICE)
+    g15, u15 = _swiglu_bwd_at(g_ptr, u_ptr, d_ptr, o_ptr, feat, tok + 15, T, TP, F, sgt, sgf, sut, suf, sdt, sdf,
+                              LIBDEVICE)
+    # ROUND=1: the RHT's output rounded to BF16, as for the BF16 dY the unfused pass reads.
+    _fold_amaxes(g0, g1, g2, g3, g4, g5, g6, g7, g8, g9, g10, g11, g12, g13, g14, g15, out_ptr, RHT, SIGNS, 1)
+    _fold_amaxes(u0, u1, u2, u3, u4, u5, u6, u7, u8, u9, u10, u11, u12, u13, u14, u15, out_ptr, RHT, SIGNS, 1)
+
+
 # --------------------------------------------------------------------------- RMSNorm + amax
 #
 # The input of a projection after an RMSNorm (attention's qkv, the MLP's gate_up): y = x * rstd * w

@@ -58,6 +58,9 @@ class CutlassBackend:
     def rmsnorm_amaxes(self, x, rstd, weight, rht: bool):
         return self._triton.rmsnorm_amaxes(x, rstd, weight, rht)
 
+    def swiglu_backward_amaxes(self, gate, up, dh, rht: bool):
+        return self._triton.swiglu_backward_amaxes(gate, up, dh, rht)
+
     def quantize_mxfp4(self, x, tile, rounding, rht, generator, scale_rule="ceil"):
         return self._fallback(x.device).quantize_mxfp4(x, tile, rounding, rht, generator, scale_rule)
 

@@ -62,6 +62,7 @@ LAUNCH = {  # H200, 2026-11-28 (BENCHMARKS.md): fastest bit-identical candidate 
     "amax_rht": dict(BM=64, G=4, num_warps=4),
     "swiglu": dict(BM=64, G=4, num_warps=4),  # not swept: amax_rht's
     "rmsnorm": dict(BM=64, G=4, num_warps=4),  # not swept: amax_rht's
+    "swiglu_backward": dict(BM=64, G=4, num_warps=4),  # not swept: amax_rht's
     "rows": dict(BM=16, G=16, num_warps=4, PACK=0),
     "rows_sr": dict(BM=16, G=8, num_warps=4, PACK=1),
     "rows_tile": dict(BM=32, G=8, num_warps=4, PACK=1),
@@ -160,14 +161,34 @@ def swiglu_amax(gate: torch.Tensor, up: torch.Tensor, rht: bool,
                             RHT=bool(rht), SIGNS=signs, LIBDEVICE=gate.device.type == "cuda")
 
 
-def _launch_producer(name: str, inputs: tuple, shape: tuple, strides: tuple, **kw):
+def swiglu_backward_amax(gate: torch.Tensor, up: torch.Tensor, dh: torch.Tensor, rht: bool,
+                         signs: int = DEFAULT_SIGN_MASK) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(dgu, amax)``: the gradient of gate_up = [gate | up] for the gradient ``dh`` of h =
+    ``F.silu(gate) * up`` (BF16 [T, F] tensors, any strides), bit for bit as autograd computes it
+    (``silu_backward(dh * up, gate)`` and ``dh * F.silu(gate)``, then the split's backward, a
+    concatenation), written once as a row-major [T', 2F] tensor whose rows T..T'-1 are zeros
+    (T' = T rounded up to a multiple of 16: dY padded for its Wgrad operand, as the linear layer
+    pads it), and ``tensor_amax(dgu.t(), rht)`` from the same registers: the gate_up projection's
+    dY and both of its amaxes in one pass, where torch's five elementwise kernels, the
+    concatenation and the amax pass read and write that size about fifteen times."""
+    what = "triton.swiglu_backward_amax"
+    tensors = (gate, up, dh)
+    if any(t.dtype != torch.bfloat16 or t.dim() != 2 or t.shape != gate.shape for t in tensors):
+        raise ValueError(f"{what}: gate, up and dh must be BF16 matrices of one shape, got "
+                         + ", ".join(f"{t.dtype} {tuple(t.shape)}" for t in tensors))
+    return _launch_producer("swiglu_backward", tensors, gate.shape, (*gate.stride(), *up.stride(), *dh.stride()),
+                            width=2 * gate.shape[1], RHT=bool(rht), SIGNS=signs,
+                            LIBDEVICE=gate.device.type == "cuda")
+
+
+def _launch_producer(name: str, inputs: tuple, shape: tuple, strides: tuple, width: int | None = None, **kw):
     """Runs ``{name}_amax_kernel`` (a producer fused with the amax pass) over ``inputs`` of the
-    [T, W] ``shape``: it writes the BF16 output, padded with zero rows to T' (a multiple of 16),
-    and the two amaxes; returns ``(output, amaxes)``."""
+    [T, W] ``shape``: it writes the BF16 output ([T', width], default W), padded with zero rows to
+    T' (a multiple of 16), and the two amaxes; returns ``(output, amaxes)``."""
     t, w = shape
     tp = t + (-t % 16)
     dev = inputs[0].device
-    y = torch.empty(tp, w, dtype=torch.bfloat16, device=dev)
+    y = torch.empty(tp, w if width is None else width, dtype=torch.bfloat16, device=dev)
     out = torch.zeros(2, dtype=torch.int32, device=dev)
     cfg = LAUNCH[name]
     grid = (_cdiv(w, cfg["BM"]), _cdiv(tp // 16, cfg["G"]))
@@ -564,6 +585,14 @@ class TritonBackend:
         (:func:`swiglu_amax`)."""
         h, a = swiglu_amax(gate, up, rht)
         return h, a[0], (a[1] if rht else a[0])
+
+    def swiglu_backward_amaxes(self, gate, up, dh, rht: bool):
+        """``(dgu, amax of dgu, amax of dgu^T's Wgrad operand)``: the gradient of gate_up = [gate |
+        up] from the gradient ``dh`` of h = ``F.silu(gate) * up`` (BF16, bit for bit as autograd),
+        its rows padded with zeros to whole blocks of 16: the amaxes of the gate_up projection's
+        dY with the SwiGLU's backward computed in the same pass (:func:`swiglu_backward_amax`)."""
+        dgu, a = swiglu_backward_amax(gate, up, dh, rht)
+        return dgu, a[0], (a[1] if rht else a[0])
 
     def rmsnorm_amaxes(self, x, rstd, weight, rht: bool):
         """``(y, amax of y, amax of y^T's Wgrad operand)`` for y = an RMSNorm's output in BF16 (bit

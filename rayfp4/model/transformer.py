@@ -158,12 +158,13 @@ class SwiGLU(nn.Module):
     def forward(self, x, norm: RMSNorm | None = None):
         """The MLP of x, or of ``norm(x)`` given the block's norm (applied by the projection)."""
         gu = self.gate_up(x) if norm is None else normed_projection(self.gate_up, norm, x)
-        gate, up = gu.chunk(2, dim=-1)
         fuses = getattr(self.down, "fuses_swiglu", None)
-        if fuses is not None and fuses(gate, up):
+        if fuses is not None and fuses(gu):
             # A quantized down projection computes silu(gate) * up itself, with the same bits, in
-            # the pass that measures its input's amax (rayfp4.precision.QuantizedLinear).
-            return self.down(gate, up)
+            # the pass that measures its input's amax, and gu's gradient in the pass that measures
+            # the gate_up projection's dY amaxes (rayfp4.precision.QuantizedLinear).
+            return self.down(gu, swiglu=True, producer=self.gate_up)
+        gate, up = gu.chunk(2, dim=-1)
         return self.down(F.silu(gate) * up)
 
 

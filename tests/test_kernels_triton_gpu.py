@@ -105,6 +105,38 @@ def test_gemm_modes_match_reference(mode):
         assert ((got - want).norm() / want.norm()).item() < tol
 
 
+def test_lt_gemm_applies_alpha_from_device_memory_in_every_layout():
+    """cuBLASLt with alpha read by its epilogue (gemm mode "lt") against the FP32 GEMM and the
+    separate rescale ("device"): both one FP32 product and one rounding, so they agree to the
+    summation order (here: to the last BF16 bit but for a few elements, and within FP32 noise),
+    for each operand row- or column-major (the layer's Fprop, Dgrad and Wgrad layouts), BF16 and
+    FP32 outputs; an operand cuBLASLt cannot take falls back to "device" (the same values)."""
+    from rayfp4.kernels import cublaslt
+
+    x = torch.randn(1040, 768, device=DEV, dtype=torch.bfloat16)
+    w = torch.randn(512, 768, device=DEV) * 3
+    a, b = T.quantize_nvfp4(x), T.quantize_nvfp4(w, tile=(16, 16))
+    A, B = T.dequantize_unscaled(a), T.dequantize_unscaled(b)
+    al = T.alpha(a, b)
+    want = (A.double() @ B.double().t()) * al.double()
+    for A_, B_ in ((A, B), (A.t().contiguous().t(), B), (A, B.t().contiguous().t()),
+                   (A.t().contiguous().t(), B.t().contiguous().t())):
+        for out_dtype in (torch.bfloat16, torch.float32):
+            got = cublaslt.gemm_device_alpha(A_, B_, al, out_dtype)
+            assert got is not None and got.dtype == out_dtype and got.shape == (1040, 512)
+            ref = T.gemm(a, b, out_dtype, mode="device")
+            tol = 1e-5 if out_dtype == torch.float32 else 1e-2
+            assert ((got.double() - want).norm() / want.norm()).item() < tol
+            if out_dtype == torch.bfloat16:
+                assert (got != ref).float().mean().item() < 0.01
+            else:
+                assert torch.allclose(got, ref, rtol=1e-5, atol=1e-3 * want.abs().max().item())
+    # Through the backend, and a layout cuBLASLt is not given (a strided view): "device"'s values.
+    assert torch.equal(T.gemm(a, b, torch.float32, mode="lt"), cublaslt.gemm_device_alpha(A, B, al, torch.float32))
+    strided = A[:, ::2]
+    assert cublaslt.gemm_device_alpha(strided, B[:, ::2], al, torch.bfloat16) is None
+
+
 def test_registry_picks_triton_on_cuda_and_linear_agrees():
     assert kernels.resolve("auto", DEV).name in ("triton", "cutlass")
     from rayfp4.precision import NVFP4Linear, PrecisionPolicy

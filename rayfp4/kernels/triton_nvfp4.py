@@ -457,11 +457,14 @@ def dequantize_unscaled(t: NVFP4Tensor, dtype: torch.dtype = torch.bfloat16) -> 
 
 # ---------------------------------------------------------------------------------- GEMM
 
-#: How :func:`gemm` applies alpha on CUDA: "device" (cuBLAS FP32-output GEMM, alpha from device
-#: memory in a fused scale-and-cast; no sync; the default), "host" (cuBLAS with alpha as a host
-#: float in its epilogue; one sync per GEMM) or "triton" (a Triton GEMM with the alpha epilogue;
-#: no sync). The other two are kept for comparison (bench/linear.py, bench/step.py --gemm-modes).
-GEMM_MODES = ("device", "host", "triton")
+#: How :func:`gemm` applies alpha on CUDA: "lt" (cuBLASLt with alpha read from device memory by
+#: its epilogue, :mod:`.cublaslt`: one pass, no sync; falls back to "device" where cuBLASLt cannot
+#: take the operands), "device" (cuBLAS FP32-output GEMM, then alpha from device memory in a
+#: fused scale-and-cast pass; no sync), "host" (cuBLAS with alpha as a host float in its
+#: epilogue; one sync per GEMM) or "triton" (a Triton GEMM with the alpha epilogue; no sync).
+#: All four are one FP32 product and one rounding; they differ only in the summation order.
+#: The ones not used by default are kept for comparison (bench/linear.py, bench/step.py --modes).
+GEMM_MODES = ("lt", "device", "host", "triton")
 
 
 def inv_decode(scale_cap: float) -> float:
@@ -514,6 +517,13 @@ def gemm(a, b, out_dtype: torch.dtype, mode: str = "device") -> torch.Tensor:
     if not isinstance(a, NVFP4Tensor) and not isinstance(b, NVFP4Tensor):
         # MXFP4: power-of-two scales only, alpha = 1: FP32 accumulation and output, one rounding.
         return torch.mm(A, B.t(), out_dtype=torch.float32).to(out_dtype)
+    if mode == "lt" and nv:
+        from . import cublaslt
+
+        out = cublaslt.gemm_device_alpha(A, B, alpha(a, b), out_dtype)
+        if out is not None:
+            return out
+        mode = "device"
     if mode == "device" and nv:
         # alpha is computed inside the epilogue kernel from both amaxes: two launches in all.
         acc = torch.mm(A, B.t(), out_dtype=torch.float32)

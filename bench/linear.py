@@ -1,6 +1,6 @@
 """NVFP4Linear forward+backward (full recipe, Triton backend) against nn.Linear in BF16.
 
-    python -m bench.linear [--modes device,host,triton] [--reps 20]
+    python -m bench.linear [--modes lt,device,host,triton] [--reps 20]
 
 For (tokens, out, in) in the issue's three shapes: median time of one forward+backward
 (triton.testing.do_bench) and the peak memory allocated during it (above what the parameters
@@ -54,7 +54,7 @@ def fwd_bwd(layer, x, dy):
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--modes", default="device,host,triton")
+    p.add_argument("--modes", default="lt,device")
     p.add_argument("--reps", type=int, default=20)
     p.add_argument("--cutlass", action="store_true", help="also time the cutlass backend (sm_90a GEMMs)")
     p.add_argument("--profile", action="store_true",

@@ -343,6 +343,20 @@ def test_gemm_matches_reference_emulation(gen):
                           rtol=1e-6, atol=0)
 
 
+def test_auto_prefers_triton_on_hopper_and_cutlass_elsewhere(monkeypatch):
+    """On compute capability 9.x both fast backends emulate with BF16 GEMMs and the Triton
+    backend's (cuBLASLt, alpha on device) is the faster; elsewhere CUTLASS comes first (Blackwell's
+    native FP4 GEMM). The CPU keeps the default order."""
+    from rayfp4.kernels import registry
+
+    for cap, want in (((9, 0), registry.HOPPER_PREFERENCE), ((10, 0), registry.PREFERENCE),
+                      ((8, 0), registry.PREFERENCE)):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, cap=cap: cap)
+        assert registry.preference("cuda:0") == want
+    assert registry.HOPPER_PREFERENCE[0] == "triton" and registry.PREFERENCE[0] == "cutlass"
+    assert registry.preference("cpu") == registry.PREFERENCE
+
+
 def test_registry_keeps_reference_on_cpu():
     assert kernels.available_backends("cpu") == ["reference"]
     assert kernels.resolve("auto", "cpu").name == "reference"

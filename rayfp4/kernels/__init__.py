@@ -23,6 +23,7 @@ run on the device raises :class:`BackendUnavailable` with the reason.
 from __future__ import annotations
 
 from .registry import (
+    HOPPER_PREFERENCE,
     PREFERENCE,
     Backend,
     BackendUnavailable,
@@ -44,6 +45,7 @@ __all__ = [
     "Backend",
     "BackendUnavailable",
     "CutlassBackend",
+    "HOPPER_PREFERENCE",
     "PREFERENCE",
     "ReferenceBackend",
     "TritonBackend",

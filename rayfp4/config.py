@@ -460,7 +460,7 @@ def _leave_other_formats_alone(data: dict, variant: Variant) -> None:
 #: What defines a run (prefixes of flattened config keys), and the exceptions among them.
 DEFINING = ("model", "optim", "precision", "train.steps", "train.seed", "train.dtype", "data.seed",
             "data.global_batch_size", "data.seq_len", "data.val_sequences", "data.identity")
-NOT_DEFINING = ("precision.backend", "precision.telemetry_every", "precision.fp4_weight_gather",
+NOT_DEFINING = ("precision.backend", "precision.gemm_mode", "precision.telemetry_every", "precision.fp4_weight_gather",
                 "precision.grad_noise_probe_every")  # the probe leaves training bit-identical
 #: Settings added after runs were fingerprinted without them: left out of the fingerprint at their
 #: default value, so that those runs still resume (they computed exactly what the default does).

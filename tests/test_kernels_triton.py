@@ -496,3 +496,29 @@ def test_backend_dequantize_is_the_reference_values(tile, selection, gen):
     for t in (q, T.quantize_nvfp4(x, tile=tile, write_gemm_operand=True, **selection)):
         got = T.TritonBackend().dequantize(t)
         assert got.dtype == torch.float32 and torch.equal(got.view(torch.int32), want.view(torch.int32))
+
+
+def test_gemm_mode_picks_the_triton_backends_alpha_path_and_stays_out_of_the_fingerprint(monkeypatch):
+    """``precision.gemm_mode`` (device, the default; lt): which way the triton backend's GEMM
+    applies alpha, given to every layer of a run (one shared backend per mode); a different value
+    resumes the same checkpoint (the same arithmetic up to the summation order), and a wrong one
+    names the field."""
+    from pydantic import ValidationError
+
+    from rayfp4.config import RunConfig
+    from rayfp4.precision import NVFP4Linear, PrecisionPolicy
+    from rayfp4.precision import linear as L
+
+    triton = T.TritonBackend()
+    assert triton.gemm_mode == "device" and PrecisionPolicy().gemm_mode == "device"
+    # As on a CUDA machine, where auto and "triton" resolve to the registered triton backend.
+    monkeypatch.setattr(L, "resolve", lambda name, device: triton)
+    lt = PrecisionPolicy(gemm_mode="lt")
+    layers = [NVFP4Linear(32, 16, policy=lt) for _ in range(2)]
+    assert layers[0].backend is layers[1].backend and layers[0].backend.gemm_mode == "lt"
+    assert L.backend_for(PrecisionPolicy(), "cpu") is triton
+    monkeypatch.undo()
+    assert L.backend_for(lt, "cpu").name == "reference"  # other backends have no GEMM modes
+    with pytest.raises(ValidationError, match="gemm_mode"):
+        PrecisionPolicy(gemm_mode="cublas")
+    assert RunConfig().fingerprint() == RunConfig(precision={"gemm_mode": "lt"}).fingerprint()

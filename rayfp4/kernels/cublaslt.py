@@ -12,9 +12,10 @@ one rounding), one pass, no sync, capturable in a CUDA graph.
 
 Plans (descriptors, layouts, the heuristic's algorithm) are made once per shape and layout and
 kept; each call is then one ``cublasLtMatmul`` on the current stream. The workspace (32 MiB per
-device) is allocated on the first call; a first call inside a graph capture, an operand cuBLASLt
-cannot take (unaligned, neither dimension contiguous) or a shape without an algorithm returns
-None, and the caller falls back to the two-pass GEMM.
+device) is allocated on the first call. A shape first met inside a graph capture (no allocation
+and no heuristic query happen there), an operand cuBLASLt cannot take (unaligned, neither
+dimension contiguous) or a shape without an algorithm returns None, and the caller falls back to
+the two-pass GEMM.
 
 Runs only on CUDA (there is nothing to test on the CPU); tests/test_kernels_triton_gpu.py checks it
 against the FP32 GEMM with the separate rescale.
@@ -149,6 +150,11 @@ def _plan(handle, device_idx: int, a: torch.Tensor, b: torch.Tensor, out_dtype: 
     key = (device_idx, out_dtype, m, n, k, la, lb)
     if key in _state:
         return _state[key]
+    if torch.cuda.is_current_stream_capturing():
+        # No heuristic query inside a capture (cuBLASLt may refuse it there, and a failed call
+        # must not invalidate the graph): this GEMM takes the two-pass path in this graph. A
+        # warm-up pass before the capture makes the plan (make_graphed_callables runs three).
+        return None
     lib = _load()
     desc = ctypes.c_void_p()
     _check(lib.cublasLtMatmulDescCreate(ctypes.byref(desc), _COMPUTE_32F, _CUDA_TYPE[torch.float32]),

@@ -13,8 +13,9 @@ from ..formats.quantized import QuantizedTensor
 #: Order in which ``auto`` tries backends: fastest first, the reference always last.
 PREFERENCE = ("cutlass", "triton", "reference")
 #: The order on Hopper (compute capability 9.x), where both fast backends emulate NVFP4 with BF16
-#: GEMMs: the Triton backend's cuBLASLt GEMM with alpha on device is the faster one there (337M
-#: step 0.83x BF16 against 0.73x for the sm_90a CUTLASS GEMM, BENCHMARKS.md).
+#: GEMMs: the Triton backend's cuBLAS GEMMs are the faster ones there (H200, 337M step: 0.76x BF16
+#: against 0.73x for the sm_90a CUTLASS GEMM eagerly; 0.78x, 0.83x with ``gemm_mode: lt``, replayed
+#: from graphs; BENCHMARKS.md).
 HOPPER_PREFERENCE = ("triton", "cutlass", "reference")
 KNOWN = frozenset(PREFERENCE)
 

@@ -3,8 +3,9 @@
 On a GPU without FP4 tensor cores (Hopper) NVFP4 training is emulated exactly: quantize, take the
 unscaled dequantized operands ``e2m1 * s_b`` in BF16 (exact), multiply them in BF16 with FP32
 accumulation and apply ``alpha = amax_a * amax_b / 2688^2`` once in FP32 before the one rounding
-(``/ 1536`` for an operand of Four Over Six's cap 256: each operand's own decode factor). The GEMM
-is cuBLASLt's, alpha read from device memory by its epilogue (:mod:`.cublaslt`, ``GEMM_MODES``).
+(``/ 1536`` for an operand of Four Over Six's cap 256: each operand's own decode factor), in a
+separate pass after cuBLAS's FP32-output GEMM or, with ``gemm_mode="lt"``, in cuBLASLt's epilogue
+(:mod:`.cublaslt`, ``GEMM_MODES``).
 
 The quantizers here produce the reference's :class:`NVFP4Tensor` bit for bit (codes, scales, amax),
 two passes over memory each: a tensor-amax pass (an integer atomic max, exact) and a quantize pass.
@@ -458,10 +459,11 @@ def dequantize_unscaled(t: NVFP4Tensor, dtype: torch.dtype = torch.bfloat16) -> 
 
 # ---------------------------------------------------------------------------------- GEMM
 
-#: How :func:`gemm` applies alpha on CUDA: "lt" (the default: cuBLASLt with alpha read from device
-#: memory by its epilogue, :mod:`.cublaslt`: one pass, no sync; falls back to "device" where
-#: cuBLASLt cannot take the operands), "device" (cuBLAS FP32-output GEMM, then alpha from device memory in a
-#: fused scale-and-cast pass; no sync), "host" (cuBLAS with alpha as a host float in its
+#: How :func:`gemm` applies alpha on CUDA: "device" (the default: cuBLAS FP32-output GEMM, then
+#: alpha from device memory in a fused scale-and-cast pass; no sync), "lt" (cuBLASLt with alpha
+#: read from device memory by its epilogue, :mod:`.cublaslt`: one pass, no sync, faster on the
+#: H200; falls back to "device" where cuBLASLt cannot take the operands; ``precision.gemm_mode``
+#: picks it for a run), "host" (cuBLAS with alpha as a host float in its
 #: epilogue; one sync per GEMM) or "triton" (a Triton GEMM with the alpha epilogue; no sync).
 #: All four are one FP32 product and one rounding; they differ only in the summation order.
 #: The ones not used by default are kept for comparison (bench/linear.py, bench/step.py --modes).
@@ -503,7 +505,7 @@ def _operand(t) -> torch.Tensor:
     return triton_mxfp4.dequantize_unscaled(t, torch.bfloat16)
 
 
-def gemm(a, b, out_dtype: torch.dtype, mode: str = "lt") -> torch.Tensor:
+def gemm(a, b, out_dtype: torch.dtype, mode: str = "device") -> torch.Tensor:
     """``a @ b.T`` of two operands quantized along the same K: BF16 products (exact), FP32
     accumulation, alpha applied once in FP32, one rounding to ``out_dtype``.
 
@@ -562,7 +564,7 @@ class TritonBackend:
     name = "triton"
     propagates_nonfinite = True  # NaN/Inf input gives NaN amax and scales, hence NaN out, no sync
 
-    def __init__(self, gemm_mode: str = "lt"):
+    def __init__(self, gemm_mode: str = "device"):
         if gemm_mode not in GEMM_MODES:
             raise ValueError(f"gemm_mode must be one of {GEMM_MODES}, got {gemm_mode!r}")
         self.gemm_mode = gemm_mode

@@ -132,6 +132,20 @@ class OperandRoles:
 _KEEP_GEMM_OPERAND = frozenset({"wq_t", "wq"})
 
 
+_GEMM_MODE_BACKENDS: dict = {}
+
+
+def backend_for(policy: PrecisionPolicy, device):
+    """The policy's backend on ``device`` (``rayfp4.kernels.resolve``), the triton backend's
+    GEMM applying alpha as ``policy.gemm_mode`` says (one shared instance per mode)."""
+    be = resolve(policy.backend, device)
+    if be.name == "triton" and getattr(be, "gemm_mode", policy.gemm_mode) != policy.gemm_mode:
+        if policy.gemm_mode not in _GEMM_MODE_BACKENDS:
+            _GEMM_MODE_BACKENDS[policy.gemm_mode] = type(be)(gemm_mode=policy.gemm_mode)
+        be = _GEMM_MODE_BACKENDS[policy.gemm_mode]
+    return be
+
+
 def _save(ctx, items: dict) -> None:
     """save_for_backward every tensor in ``items``, including the tensors of quantized tensors."""
     tensors, layout = [], {}
@@ -501,7 +515,7 @@ class QuantizedLinear(nn.Linear):
         self.layer_name = name
         self.capture: dict | None = None
         self.telemetry: dict[str, dict[str, float]] = {}
-        self.backend = resolve(policy.backend, self.weight.device) if self.weight.device.type != "meta" else None
+        self.backend = backend_for(policy, self.weight.device) if self.weight.device.type != "meta" else None
         self.op_handle = ops.register(self)  # how the compiled path's custom ops find this layer
 
     def __setstate__(self, state):
@@ -515,7 +529,7 @@ class QuantizedLinear(nn.Linear):
         new.weight = linear.weight
         new.bias = linear.bias
         # On the meta device (a model built only to check a policy) there is no kernel to pick.
-        new.backend = resolve(new.policy.backend, linear.weight.device) if linear.weight.device.type != "meta" else None
+        new.backend = backend_for(new.policy, linear.weight.device) if linear.weight.device.type != "meta" else None
         return new
 
     def quantize(self, t: torch.Tensor, role: OperandRole, amax=None, signs: torch.Tensor | None = None):
@@ -605,7 +619,7 @@ class QuantizedLinear(nn.Linear):
     def _apply(self, fn, *args, **kwargs):
         out = super()._apply(fn, *args, **kwargs)
         if self.weight.device.type != "meta":
-            self.backend = resolve(self.policy.backend, self.weight.device)
+            self.backend = backend_for(self.policy, self.weight.device)
         return out
 
     def _fusable(self, enabled: bool, backend_method: str, *inputs: torch.Tensor) -> bool:

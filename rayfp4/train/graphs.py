@@ -26,6 +26,7 @@ on the triton or cutlass backend; MXFP4 and MS-EDEN still draw from CUDA generat
 
 from __future__ import annotations
 
+import gc
 import time
 
 import torch
@@ -132,10 +133,22 @@ class GraphedLoss:
                                "(torch.autocast(..., cache_enabled=False)); the training loop sets that")
         before, started = self.key, time.perf_counter()
         self.graphed = None  # the previous graphs' memory goes back before the new capture
-        # Warm-up passes (make_graphed_callables runs three on a side stream before capturing) use
-        # this step's keys and leave no trace: their gradients are returned, not accumulated.
-        self.graphed = torch.cuda.make_graphed_callables(_Loss(self.model), (inputs, targets),
-                                                         allow_unused_input=True)
+        # Graphs sit in reference cycles (the autograd Functions make_graphed_callables builds),
+        # so a garbage collection frees them, and freeing a graph's memory while another stream
+        # is being captured invalidates that capture. Collect now, and not during the capture
+        # (an automatic collection runs whenever Python objects are allocated, here or in any
+        # kernel wrapper): an earlier run's graphs in the same process can then never fail it.
+        gc.collect()
+        collecting = gc.isenabled()
+        gc.disable()
+        try:
+            # Warm-up passes (make_graphed_callables runs three on a side stream before capturing)
+            # use this step's keys and leave no trace: their gradients are returned, not accumulated.
+            self.graphed = torch.cuda.make_graphed_callables(_Loss(self.model), (inputs, targets),
+                                                             allow_unused_input=True)
+        finally:
+            if collecting:
+                gc.enable()
         self.key = key
         self.captures += 1
         took = time.perf_counter() - started

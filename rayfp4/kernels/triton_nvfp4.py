@@ -459,14 +459,14 @@ def dequantize_unscaled(t: NVFP4Tensor, dtype: torch.dtype = torch.bfloat16) -> 
 
 # ---------------------------------------------------------------------------------- GEMM
 
-#: How :func:`gemm` applies alpha on CUDA: "device" (the default: cuBLAS FP32-output GEMM, then
-#: alpha from device memory in a fused scale-and-cast pass; no sync), "lt" (cuBLASLt with alpha
-#: read from device memory by its epilogue, :mod:`.cublaslt`: one pass, no sync, faster on the
-#: H200; falls back to "device" where cuBLASLt cannot take the operands; ``precision.gemm_mode``
-#: picks it for a run), "host" (cuBLAS with alpha as a host float in its
+#: How :func:`gemm` applies alpha on CUDA: "lt" (the default: cuBLASLt with alpha read from
+#: device memory by its epilogue, :mod:`.cublaslt`: one pass, no sync; falls back to "device"
+#: where cuBLASLt cannot take the operands), "device" (cuBLAS FP32-output GEMM, then alpha from
+#: device memory in a fused scale-and-cast pass; no sync; slower on the H200), "host" (cuBLAS with alpha as a host float in its
 #: epilogue; one sync per GEMM) or "triton" (a Triton GEMM with the alpha epilogue; no sync).
 #: All four are one FP32 product and one rounding; they differ only in the summation order.
-#: The ones not used by default are kept for comparison (bench/linear.py, bench/step.py --modes).
+#: ``precision.gemm_mode`` picks "lt" or "device" for a run; the others are kept for comparison
+#: (bench/linear.py, bench/step.py --modes).
 GEMM_MODES = ("lt", "device", "host", "triton")
 
 
@@ -505,7 +505,7 @@ def _operand(t) -> torch.Tensor:
     return triton_mxfp4.dequantize_unscaled(t, torch.bfloat16)
 
 
-def gemm(a, b, out_dtype: torch.dtype, mode: str = "device") -> torch.Tensor:
+def gemm(a, b, out_dtype: torch.dtype, mode: str = "lt") -> torch.Tensor:
     """``a @ b.T`` of two operands quantized along the same K: BF16 products (exact), FP32
     accumulation, alpha applied once in FP32, one rounding to ``out_dtype``.
 
@@ -564,7 +564,7 @@ class TritonBackend:
     name = "triton"
     propagates_nonfinite = True  # NaN/Inf input gives NaN amax and scales, hence NaN out, no sync
 
-    def __init__(self, gemm_mode: str = "device"):
+    def __init__(self, gemm_mode: str = "lt"):
         if gemm_mode not in GEMM_MODES:
             raise ValueError(f"gemm_mode must be one of {GEMM_MODES}, got {gemm_mode!r}")
         self.gemm_mode = gemm_mode

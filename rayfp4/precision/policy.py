@@ -144,10 +144,10 @@ class PrecisionPolicy(BaseModel):
         None, description="reset weights whose 4-bit value oscillates, late in training (off by default)")
     backend: Literal["auto", "reference", "triton", "cutlass"] = "auto"
     gemm_mode: Literal["device", "lt"] = Field(
-        "device", description="how the triton backend's emulated GEMM applies the FP32 tensor factor on CUDA: "
-                              "'device' (FP32 output, then a rescale pass) or 'lt' (cuBLASLt reading it from "
-                              "device memory in its epilogue: one pass); the same arithmetic up to the "
-                              "summation order")
+        "lt", description="how the triton backend's emulated GEMM applies the FP32 tensor factor on CUDA: "
+                          "'lt' (the default: cuBLASLt reading it from device memory in its epilogue, one "
+                          "pass) or 'device' (FP32 output, then a rescale pass); the same arithmetic up to "
+                          "the summation order")
     mxfp4_scale_rule: Literal["ceil", "floor"] = "ceil"
     telemetry_every: int = Field(0, ge=0, description="quantization telemetry every N steps (0: off)")
     grad_noise_probe_every: int = Field(

@@ -36,14 +36,22 @@ from ..config import ConfigError
 
 class _Loss(torch.nn.Module):
     """The model's loss as a module of its own, so that capturing replaces this wrapper's forward
-    and not the model's (validation and the probes keep calling the model itself)."""
+    and not the model's (validation and the probes keep calling the model itself).
 
-    def __init__(self, model: torch.nn.Module):
+    ``autocast``: the caller's CUDA autocast state ``(enabled, dtype)``, entered here around the
+    forward only. ``make_graphed_callables`` captures the backward inside the context it is called
+    in; an eager step calls ``backward()`` outside autocast, so the capture must too, or autocast
+    would rewrite the backward's ops (FP32 matmuls run in BF16, BF16 sums in FP32) and the replayed
+    gradients would not be the eager ones."""
+
+    def __init__(self, model: torch.nn.Module, autocast: tuple[bool, torch.dtype]):
         super().__init__()
-        self.model = model
+        self.model, self.autocast = model, autocast
 
     def forward(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return self.model(inputs, targets)
+        enabled, dtype = self.autocast
+        with torch.autocast("cuda", dtype=dtype, enabled=enabled, cache_enabled=False):
+            return self.model(inputs, targets)
 
 
 class GraphedLoss:
@@ -144,8 +152,9 @@ class GraphedLoss:
         try:
             # Warm-up passes (make_graphed_callables runs three on a side stream before capturing)
             # use this step's keys and leave no trace: their gradients are returned, not accumulated.
-            self.graphed = torch.cuda.make_graphed_callables(_Loss(self.model), (inputs, targets),
-                                                             allow_unused_input=True)
+            loss = _Loss(self.model, (torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda")))
+            with torch.autocast("cuda", enabled=False):
+                self.graphed = torch.cuda.make_graphed_callables(loss, (inputs, targets), allow_unused_input=True)
         finally:
             if collecting:
                 gc.enable()

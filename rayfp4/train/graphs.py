@@ -145,14 +145,15 @@ class GraphedLoss:
         # so only a garbage collection frees them, and one that ran during a capture (they run
         # whenever Python objects are allocated) would free an earlier graph's memory mid-capture:
         # the likeliest cause of the invalidated capture seen once on the H200 (BENCHMARKS.md,
-        # 2026-12-03, fifth session; not confirmed). So collect now, and not during the capture.
+        # 2026-12-03, fifth session; not confirmed, and not seen again since this guard). So
+        # collect now, and not during the capture.
         gc.collect()
         collecting = gc.isenabled()
         gc.disable()
         try:
             # Warm-up passes (make_graphed_callables runs three on a side stream before capturing)
             # use this step's keys and leave no trace: their gradients are returned, not accumulated.
-            loss = _Loss(self.model, (torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda")))
+            loss = _Loss(self.model, key[5])  # the autocast state :meth:`_key` read
             with torch.autocast("cuda", enabled=False):
                 self.graphed = torch.cuda.make_graphed_callables(loss, (inputs, targets), allow_unused_input=True)
         finally:
